@@ -1,0 +1,328 @@
+"""The permutation spec: plain, frozen pydantic data shared by inference and every solver.
+
+A :class:`PermutationSpec` lists :class:`PermutationGroup` s. Each group is one permutation of
+``size`` indices; its :class:`Member` s say where those indices live in the state dict. A member
+maps group index ``i`` onto the positions
+
+    offset + sum_k o_k * stride_k + i * inner + s      for s < inner, o_k < count_k
+
+of axis ``axis`` of parameter ``param``, where ``outer`` lists the ``(count_k, stride_k)`` pairs.
+A plain member has the defaults (offset 0, inner 1, no outer loops); a conv channel flattened
+over S positions has ``inner = S``; one part of a concatenation has an ``offset``.
+
+A group with ``per`` set is *fibred* over another group (within-head dims over heads): it holds
+one permutation for each index of group ``per``, and the first outer loop of each member runs
+over that group's index. Convention everywhere: applying ``p`` along an axis means
+``new[i] = old[p[i]]``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from autoperm.errors import SpecError
+
+__all__ = ["Layout", "Member", "ActivationSite", "PermutationGroup", "PermutationSpec"]
+
+SPEC_VERSION = 1
+
+
+class Layout(BaseModel):
+    """How the indices of a group map onto the positions of one tensor axis."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    axis: int
+    offset: int = 0
+    inner: int = 1
+    outer: tuple[tuple[int, int], ...] = ()
+
+    @field_validator("offset")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+    @field_validator("inner")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+    def extent(self, size: int) -> int:
+        """One past the largest axis position this layout touches for a group of ``size``."""
+        last = self.offset + (size - 1) * self.inner + self.inner - 1
+        last += sum((count - 1) * stride for count, stride in self.outer)
+        return last + 1
+
+    @property
+    def is_plain(self) -> bool:
+        return self.offset == 0 and self.inner == 1 and not self.outer
+
+
+class Member(Layout):
+    """One state-dict tensor axis (or part of one) that a group permutes."""
+
+    param: str
+
+
+class ActivationSite(Layout):
+    """An activation of the traced graph on which a group's axis is observable."""
+
+    node: str
+
+
+class PermutationGroup(BaseModel):
+    """One permutation of ``size`` indices shared by all its members."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    size: int
+    members: tuple[Member, ...]
+    fixed: bool = False
+    per: str | None = None
+    activations: tuple[ActivationSite, ...] = ()
+
+    @field_validator("size")
+    @classmethod
+    def _size_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be >= 1")
+        return value
+
+    @property
+    def active(self) -> bool:
+        """Whether the group actually permutes anything (not fixed, more than one index)."""
+        return not self.fixed and self.size > 1
+
+
+class PermutationSpec(BaseModel):
+    """All permutation groups of a model, and the shapes of its state dict."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = SPEC_VERSION
+    model: str | None = None
+    tracer: Literal["fx", "export"] = "fx"
+    groups: tuple[PermutationGroup, ...]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PermutationSpec:
+        names: set[str] = set()
+        for index, group in enumerate(self.groups):
+            where = f"groups[{index}] ({group.name!r})"
+            if group.name in names:
+                raise ValueError(f"{where}: duplicate group name")
+            names.add(group.name)
+            for m_index, member in enumerate(group.members):
+                member_where = f"{where}.members[{m_index}] ({member.param!r})"
+                shape = self.shapes.get(member.param)
+                if self.shapes and shape is None:
+                    raise ValueError(f"{member_where}: parameter not listed in 'shapes'")
+                if shape is None:
+                    continue
+                if not 0 <= member.axis < len(shape):
+                    raise ValueError(
+                        f"{member_where}: axis {member.axis} out of range for shape {list(shape)}"
+                    )
+                if member.extent(group.size) > shape[member.axis]:
+                    raise ValueError(
+                        f"{member_where}: layout reaches position {member.extent(group.size) - 1}"
+                        f" but axis {member.axis} has size {shape[member.axis]}"
+                    )
+        for index, group in enumerate(self.groups):
+            if group.per is None:
+                continue
+            if group.per not in names or group.per == group.name:
+                raise ValueError(f"groups[{index}] ({group.name!r}).per: unknown group {group.per!r}")
+            per_size = next(g.size for g in self.groups if g.name == group.per)
+            for member in group.members:
+                if not member.outer or member.outer[0][0] != per_size:
+                    raise ValueError(
+                        f"groups[{index}] ({group.name!r}): member {member.param!r} must have a first"
+                        f" outer loop of count {per_size} (the size of group {group.per!r})"
+                    )
+        return self
+
+    # ----------------------------------------------------------------- lookups
+    @cached_property
+    def group_by_name(self) -> dict[str, PermutationGroup]:
+        """Group name -> group."""
+        return {group.name: group for group in self.groups}
+
+    @cached_property
+    def members_by_param(self) -> dict[str, tuple[tuple[PermutationGroup, Member], ...]]:
+        """Parameter name -> the (group, member) pairs that touch it, in spec order.
+
+        Only active groups are listed; groups a ``per`` group is fibred over come first, so
+        applying the pairs in order composes fibred permutations correctly.
+        """
+        result: dict[str, list[tuple[PermutationGroup, Member]]] = {}
+        ordered = [g for g in self.groups if g.per is None] + [g for g in self.groups if g.per]
+        for group in ordered:
+            if not group.active:
+                continue
+            for member in group.members:
+                result.setdefault(member.param, []).append((group, member))
+        return {name: tuple(pairs) for name, pairs in result.items()}
+
+    @property
+    def active_groups(self) -> tuple[PermutationGroup, ...]:
+        """The groups that permute something (not fixed, size > 1)."""
+        return tuple(group for group in self.groups if group.active)
+
+    def __getitem__(self, name: str) -> PermutationGroup:
+        try:
+            return self.group_by_name[name]
+        except KeyError:
+            raise SpecError(f"no permutation group named {name!r} in the spec") from None
+
+    # -------------------------------------------------------------- validation
+    def check_state_dict(self, state_dict: Mapping[str, Any], what: str = "state dict") -> None:
+        """Raise :class:`SpecError` unless ``state_dict`` has every name and shape of the spec.
+
+        Args:
+            state_dict: mapping of names to tensors (a model's ``state_dict()``).
+            what: how to call the state dict in the message (a file name, say).
+
+        Raises:
+            SpecError: listing the first few missing, unexpected or mis-shaped entries.
+        """
+        problems: list[str] = []
+        expected = self.shapes or {
+            m.param: None for g in self.groups for m in g.members  # type: ignore[misc]
+        }
+        for name, shape in expected.items():
+            if name not in state_dict:
+                problems.append(f"missing {name!r}")
+            elif shape is not None and tuple(state_dict[name].shape) != tuple(shape):
+                problems.append(
+                    f"{name!r} has shape {list(state_dict[name].shape)}, spec says {list(shape)}"
+                )
+        if self.shapes:
+            extra = [name for name in state_dict if name not in self.shapes]
+            problems.extend(f"unexpected {name!r}" for name in extra)
+        if problems:
+            shown = "; ".join(problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise SpecError(
+                f"the {what} does not match the permutation spec: {shown}{more}. "
+                "Regenerate the spec for this model with `autoperm spec`."
+            )
+
+    # ---------------------------------------------------------------------- YAML
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Dump the spec as YAML (defaults left out, number lists on one line).
+
+        If ``path`` is given the file is written atomically (temporary file, then rename).
+        """
+        dumped = self.model_dump(mode="json", exclude_defaults=True)
+        data: dict[str, Any] = {"version": self.version, **dumped}
+        for group in data["groups"]:
+            group["members"] = [_name_first(m, "param") for m in group["members"]]
+            if "activations" in group:
+                group["activations"] = [_name_first(a, "node") for a in group["activations"]]
+        text = yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, width=100)
+        if path is not None:
+            write_text_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike[str]) -> PermutationSpec:
+        """Load a spec from a YAML file path (or from YAML text containing a newline).
+
+        Raises:
+            SpecError: the file is missing, is not YAML, or a field is invalid (named in the message).
+        """
+        text, where = _read_source(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise SpecError(f"{where} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise SpecError(f"{where} must hold a mapping with a 'groups' list, got {type(data).__name__}")
+        return cls.from_dict(data, where=where)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> PermutationSpec:
+        """Validate a plain dict (as loaded from YAML) into a spec, naming the bad field on error."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            lines = []
+            for item in error.errors()[:5]:
+                field = _field_path(data, item["loc"])
+                lines.append(f"  {field}: {item['msg']}")
+            raise SpecError(f"invalid permutation spec in {where}:\n" + "\n".join(lines)) from error
+
+
+def _name_first(item: dict[str, Any], key: str) -> dict[str, Any]:
+    return {key: item[key], **{k: v for k, v in item.items() if k != key}}
+
+
+def _field_path(data: Any, loc: tuple[Any, ...]) -> str:
+    """Render a pydantic error location, adding group names so the user can find the field."""
+    parts: list[str] = []
+    node = data
+    for key in loc:
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+            label = None
+            if isinstance(node, list) and key < len(node) and isinstance(node[key], dict):
+                label = node[key].get("name") or node[key].get("param")
+            if label:
+                parts.append(f"({label})")
+        else:
+            parts.append(("." if parts else "") + str(key))
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return "".join(parts) or "<root>"
+
+
+def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
+    if isinstance(source, str) and "\n" in source:
+        return source, "YAML text"
+    path = Path(source)
+    try:
+        return path.read_text(), str(path)
+    except OSError as error:
+        raise SpecError(f"cannot read spec file {str(path)!r}: {error.strerror}") from error
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class _SpecDumper(yaml.SafeDumper):
+    """Safe dumper that keeps lists of numbers (shapes, outer loops) on one line."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.Node:
+    flow = all(isinstance(v, (int, float)) or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)) for v in value)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow and bool(value))
+
+
+_SpecDumper.add_representer(list, _represent_list)
