@@ -17,9 +17,27 @@ from autoperm.spec import (
     random_permutation,
 )
 
+from autoperm.checkpoint import load_state_dict, save_state_dict
+from autoperm.solvers import (
+    MatchingResult,
+    MergeResult,
+    activation_matching,
+    merge_many,
+    ste_matching,
+    weight_matching,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "MatchingResult",
+    "MergeResult",
+    "activation_matching",
+    "merge_many",
+    "ste_matching",
+    "load_state_dict",
+    "save_state_dict",
+    "weight_matching",
     "ActivationSite",
     "AutopermError",
     "CheckpointError",

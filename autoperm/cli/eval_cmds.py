@@ -1,0 +1,181 @@
+"""`autoperm barrier`, `autoperm analyze` and `autoperm demo`: measure linear mode connectivity."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from torch import nn
+
+from autoperm.errors import CheckpointError
+
+__all__ = ["register", "barrier_command", "analyze_command", "demo_command"]
+
+
+def _write_json(path: str, payload: Mapping[str, Any]) -> None:
+    from autoperm.spec.schema import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(payload, indent=2))
+    click.echo(f"wrote {path}")
+
+
+def _load_checkpoints(model: nn.Module, paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Load each checkpoint and check that it fits ``model`` (names and shapes)."""
+    from autoperm.checkpoint import load_state_dict
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    loaded = {}
+    for option, path in paths.items():
+        state_dict = load_state_dict(path)
+        missing = [k for k in expected if k not in state_dict]
+        extra = [k for k in state_dict if k not in expected]
+        wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+        if missing or extra or wrong:
+            raise CheckpointError(
+                f"{option} {path!r} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}, "
+                f"wrong shape {wrong[:3]}. Pass the same MODEL and --kwargs the checkpoint was trained with."
+            )
+        loaded[option] = state_dict
+    return loaded
+
+
+def _model_from(model_path: str, kwargs: Sequence[str]) -> nn.Module:
+    from autoperm.cli.common import load_model, parse_kwargs
+
+    return load_model(model_path, parse_kwargs(kwargs))
+
+
+@click.command("barrier")
+@click.argument("model")
+@click.option("--kwargs", "kwargs", multiple=True, metavar="KEY=VALUE", help="Model constructor argument; repeatable.")
+@click.option("--a", "path_a", required=True, metavar="FILE", help="Checkpoint of model A (t = 0).")
+@click.option("--b", "path_b", required=True, metavar="FILE", help="Checkpoint of model B (t = 1), aligned to A or not.")
+@click.option("--data", "data_source", required=True, metavar="DATA",
+              help="'digits' or package.module:function returning a DataLoader, (inputs, targets) or {split: ...}.")
+@click.option("--points", default=25, show_default=True, type=click.IntRange(min=2), help="Points along the path.")
+@click.option("--reset-bn", is_flag=True, help="Recompute BatchNorm statistics of every point on the 'train' split (else the first).")
+@click.option("--plot", "plot_path", metavar="PNG", help="Write the curve to this image.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the curve and barriers as JSON.")
+def barrier_command(
+    model: str, kwargs: Sequence[str], path_a: str, path_b: str, data_source: str, points: int,
+    reset_bn: bool, plot_path: str | None, json_path: str | None,
+) -> None:
+    """Loss and accuracy barriers on the straight line from checkpoint A to checkpoint B.
+
+    Mean barrier: max_t L(t) - (L(0) + L(1)) / 2 (Git Re-Basin); linear barrier:
+    max_t L(t) - ((1 - t) L(0) + t L(1)) (Entezari et al.). Accuracy barriers are the drop.
+    """
+    from autoperm.data import load_data
+    from autoperm.evaluate import barrier_summary, interpolation_curve
+
+    module = _model_from(model, kwargs)
+    checkpoints = _load_checkpoints(module, {"--a": path_a, "--b": path_b})
+    splits = load_data(data_source)
+    reset_data = (splits.get("train") or next(iter(splits.values()))) if reset_bn else None
+    with click.progressbar(length=points, label="interpolating", file=click.get_text_stream("stderr")) as bar:
+        curve = interpolation_curve(
+            module, checkpoints["--a"], checkpoints["--b"], splits, num_points=points,
+            reset_bn=reset_data, progress=lambda done, total: bar.update(1),
+        )
+    summary = barrier_summary(curve)
+    click.echo(f"\n{'metric':<20}{'A (t=0)':>10}{'B (t=1)':>10}{'worst':>10}{'mean barrier':>14}{'linear barrier':>16}")
+    for name, barriers in summary.items():
+        values = curve[name]
+        worst = max(values) if name.endswith("loss") else min(values)
+        click.echo(
+            f"{name:<20}{values[0]:>10.4f}{values[-1]:>10.4f}{worst:>10.4f}{barriers['mean']:>14.4f}{barriers['linear']:>16.4f}"
+        )
+    if plot_path:
+        from autoperm.evaluate.plots import plot_interpolation
+
+        click.echo(f"wrote {plot_interpolation({Path(path_b).stem: curve}, plot_path, f'{path_a} -> {path_b}')}")
+    if json_path:
+        _write_json(json_path, {"a": path_a, "b": path_b, "data": data_source, "reset_bn": reset_bn,
+                                "barriers": summary, "curve": curve.to_dict()})
+
+
+@click.command("analyze")
+@click.argument("model")
+@click.option("--kwargs", "kwargs", multiple=True, metavar="KEY=VALUE", help="Model constructor argument; repeatable.")
+@click.option("--a", "path_a", required=True, metavar="FILE", help="Checkpoint of the reference model A.")
+@click.option("--b", "path_b", required=True, metavar="FILE", help="Checkpoint of model B as trained.")
+@click.option("--b-aligned", "path_aligned", metavar="FILE", help="Checkpoint of B after alignment to A.")
+@click.option("--gamma", default=0.3, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Count singular vectors with s >= gamma * s_max.")
+@click.option("--spec", "spec_path", metavar="YAML", help="Permutation spec, for the singular-value invariance check.")
+@click.option("--input-shape", "input_shape", multiple=True, metavar="SHAPE",
+              help="Example input shape (e.g. 1,64) to infer the spec instead of --spec.")
+@click.option("--dtype", default="float32", show_default=True, help="dtype of the example inputs.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the figures (with spectra) as JSON.")
+def analyze_command(
+    model: str, kwargs: Sequence[str], path_a: str, path_b: str, path_aligned: str | None, gamma: float,
+    spec_path: str | None, input_shape: Sequence[str], dtype: str, json_path: str | None,
+) -> None:
+    """L2 distance and singular-vector alignment R of B (and aligned B) to A (Ito et al., arXiv 2402.04051)."""
+    from autoperm.cli.common import load_spec_or_infer, make_inputs, parse_shape
+    from autoperm.evaluate import l2_distance, singular_analysis
+
+    module = _model_from(model, kwargs)
+    paths = {"--a": path_a, "--b": path_b, **({"--b-aligned": path_aligned} if path_aligned else {})}
+    checkpoints = _load_checkpoints(module, paths)
+    spec = None
+    if spec_path or input_shape:
+        inputs = make_inputs(module, [parse_shape(s) for s in input_shape], dtype) if input_shape else ()
+        spec = load_spec_or_infer(spec_path, module, inputs, model)
+    compared = {"B": checkpoints["--b"], **({"B aligned": checkpoints["--b-aligned"]} if path_aligned else {})}
+    report: dict[str, Any] = {"a": path_a, "b": path_b, "b_aligned": path_aligned, "gamma": gamma}
+    analyses = {}
+    click.echo(f"{'vs A':<12}{'L2 distance':>12}{'relative':>10}{'R':>8}")
+    for label, state_dict in compared.items():
+        distance = l2_distance(checkpoints["--a"], state_dict)
+        analysis = singular_analysis(spec, checkpoints["--a"], state_dict, gamma=gamma)
+        analyses[label] = analysis
+        report[label.replace(" ", "_")] = {"l2_distance": distance.to_dict(), "singular": analysis.to_dict()}
+        click.echo(f"{label:<12}{distance.absolute:>12.4f}{distance.relative:>10.4f}{analysis.alignment:>8.3f}")
+    if path_aligned:
+        before = report["B"]["l2_distance"]["absolute"]
+        after = report["B_aligned"]["l2_distance"]["absolute"]
+        report["l2_reduction"] = 1.0 - after / before if before else 0.0
+        click.echo(f"L2 distance reduced by {100 * report['l2_reduction']:.1f}% by the alignment")
+    click.echo(f"\nper layer R (gamma = {gamma}; n = singular vectors counted)")
+    click.echo(f"{'layer':<32}{'shape':>14}" + "".join(f"{label:>14}" for label in analyses))
+    first = next(iter(analyses.values()))
+    for index, layer in enumerate(first.layers):
+        cells = "".join(
+            f"{analysis.layers[index].alignment:>8.3f} n={analysis.layers[index].num_vectors:<3}" for analysis in analyses.values()
+        )
+        click.echo(f"{layer.name:<32}{'x'.join(map(str, layer.shape)):>14}{cells}")
+    if spec is None:
+        click.echo("singular-value invariance check skipped (give --spec or --input-shape to run it)")
+    else:
+        error = max(analysis.invariance_error or 0.0 for analysis in analyses.values())
+        report["singular_value_invariance_error"] = error
+        click.echo(f"largest singular-value change under a random permutation of the spec: {error:.1e}")
+    if json_path:
+        _write_json(json_path, report)
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", default="autoperm-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for report.json and the plots.")
+@click.option("--quick", is_flag=True, help="A few epochs and points (seconds, for a smoke test).")
+def demo_command(out_dir: str, quick: bool) -> None:
+    """Train three MLPs on scikit-learn's digits and reproduce the findings of Ito et al.
+
+    Naive vs weight-matched vs STE barriers, L2 distance vs barrier, singular-vector alignment,
+    and merging three models; writes report.json and PNG plots into --out.
+    """
+    from autoperm.demo import format_report, run_demo
+
+    report = run_demo(out_dir, quick=quick, progress=click.echo)
+    click.echo(format_report(report))
+
+
+def register(cli: click.Group) -> None:
+    """Add the evaluation commands to the ``autoperm`` group."""
+    cli.add_command(barrier_command)
+    cli.add_command(analyze_command)
+    cli.add_command(demo_command)

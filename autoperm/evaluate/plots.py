@@ -1,0 +1,121 @@
+"""Figures of the analyses, written to files with matplotlib's Agg backend (no display needed).
+
+- :func:`plot_interpolation`: loss and accuracy along the path, one line per method and split.
+- :func:`plot_singular_values`: singular-value spectra of A and B, one panel per layer.
+- :func:`plot_alignment`: the alignment ``R_l`` per layer, one bar per comparison.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from autoperm.evaluate.barrier import InterpolationCurve  # noqa: E402
+from autoperm.evaluate.singular import SingularAnalysis  # noqa: E402
+
+__all__ = ["plot_interpolation", "plot_singular_values", "plot_alignment"]
+
+_SPLIT_STYLES = {"train": "--", "test": "-"}
+
+
+def _save(figure: plt.Figure, path: str | os.PathLike[str]) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target
+
+
+def plot_interpolation(
+    curves: Mapping[str, InterpolationCurve],
+    path: str | os.PathLike[str],
+    title: str | None = None,
+) -> Path:
+    """Plot loss (left) and accuracy (right, when present) against ``t`` for several methods.
+
+    Metrics named ``{split}_loss`` / ``{split}_accuracy`` draw one line per split (test solid,
+    train dashed); a bare ``loss`` draws one line. Each method keeps one colour.
+
+    Args:
+        curves: method name (``"naive"``, ``"weight matching"``, ...) -> curve.
+        path: the image file to write (PNG by its suffix); parent folders are created.
+        title: figure title.
+
+    Returns:
+        The path written.
+    """
+    kinds = ["loss"] + (["accuracy"] if any(k.endswith("accuracy") for c in curves.values() for k in c.metrics) else [])
+    figure, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for column, kind in enumerate(kinds):
+        axis = axes[0][column]
+        for index, (method, curve) in enumerate(curves.items()):
+            for name, values in curve.metrics.items():
+                if not name.endswith(kind):
+                    continue
+                split = name[: -len(kind)].rstrip("_")
+                label = f"{method} ({split})" if split else method
+                axis.plot(
+                    curve.t, values, _SPLIT_STYLES.get(split, "-"),
+                    color=colours[index % len(colours)], marker=".", label=label,
+                )
+        axis.set_xlabel("t  (0 = model A, 1 = model B)")
+        axis.set_ylabel(kind)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, path)
+
+
+def plot_singular_values(
+    analysis: SingularAnalysis,
+    path: str | os.PathLike[str],
+    labels: Sequence[str] = ("A", "B"),
+) -> Path:
+    """Plot the singular-value spectra of A and B per layer (log scale), with the ``gamma`` cut.
+
+    Identical curves for B before and after a permutation illustrate finding 2 of Ito et al.
+    """
+    layers = analysis.layers
+    columns = min(len(layers), 4) or 1
+    rows = max(1, -(-len(layers) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for index, layer in enumerate(layers):
+        axis = axes[index // columns][index % columns]
+        axis.semilogy(layer.singular_values_a, label=labels[0])
+        axis.semilogy(layer.singular_values_b, "--", label=labels[1])
+        if layer.singular_values_a:
+            axis.axhline(analysis.gamma * layer.singular_values_a[0], color="grey", lw=0.8, ls=":")
+        axis.set_title(f"{layer.name}  R={layer.alignment:.2f}", fontsize=9)
+        axis.set_xlabel("index")
+        axis.legend(fontsize=8)
+    for index in range(len(layers), rows * columns):
+        axes[index // columns][index % columns].axis("off")
+    figure.suptitle(f"singular values (dotted: gamma = {analysis.gamma} x s_max of {labels[0]})")
+    return _save(figure, path)
+
+
+def plot_alignment(analyses: Mapping[str, SingularAnalysis], path: str | os.PathLike[str]) -> Path:
+    """Bar chart of ``R_l`` per layer for several comparisons (e.g. before / after WM / after STE)."""
+    names = [layer.name for layer in next(iter(analyses.values())).layers] if analyses else []
+    width = 0.8 / max(1, len(analyses))
+    figure, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 4))
+    for index, (label, analysis) in enumerate(analyses.items()):
+        values = [layer.alignment for layer in analysis.layers]
+        positions = [i + (index - (len(analyses) - 1) / 2) * width for i in range(len(values))]
+        axis.bar(positions, values, width, label=f"{label} (R={analysis.alignment:.2f})")
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axis.set_ylabel("alignment R_l")
+    axis.axhline(0, color="black", lw=0.6)
+    axis.legend(fontsize=8)
+    axis.set_title(f"singular-vector alignment (gamma = {next(iter(analyses.values())).gamma})" if analyses else "")
+    return _save(figure, path)

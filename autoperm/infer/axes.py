@@ -1,0 +1,193 @@
+"""The axis graph: a networkx graph over (tensor, axis) nodes whose components are permutations.
+
+Rules add three kinds of facts:
+- ``same(a, b)``: axes ``a`` and ``b`` get the same permutation (an edge);
+- ``define(x, "product" | "concat", children)``: axis ``x`` is the row-major product of its
+  children (a flatten / reshape) or their concatenation (cat / split);
+- ``fix(a)``: axis ``a`` is never permuted (model inputs and outputs, mixing ops, unknown ops).
+
+:meth:`AxisGraph.resolve` reconciles the definitions that meet in one component (a product met
+by another product of a different factorisation is refined; mismatches are fixed) until nothing
+changes, then propagates fixedness from composite axes to their parts. The components with no
+definition, not fixed and larger than one index are the permutation groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import networkx as nx
+
+__all__ = ["AxisGraph", "Definition", "Resolved"]
+
+logger = logging.getLogger(__name__)
+
+Node = Hashable
+
+
+@dataclass(frozen=True)
+class Definition:
+    """``node`` is the product or concatenation of ``children`` (sizes multiply or add up)."""
+
+    kind: str
+    children: tuple[Node, ...]
+
+
+@dataclass
+class Resolved:
+    """Components of a resolved axis graph."""
+
+    component: dict[Node, int]
+    members: list[list[Node]]
+    definitions: dict[int, list[Definition]]
+    fixed: set[int]
+    size: dict[int, int]
+    order: dict[Node, int] = field(default_factory=dict)
+
+    def is_group(self, index: int) -> bool:
+        """A component is a permutation group: not fixed, not composite, more than one index."""
+        return index not in self.fixed and not self.definitions.get(index) and self.size[index] > 1
+
+
+class AxisGraph:
+    """Facts about tensor axes, added by op rules and resolved into permutation groups."""
+
+    def __init__(self) -> None:
+        self.graph = nx.Graph()
+        self.sizes: dict[Node, int] = {}
+        self.definitions: dict[Node, list[Definition]] = {}
+        self.fixed_nodes: set[Node] = set()
+        self._atoms = 0
+
+    # ------------------------------------------------------------------ building
+    def node(self, node: Node, size: int) -> Node:
+        if node not in self.sizes:
+            self.sizes[node] = size
+            self.graph.add_node(node)
+        return node
+
+    def atom(self, size: int) -> Node:
+        """A fresh axis that belongs to no tensor (a factor of a reshape, a head, ...)."""
+        self._atoms += 1
+        return self.node(("atom", self._atoms), size)
+
+    def same(self, a: Node, b: Node) -> bool:
+        """Axes ``a`` and ``b`` share one permutation. Returns whether the graph changed."""
+        size_a, size_b = self.sizes[a], self.sizes[b]
+        if size_a != size_b:
+            logger.debug("axes %s (%d) and %s (%d) differ in size; fixing both", a, size_a, b, size_b)
+            return self.fix(a) | self.fix(b)
+        if size_a == 1 or a == b or self.graph.has_edge(a, b):
+            return False
+        self.graph.add_edge(a, b)
+        return True
+
+    def fix(self, node: Node) -> bool:
+        if node in self.fixed_nodes:
+            return False
+        self.fixed_nodes.add(node)
+        return True
+
+    def define(self, node: Node, kind: str, children: Sequence[Node]) -> bool:
+        """Declare ``node`` the ``kind`` ("product" or "concat") of ``children``."""
+        children = tuple(c for c in children if self.sizes[c] > 1 or kind == "concat" and self.sizes[c] > 0)
+        combine = math.prod if kind == "product" else sum
+        if combine(self.sizes[c] for c in children) != self.sizes[node]:
+            raise AssertionError(f"{kind} of {[self.sizes[c] for c in children]} != {self.sizes[node]}")
+        if not children:
+            return False
+        if len(children) == 1:
+            return self.same(node, children[0])
+        definition = Definition(kind, children)
+        existing = self.definitions.setdefault(node, [])
+        if definition in existing:
+            return False
+        existing.append(definition)
+        return True
+
+    # ----------------------------------------------------------------- resolving
+    def resolve(self) -> Resolved:
+        """Reconcile definitions to a fixed point; return the components."""
+        order = {node: index for index, node in enumerate(self.sizes)}
+        seen_pairs: set[tuple[Definition, Definition]] = set()
+        while True:
+            component = self._components(order)
+            changed = False
+            by_component: dict[int, list[Definition]] = {}
+            for node, defs in self.definitions.items():
+                by_component.setdefault(component[node], []).extend(defs)
+            for defs in by_component.values():
+                first = defs[0]
+                for other in defs[1:]:
+                    if other == first or (first, other) in seen_pairs:
+                        continue
+                    seen_pairs.add((first, other))
+                    changed |= self._reconcile(first, other)
+            if not changed:
+                break
+        return self._finish(order)
+
+    def _components(self, order: dict[Node, int]) -> dict[Node, int]:
+        component: dict[Node, int] = {}
+        groups = [sorted(c, key=order.__getitem__) for c in nx.connected_components(self.graph)]
+        groups.sort(key=lambda nodes: order[nodes[0]])
+        for index, nodes in enumerate(groups):
+            for node in nodes:
+                component[node] = index
+        return component
+
+    def _reconcile(self, first: Definition, second: Definition) -> bool:
+        sizes_a = [self.sizes[c] for c in first.children]
+        sizes_b = [self.sizes[c] for c in second.children]
+        if first.kind != second.kind:
+            return self._fix_all(first.children + second.children)
+        combine = (lambda xs: list(accumulate(xs, lambda x, y: x * y))) if first.kind == "product" else (lambda xs: list(accumulate(xs)))
+        marks_a, marks_b = combine(sizes_a), combine(sizes_b)
+        boundaries = sorted(set(marks_a) & set(marks_b))
+        changed = False
+        start_a = start_b = 0
+        for boundary in boundaries:
+            end_a = marks_a.index(boundary) + 1
+            end_b = marks_b.index(boundary) + 1
+            part_a, part_b = first.children[start_a:end_a], second.children[start_b:end_b]
+            if len(part_a) == 1 and len(part_b) == 1:
+                changed |= self.same(part_a[0], part_b[0])
+            elif len(part_a) == 1:
+                changed |= self.define(part_a[0], first.kind, part_b)
+            elif len(part_b) == 1:
+                changed |= self.define(part_b[0], first.kind, part_a)
+            else:
+                changed |= self._fix_all(part_a + part_b)
+            start_a, start_b = end_a, end_b
+        return changed
+
+    def _fix_all(self, nodes: Iterable[Node]) -> bool:
+        changed = False
+        for node in nodes:
+            changed |= self.fix(node)
+        return changed
+
+    def _finish(self, order: dict[Node, int]) -> Resolved:
+        component = self._components(order)
+        members: list[list[Node]] = [[] for _ in range(max(component.values(), default=-1) + 1)]
+        for node in sorted(component, key=order.__getitem__):
+            members[component[node]].append(node)
+        definitions: dict[int, list[Definition]] = {}
+        for node, defs in self.definitions.items():
+            definitions.setdefault(component[node], []).extend(defs)
+        size = {index: self.sizes[nodes[0]] for index, nodes in enumerate(members)}
+        fixed = {component[node] for node in self.fixed_nodes}
+        stack = list(fixed)
+        while stack:  # a fixed composite axis fixes its parts
+            index = stack.pop()
+            for definition in definitions.get(index, ()):
+                for child in definition.children:
+                    child_index = component[child]
+                    if child_index not in fixed:
+                        fixed.add(child_index)
+                        stack.append(child_index)
+        return Resolved(component, members, definitions, fixed, size, order)

@@ -1,0 +1,190 @@
+"""What a rule can say about tensors: the vocabulary between the rule table and the axis graph."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+
+from autoperm.infer.axes import AxisGraph
+from autoperm.trace.graph import TensorRef, TracedGraph
+
+__all__ = ["RuleContext"]
+
+
+class RuleContext:
+    """Turns statements about tensor axes into facts of an :class:`AxisGraph`.
+
+    Axes are addressed as ``(tensor, dim)``; negative dims count from the end.
+    """
+
+    def __init__(self, traced: TracedGraph, axes: AxisGraph | None = None):
+        self.traced = traced
+        self.axes = axes or AxisGraph()
+        self.producers: list[tuple[str, int]] = []
+        self.module_name: str | None = None
+
+    # ------------------------------------------------------------------ axes
+    def ax(self, tensor: TensorRef, dim: int) -> Hashable:
+        """The axis-graph node of ``tensor``'s axis ``dim``."""
+        dim = dim % tensor.ndim if tensor.ndim else 0
+        return self.axes.node((tensor.id, dim), tensor.shape[dim])
+
+    def atom(self, size: int) -> Hashable:
+        """A fresh factor axis of ``size`` indices."""
+        return self.axes.atom(size)
+
+    def same(self, a: TensorRef, dim_a: int, b: TensorRef, dim_b: int) -> None:
+        """Axis ``dim_a`` of ``a`` and axis ``dim_b`` of ``b`` share one permutation."""
+        self.axes.same(self.ax(a, dim_a), self.ax(b, dim_b))
+
+    def same_node(self, a: Hashable, b: Hashable) -> None:
+        self.axes.same(a, b)
+
+    def same_all(self, a: TensorRef, b: TensorRef) -> None:
+        """Couple every axis of ``a`` with the same axis of ``b`` (equal shapes)."""
+        for dim in range(min(a.ndim, b.ndim)):
+            self.same(a, dim, b, dim)
+
+    def fix(self, tensor: TensorRef | None, dim: int | None = None) -> None:
+        """Keep axis ``dim`` (or every axis) of ``tensor`` unpermuted."""
+        if tensor is None:
+            return
+        dims = range(tensor.ndim) if dim is None else [dim]
+        for d in dims:
+            self.axes.fix(self.ax(tensor, d))
+
+    def fix_node(self, node: Hashable) -> None:
+        self.axes.fix(node)
+
+    def define(self, tensor: TensorRef, dim: int, kind: str, children: Sequence[Hashable]) -> None:
+        """Axis ``dim`` of ``tensor`` is the ``"product"`` or ``"concat"`` of ``children``."""
+        self.axes.define(self.ax(tensor, dim), kind, children)
+
+    def define_node(self, node: Hashable, kind: str, children: Sequence[Hashable]) -> None:
+        self.axes.define(node, kind, children)
+
+    def size(self, node: Hashable) -> int:
+        return self.axes.sizes[node]
+
+    # ------------------------------------------------------------- state
+    def state(self, name: str) -> TensorRef | None:
+        """State tensor ``name`` of the module being handled (``None`` if it has none)."""
+        full = f"{self.module_name}.{name}" if self.module_name else name
+        canonical = self.traced.aliases.get(full, full)
+        return self.traced.state.get(canonical)
+
+    def producer(self, tensor: TensorRef | None, dim: int) -> None:
+        """Record that state tensor ``tensor`` writes a new activation along ``dim`` (for names)."""
+        if tensor is not None and tensor.state_name is not None:
+            self.producers.append((tensor.state_name, dim % tensor.ndim))
+
+    # --------------------------------------------------------- common patterns
+    def elementwise(self, inputs: Sequence[TensorRef | None], out: TensorRef | None) -> None:
+        """Broadcasting elementwise op: right-aligned axes of equal size are coupled."""
+        if out is None:
+            return
+        for tensor in inputs:
+            if tensor is None:
+                continue
+            offset = out.ndim - tensor.ndim
+            for dim in range(tensor.ndim):
+                out_dim = dim + offset
+                if out_dim < 0:
+                    self.fix(tensor, dim)
+                    continue
+                if tensor.shape[dim] == out.shape[out_dim]:
+                    self.same(tensor, dim, out, out_dim)
+                elif tensor.shape[dim] != 1:
+                    self.fix(tensor, dim)
+                    self.fix(out, out_dim)
+
+    def reshape(self, source: TensorRef, target: TensorRef) -> None:
+        """Couple the axes of a reshape (view, flatten, unflatten, squeeze, unsqueeze).
+
+        Runs of axes whose sizes multiply to the same number are matched: one axis against one
+        is an edge, one against several a product definition (flatten C x H x W into C*H*W, or
+        split D into heads x head_dim); several against several can't be followed and are fixed.
+        """
+        src = [d for d in range(source.ndim) if source.shape[d] != 1]
+        dst = [d for d in range(target.ndim) if target.shape[d] != 1]
+        i = j = 0
+        while i < len(src) or j < len(dst):
+            if i >= len(src) or j >= len(dst):
+                for d in src[i:]:
+                    self.fix(source, d)
+                for d in dst[j:]:
+                    self.fix(target, d)
+                return
+            run_src, run_dst = [src[i]], [dst[j]]
+            prod_src, prod_dst = source.shape[src[i]], target.shape[dst[j]]
+            i += 1
+            j += 1
+            while prod_src != prod_dst:
+                if prod_src < prod_dst and i < len(src):
+                    run_src.append(src[i])
+                    prod_src *= source.shape[src[i]]
+                    i += 1
+                elif prod_dst < prod_src and j < len(dst):
+                    run_dst.append(dst[j])
+                    prod_dst *= target.shape[dst[j]]
+                    j += 1
+                else:
+                    break
+            if prod_src != prod_dst:
+                for d in run_src + src[i:]:
+                    self.fix(source, d)
+                for d in run_dst + dst[j:]:
+                    self.fix(target, d)
+                return
+            if len(run_src) == 1 and len(run_dst) == 1:
+                self.same(source, run_src[0], target, run_dst[0])
+            elif len(run_src) == 1:
+                self.define(source, run_src[0], "product", [self.ax(target, d) for d in run_dst])
+            elif len(run_dst) == 1:
+                self.define(target, run_dst[0], "product", [self.ax(source, d) for d in run_src])
+            else:
+                for d in run_src:
+                    self.fix(source, d)
+                for d in run_dst:
+                    self.fix(target, d)
+
+    def split(self, source: TensorRef, parts: Sequence[TensorRef], dim: int) -> None:
+        """``source`` along ``dim`` is the concatenation of ``parts`` (cat, split, chunk)."""
+        dim = dim % source.ndim
+        self.define(source, dim, "concat", [self.ax(p, dim) for p in parts])
+        for part in parts:
+            for d in range(source.ndim):
+                if d != dim:
+                    self.same(source, d, part, d)
+
+    def reduce(self, source: TensorRef, out: TensorRef, dims: Sequence[int] | None, keep_reduced_free: bool = True) -> None:
+        """A symmetric reduction over ``dims`` (sum, mean, amax, var, norm, ...).
+
+        The reduced axes need no constraint (the result does not depend on their order) unless
+        ``keep_reduced_free`` is False (ops returning positions, such as argmax), which fixes them.
+        """
+        reduced = set(range(source.ndim)) if dims is None else {d % source.ndim for d in dims}
+        keepdim = out.ndim == source.ndim
+        out_dim = 0
+        for d in range(source.ndim):
+            if d in reduced:
+                if not keep_reduced_free:
+                    self.fix(source, d)
+                if keepdim:
+                    out_dim += 1
+                continue
+            if out_dim < out.ndim:
+                self.same(source, d, out, out_dim)
+            out_dim += 1
+
+    def unknown(self, tensors: Sequence[TensorRef]) -> None:
+        """Fix every axis of ``tensors`` (an op whose axes are not understood)."""
+        for tensor in tensors:
+            self.fix(tensor)
+
+    def product_node(self, tensor: TensorRef, dim: int, sizes: Sequence[int]) -> list[Hashable]:
+        """Split axis ``dim`` of ``tensor`` into fresh factors of ``sizes`` (row-major); returns them."""
+        assert math.prod(sizes) == tensor.shape[dim % tensor.ndim]
+        factors = [self.atom(s) for s in sizes]
+        self.define(tensor, dim, "product", factors)
+        return factors

@@ -1,0 +1,232 @@
+"""``infer_spec``: trace a model, run every op's rule over the axis graph, read off the groups."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from autoperm.infer import rules_core, rules_layers  # noqa: F401  (registers the rule table)
+from autoperm.infer.axes import Resolved
+from autoperm.infer.context import RuleContext
+from autoperm.infer.registry import bind, has_module_rule
+from autoperm.spec.schema import ActivationSite, Member, PermutationGroup, PermutationSpec
+from autoperm.trace import TracedGraph, trace_model
+
+__all__ = ["infer_spec", "UnsupportedOpWarning", "build_context"]
+
+logger = logging.getLogger(__name__)
+
+_ACTIVATION_OPS = set(rules_core.UNARY[:60]) | {
+    "ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyReLU", "ELU",
+    "SELU", "CELU", "Softplus", "Mish", "PReLU",
+}
+
+
+class UnsupportedOpWarning(UserWarning):
+    """Some ops were not understood; the axes they touch were kept fixed (the spec stays sound)."""
+
+
+@dataclass(frozen=True)
+class _Placement:
+    component: int
+    offset: int
+    inner: int
+    outer: tuple[tuple[int, int], ...]
+
+
+def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
+    """Run the rule of every op of ``traced``; returns the context and the unsupported op types."""
+    ctx = RuleContext(traced)
+    for ref in traced.inputs + traced.constants:
+        ctx.fix(ref)
+    unknown: dict[str, str] = {}
+    for call in traced.calls:
+        tensors = call.tensors()
+        outputs = call.output_tensors()
+        if not tensors and not outputs:
+            continue
+        bound, rule = bind(call)
+        ctx.module_name = call.module_name
+        involved = tensors + outputs
+        if call.module is not None:
+            involved += [ctx.state(name) for name, _ in list(call.module.named_parameters()) + list(call.module.named_buffers())]
+        if rule is None:
+            unknown.setdefault(call.target, call.describe())
+            ctx.unknown([t for t in involved if t is not None])
+            continue
+        try:
+            rule(ctx, bound)
+        except Exception as error:  # a rule that cannot handle this use keeps its axes fixed
+            logger.warning("rule for %s failed (%s: %s); keeping its axes fixed", call.describe(), type(error).__name__, error)
+            unknown.setdefault(call.target, call.describe())
+            ctx.unknown([t for t in involved if t is not None])
+    ctx.module_name = None
+    for ref in traced.outputs:
+        ctx.fix(ref)
+    return ctx, sorted(unknown)
+
+
+def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[int, int], ...], inner: int,
+            sizes: dict[Hashable, int], out: list[_Placement]) -> None:
+    component = resolved.component.get(node)
+    if component is None or component in resolved.fixed:
+        return
+    definitions = resolved.definitions.get(component)
+    if not definitions:
+        if resolved.size[component] > 1:
+            out.append(_Placement(component, offset, inner, outer))
+        return
+    definition = definitions[0]
+    children = definition.children
+    if definition.kind == "product":
+        child_sizes = [sizes[c] for c in children]
+        for index, child in enumerate(children):
+            after = 1
+            for s in child_sizes[index + 1:]:
+                after *= s
+            loops = list(outer)
+            for previous in range(index):
+                later = 1
+                for s in child_sizes[previous + 1:]:
+                    later *= s
+                loops.append((child_sizes[previous], later * inner))
+            _expand(resolved, child, offset, tuple(loops), after * inner, sizes, out)
+    else:
+        start = 0
+        for child in children:
+            _expand(resolved, child, offset + start * inner, outer, inner, sizes, out)
+            start += sizes[child]
+
+
+def _strip(name: str) -> str:
+    for suffix in (".weight", "_weight", ".bias", "_bias"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def infer_spec(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    tracer: Literal["auto", "fx", "export"] = "auto",
+    model_name: str | None = None,
+) -> PermutationSpec:
+    """Infer the permutation groups of ``model`` automatically.
+
+    The model is traced (torch.fx, or torch.export where symbolic tracing fails), every op's
+    rule couples tensor axes in a networkx graph, and the components of that graph that touch
+    the state dict, are not fixed and have more than one index become permutation groups.
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        tracer: ``"auto"``, ``"fx"`` or ``"export"``.
+        model_name: recorded in the spec (defaults to the class name).
+
+    Returns:
+        A :class:`PermutationSpec` with every state-dict shape and the groups.
+
+    Raises:
+        TraceError: the model cannot be traced by either front-end.
+
+    Warns:
+        UnsupportedOpWarning: listing op types whose axes were kept fixed.
+
+    Example:
+        >>> spec = infer_spec(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+        >>> [g.name for g in spec.groups][:2]
+        ['conv1', 'layer1.0.conv1']
+    """
+    traced = trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer)
+    ctx, unknown = build_context(traced)
+    if unknown:
+        message = "kept the axes fixed around ops autoperm does not understand: " + ", ".join(unknown)
+        warnings.warn(message, UnsupportedOpWarning, stacklevel=2)
+        logger.warning(message)
+    resolved = ctx.axes.resolve()
+    sizes = ctx.axes.sizes
+
+    members: dict[int, list[Member]] = {}
+    for canonical, ref in traced.state.items():
+        names = [alias for alias, target in traced.aliases.items() if target == canonical] or [canonical]
+        for dim in range(ref.ndim):
+            node = (ref.id, dim)
+            if node not in sizes:
+                continue
+            placements: list[_Placement] = []
+            _expand(resolved, node, 0, (), 1, sizes, placements)
+            for placement in placements:
+                for name in names:
+                    members.setdefault(placement.component, []).append(
+                        Member(param=name, axis=dim, offset=placement.offset, inner=placement.inner, outer=placement.outer)
+                    )
+
+    sites = _activation_sites(traced, resolved, sizes, set(members))
+    names = _group_names(ctx.producers, members)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    groups = [
+        PermutationGroup(
+            name=names[component],
+            size=resolved.size[component],
+            members=tuple(group_members),
+            activations=tuple(sites.get(component, ())),
+        )
+        for component, group_members in members.items()
+    ]
+    logger.info("inferred %d permutation groups (%s front-end)", len(groups), traced.tracer)
+    return PermutationSpec(model=model_name or type(model).__name__, tracer=traced.tracer, groups=tuple(groups), shapes=shapes)
+
+
+def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hashable, int], wanted: set[int]) -> dict[int, list[ActivationSite]]:
+    """One observable activation per group, preferring outputs of activation functions."""
+    best: dict[int, tuple[int, ActivationSite]] = {}
+    for call in traced.calls:
+        out = call.outputs[0] if len(call.outputs) == 1 else None
+        if out is None:
+            continue
+        rank = 0 if (call.target in _ACTIVATION_OPS or str(call.key).split(".")[-1].removeprefix("method:") in _ACTIVATION_OPS) else 1
+        for dim in range(out.ndim):
+            node = (out.id, dim)
+            if node not in sizes:
+                continue
+            placements: list[_Placement] = []
+            _expand(resolved, node, 0, (), 1, sizes, placements)
+            for placement in placements:
+                if placement.component not in wanted:
+                    continue
+                score = rank * 2 + (0 if placement.offset == 0 and placement.inner == 1 and not placement.outer else 1)
+                if placement.component not in best or score < best[placement.component][0]:
+                    site = ActivationSite(node=call.node, axis=dim, offset=placement.offset, inner=placement.inner, outer=placement.outer)
+                    best[placement.component] = (score, site)
+    return {component: [site] for component, (_, site) in best.items()}
+
+
+def _group_names(producers: list[tuple[str, int]], members: dict[int, list[Member]]) -> dict[int, str]:
+    """Readable, stable names: the module that first writes the group, else its first member."""
+    at: dict[tuple[str, int], list[int]] = {}
+    for component, group_members in members.items():
+        for member in group_members:
+            at.setdefault((member.param, member.axis), []).append(component)
+    base: dict[int, str] = {}
+    for state_name, axis in producers:
+        for component in at.get((state_name, axis), ()):
+            base.setdefault(component, _strip(state_name))
+    for component, group_members in members.items():
+        base.setdefault(component, _strip(group_members[0].param) + (f".axis{group_members[0].axis}" if group_members[0].axis else ""))
+    names: dict[int, str] = {}
+    by_base: dict[str, list[int]] = {}
+    for component, name in base.items():
+        by_base.setdefault(name, []).append(component)
+    for name, components in by_base.items():
+        if len(components) == 1:
+            names[components[0]] = name
+            continue
+        for index, component in enumerate(components):
+            names[component] = f"{name}.{index}"
+    return names

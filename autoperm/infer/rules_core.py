@@ -1,0 +1,371 @@
+"""Rules for elementwise, shape, reduction and indexing ops (one entry per canonical op)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.nn import functional as F
+
+from autoperm.infer.context import RuleContext
+from autoperm.infer.registry import BoundCall, register_op_rule
+from autoperm.trace.graph import TensorRef, tensors_in
+
+# ----------------------------------------------------------------------------- elementwise
+# Unary ops: only the first tensor argument is coupled to the output (``x.to(y)`` and
+# ``x.type_as(y)`` take y for its dtype alone).
+UNARY = [
+    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
+    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "softsign", "tanhshrink", "logsigmoid",
+    "hardshrink", "softshrink", "rrelu", "threshold",
+    "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "neg", "abs", "sin",
+    "cos", "tan", "erf", "erfc", "reciprocal", "square", "sign", "sgn", "floor", "ceil", "round",
+    "trunc", "frac", "logical_not", "bitwise_not", "isnan", "isinf", "isfinite", "nan_to_num",
+    "sigmoid_", "relu_", "silu_", "gelu_", "tanh_", "hardswish_", "hardtanh_", "leaky_relu_", "elu_",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "feature_dropout", "native_dropout",
+    "contiguous", "clone", "detach", "detach_", "to", "_to_copy", "float", "half", "double", "bfloat16",
+    "int", "long", "bool", "type", "type_as", "cpu", "cuda", "alias", "lift_fresh_copy", "requires_grad_",
+    "softmax", "log_softmax", "_softmax", "_log_softmax", "softmin", "normalize", "special_softmax",
+    "zero_", "fill_", "ones_like", "zeros_like", "full_like", "empty_like", "positive", "_assert_tensor_metadata",
+]
+# n-ary ops with broadcasting: every tensor argument is coupled to the output.
+NARY = [
+    "add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow", "rsub",
+    "maximum", "minimum", "fmax", "fmin", "eq", "ne", "lt", "le", "gt", "ge", "atan2", "hypot",
+    "logaddexp", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor",
+    "where", "masked_fill", "masked_fill_", "clamp", "clip", "clamp_min", "clamp_max", "lerp",
+    "addcmul", "addcdiv", "add_", "sub_", "mul_", "div_", "copysign", "xlogy", "isclose",
+    "heaviside",
+]
+_OPERATOR = {
+    "add": [operator.add, operator.iadd], "sub": [operator.sub, operator.isub],
+    "mul": [operator.mul, operator.imul], "div": [operator.truediv, operator.itruediv],
+    "floor_divide": [operator.floordiv], "remainder": [operator.mod], "pow": [operator.pow],
+    "eq": [operator.eq], "ne": [operator.ne], "lt": [operator.lt], "le": [operator.le],
+    "gt": [operator.gt], "ge": [operator.ge], "bitwise_and": [operator.and_], "bitwise_or": [operator.or_],
+    "bitwise_xor": [operator.xor], "neg": [operator.neg], "positive": [operator.pos],
+    "bitwise_not": [operator.invert], "abs": [abs],
+}
+
+
+def _library_aliases(name: str) -> list[object]:
+    found: list[object] = []
+    for namespace in (torch, F, torch.special, torch.Tensor):
+        function = getattr(namespace, name, None)
+        if callable(function) and function not in found:
+            found.append(function)
+    return found + _OPERATOR.get(name, [])
+
+
+def _unary(ctx: RuleContext, call: BoundCall) -> None:
+    tensors = call.tensors()
+    if tensors and call.out is not None:
+        ctx.elementwise([tensors[0]], call.out)
+        for extra in call.call.output_tensors()[1:]:  # native_dropout's mask
+            ctx.elementwise([tensors[0]], extra)
+
+
+def _nary(ctx: RuleContext, call: BoundCall) -> None:
+    ctx.elementwise(call.tensors(), call.out)
+
+
+for _name in UNARY:
+    register_op_rule(_name, aliases=_library_aliases(_name), args=("input",))(_unary)
+for _name in NARY:
+    register_op_rule(_name, aliases=_library_aliases(_name), args=("input", "other"))(_nary)
+
+
+# ------------------------------------------------------------------------------ constants
+CONSTANT_FACTORIES = ["zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided", "scalar_tensor"]
+POSITIONAL_FACTORIES = ["arange", "linspace", "logspace", "eye", "tensor", "as_tensor", "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial", "tril_indices", "triu_indices"]
+
+
+@register_op_rule("constant_factory", aliases=[a for n in CONSTANT_FACTORIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
+def _constant_factory(ctx: RuleContext, call: BoundCall) -> None:
+    """Constant-valued tensors are unchanged by any permutation: no constraint on their axes."""
+
+
+@register_op_rule("positional_factory", aliases=[a for n in POSITIONAL_FACTORIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
+def _positional_factory(ctx: RuleContext, call: BoundCall) -> None:
+    """Values that depend on position (arange, random draws) keep their axes fixed."""
+    for out in call.call.output_tensors():
+        ctx.fix(out)
+
+
+# ---------------------------------------------------------------------------- reshaping
+RESHAPES = ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+            "_unsafe_view", "_reshape_alias", "squeeze_", "unsqueeze_", "ravel", "atleast_1d", "atleast_2d",
+            "atleast_3d", "squeeze_copy", "unsqueeze_copy", "view_copy"]
+
+
+@register_op_rule("reshape_family", aliases=[a for n in RESHAPES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
+def _reshape(ctx: RuleContext, call: BoundCall) -> None:
+    tensors = call.tensors()
+    if tensors and call.out is not None:
+        ctx.reshape(tensors[0], call.out)
+
+
+EXPANDS = ["expand", "expand_as", "broadcast_to", "expand_copy"]
+
+
+@register_op_rule("expand_family", aliases=[a for n in EXPANDS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
+def _expand(ctx: RuleContext, call: BoundCall) -> None:
+    """Broadcast to a larger shape: axes grown from size 1 hold copies and are left free."""
+    tensors = call.tensors()
+    if tensors and call.out is not None:
+        ctx.elementwise([tensors[0]], call.out)
+
+
+def _dims_from(call: BoundCall, ndim: int) -> list[int]:
+    raw = call.get("dims")
+    if raw is None:
+        raw = [call.get("input_dims")] if call.get("input_dims") is not None else []
+    if isinstance(raw, (list, tuple)):
+        dims = list(raw)
+    else:
+        dims = ([raw] if raw is not None else []) + list(call.varargs)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])
+    return [int(d) % ndim for d in dims]
+
+
+@register_op_rule("permute", aliases=[torch.permute, torch.Tensor.permute, "aten.permute_copy"], args=("input", "dims"))
+def _permute(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    dims = _dims_from(call, x.ndim)
+    for out_dim, in_dim in enumerate(dims):
+        ctx.same(x, in_dim, out, out_dim)
+
+
+@register_op_rule("transpose", aliases=[torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.swapdims,
+                                        torch.Tensor.swapaxes, "method:swapaxes", "aten.swapaxes", "aten.transpose_copy",
+                                        "method:transpose_"], args=("input", "dim0", "dim1"))
+def _transpose(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    order = list(range(x.ndim))
+    if x.ndim >= 2:
+        d0, d1 = int(call.get("dim0", 0)) % x.ndim, int(call.get("dim1", 1)) % x.ndim
+        order[d0], order[d1] = order[d1], order[d0]
+    for out_dim, in_dim in enumerate(order):
+        ctx.same(x, in_dim, out, out_dim)
+
+
+@register_op_rule("t", aliases=[torch.t, torch.Tensor.t, "method:T", "aten.numpy_T", "method:mT", "aten.t_copy"], args=("input",))
+def _t(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    if x.ndim < 2:
+        ctx.same_all(x, out)
+        return
+    order = list(range(x.ndim))
+    order[-1], order[-2] = order[-2], order[-1]
+    for out_dim, in_dim in enumerate(order):
+        ctx.same(x, in_dim, out, out_dim)
+
+
+@register_op_rule("movedim", aliases=[torch.movedim, torch.moveaxis, torch.Tensor.movedim, "method:moveaxis"], args=("input", "source", "destination"))
+def _movedim(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    source = call.get("source")
+    destination = call.get("destination")
+    source = [source] if isinstance(source, int) else list(source)
+    destination = [destination] if isinstance(destination, int) else list(destination)
+    source = [s % x.ndim for s in source]
+    destination = [d % x.ndim for d in destination]
+    order: list[int | None] = [None] * x.ndim
+    for s, d in zip(source, destination):
+        order[d] = s
+    rest = iter(d for d in range(x.ndim) if d not in source)
+    for out_dim in range(x.ndim):
+        in_dim = order[out_dim] if order[out_dim] is not None else next(rest)
+        ctx.same(x, in_dim, out, out_dim)
+
+
+# ------------------------------------------------------------------- concatenation/split
+@register_op_rule("cat", aliases=[torch.cat, torch.concat, torch.concatenate, "aten.concat", "aten.concatenate"], args=("tensors", "dim"))
+def _cat(ctx: RuleContext, call: BoundCall) -> None:
+    out = call.out
+    parts = [t for t in tensors_in(call.get("tensors", [])) if 0 not in t.shape]
+    if out is None or not parts:
+        return
+    ctx.split(out, parts, int(call.get("dim", 0)))
+
+
+@register_op_rule("stack", aliases=[torch.stack], args=("tensors", "dim"))
+def _stack(ctx: RuleContext, call: BoundCall) -> None:
+    out = call.out
+    parts = tensors_in(call.get("tensors", []))
+    if out is None or not parts:
+        return
+    dim = int(call.get("dim", 0)) % out.ndim
+    ctx.fix(out, dim)
+    for part in parts:
+        for d in range(part.ndim):
+            ctx.same(part, d, out, d if d < dim else d + 1)
+
+
+SPLITS = ["split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk", "split_copy"]
+
+
+@register_op_rule("split_family", aliases=[a for n in SPLITS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "sizes", "dim"))
+def _split(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.tensors()[0] if call.tensors() else None
+    parts = [t for t in call.outputs if t is not None]
+    if x is None or not parts:
+        return
+    dim = call.get("dim")
+    if dim is None:
+        dim = call.varargs[0] if call.varargs and isinstance(call.varargs[0], int) else 0
+    dim = int(dim) % x.ndim
+    if sum(p.shape[dim] for p in parts) != x.shape[dim]:
+        ctx.unknown([x, *parts])
+        return
+    ctx.split(x, [p for p in parts if p.shape[dim] > 0], dim)
+
+
+@register_op_rule("unbind", aliases=[torch.unbind, torch.Tensor.unbind], args=("input", "dim"))
+def _unbind(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.tensor("input")
+    parts = [t for t in call.outputs if t is not None]
+    if x is None:
+        return
+    dim = int(call.get("dim", 0)) % x.ndim
+    ctx.fix(x, dim)
+    for part in parts:
+        for d in range(part.ndim):
+            ctx.same(x, d if d < dim else d + 1, part, d)
+
+
+# --------------------------------------------------------------------------- indexing
+@register_op_rule("getitem", aliases=[operator.getitem], args=("input", "index"))
+def _getitem(ctx: RuleContext, call: BoundCall) -> None:
+    source, index, out = call.get("input"), call.get("index"), call.out
+    if out is None:
+        return
+    if isinstance(source, (list, tuple)):  # element of a tuple output
+        if isinstance(index, int) and -len(source) <= index < len(source) and isinstance(source[index], TensorRef):
+            ctx.same_all(source[index], out)
+        else:
+            ctx.unknown([*tensors_in(source), out])
+        return
+    if not isinstance(source, TensorRef):
+        ctx.fix(out)
+        return
+    _tensor_index(ctx, source, index, out)
+
+
+def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef) -> None:
+    """Basic indexing: full slices keep an axis, partial slices and integers fix it."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (TensorRef, list)) for i in items):
+        ctx.unknown([x, out, *tensors_in(items)])
+        return
+    if any(i is Ellipsis for i in items):
+        at = items.index(Ellipsis)
+        explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items = items[:at] + [slice(None)] * (x.ndim - explicit) + items[at + 1:]
+    items += [slice(None)] * (x.ndim - sum(1 for i in items if i is not None))
+    in_dim = out_dim = 0
+    for item in items:
+        if item is None:
+            out_dim += 1
+        elif isinstance(item, int):
+            ctx.fix(x, in_dim)
+            in_dim += 1
+        elif isinstance(item, slice):
+            full = item.step in (None, 1) and (item.start in (None, 0)) and (item.stop is None or (isinstance(item.stop, int) and item.stop >= x.shape[in_dim]))
+            if full or x.shape[in_dim] == out.shape[out_dim] and item.step in (None, 1):
+                ctx.same(x, in_dim, out, out_dim)
+            else:
+                ctx.fix(x, in_dim)
+                ctx.fix(out, out_dim)
+            in_dim += 1
+            out_dim += 1
+        else:
+            ctx.unknown([x, out])
+            return
+
+
+@register_op_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"))
+def _select(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    dim = int(call.get("dim", 0)) % x.ndim
+    ctx.fix(x, dim)
+    for d in range(out.ndim):
+        ctx.same(x, d if d < dim else d + 1, out, d)
+
+
+@register_op_rule("slice", aliases=[torch.narrow, torch.Tensor.narrow, "aten.narrow", "aten.slice_copy"], args=("input", "dim", "start", "end", "step"))
+def _slice(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    dim = int(call.get("dim", 0)) % x.ndim
+    for d in range(x.ndim):
+        if d == dim and x.shape[d] != out.shape[d]:
+            ctx.fix(x, d)
+            ctx.fix(out, d)
+        else:
+            ctx.same(x, d, out, d)
+
+
+# ---------------------------------------------------------------------------- reductions
+REDUCTIONS = ["sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "all", "any", "nansum",
+              "nanmean", "count_nonzero", "linalg_vector_norm", "norm", "var_mean", "std_mean", "aminmax"]
+
+
+def _reduction_dims(call: BoundCall, ndim: int) -> list[int] | None:
+    dim = call.get("dim")
+    if dim is None and call.varargs:
+        candidate = call.varargs[0]
+        if isinstance(candidate, (int, list, tuple)):
+            dim = candidate
+    if dim is None:
+        return None
+    return [dim] if isinstance(dim, int) else list(dim)
+
+
+@register_op_rule("reduction", aliases=[a for n in REDUCTIONS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "dim"))
+def _reduction(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.tensors()[0] if call.tensors() else None
+    if x is None or x.ndim == 0:
+        return
+    dims = _reduction_dims(call, x.ndim)
+    if call.op == "reduction" and call.call.key in ("aten.linalg_vector_norm", "aten.norm", torch.norm, "method:norm", "norm"):
+        dims = call.get("dim")
+        dims = None if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+    for out in call.call.output_tensors():
+        ctx.reduce(x, out, dims)
+
+
+POSITION_REDUCTIONS = ["argmax", "argmin", "max", "min", "median", "mode", "kthvalue", "topk", "sort", "argsort", "cummax", "cummin"]
+
+
+@register_op_rule("position_reduction", aliases=[a for n in POSITION_REDUCTIONS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "dim"))
+def _position_reduction(ctx: RuleContext, call: BoundCall) -> None:
+    """Reductions that can return positions; ``max(a, b)`` of two tensors is elementwise."""
+    tensors = call.tensors()
+    if len(tensors) >= 2:
+        ctx.elementwise(tensors, call.out)
+        return
+    x = tensors[0] if tensors else None
+    if x is None or x.ndim == 0:
+        return
+    dims = _reduction_dims(call, x.ndim)
+    outputs = call.call.output_tensors()
+    returns_positions = len(outputs) > 1 or call.call.key in ("aten.argmax", "aten.argmin", torch.argmax, torch.argmin, "method:argmax", "method:argmin")
+    for out in outputs:
+        if call.call.key in ("aten.sort", "aten.topk", "aten.argsort", torch.sort, torch.topk, torch.argsort, "method:sort", "method:topk", "method:argsort"):
+            ctx.unknown([x, out])
+            continue
+        ctx.reduce(x, out, dims, keep_reduced_free=not returns_positions)

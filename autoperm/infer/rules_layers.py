@@ -1,0 +1,587 @@
+"""Rules for layers: linear / matmul, convolutions, norms, embeddings, pooling, attention.
+
+Functional forms (``F.linear``, ``aten.conv2d``) have op rules; ``nn`` modules have module rules
+that pass the module's own state tensors to the same functions.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autoperm.infer.context import RuleContext
+from autoperm.infer.registry import BoundCall, register_module_rule, register_op_rule
+from autoperm.trace.graph import TensorRef
+
+
+# ------------------------------------------------------------------------------ linear
+def linear(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: TensorRef | None, out: TensorRef | None) -> None:
+    """``out[..., o] = sum_i x[..., i] weight[o, i] + bias[o]``."""
+    if x is None or weight is None or out is None:
+        ctx.unknown([t for t in (x, weight, bias, out) if t is not None])
+        return
+    for d in range(x.ndim - 1):
+        ctx.same(x, d, out, d)
+    if weight.ndim == 2:
+        ctx.same(x, -1, weight, 1)
+        ctx.same(weight, 0, out, -1)
+        ctx.producer(weight, 0)
+    else:  # a vector weight: out has no feature axis
+        ctx.same(x, -1, weight, 0)
+    if bias is not None and out.ndim:
+        ctx.elementwise([bias], out)
+
+
+@register_op_rule("linear", aliases=[F.linear], args=("input", "weight", "bias"))
+def _linear(ctx: RuleContext, call: BoundCall) -> None:
+    linear(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out)
+
+
+def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: TensorRef | None) -> None:
+    """``torch.matmul`` semantics, including vectors and broadcast batch dims."""
+    if a is None or b is None or out is None:
+        ctx.unknown([t for t in (a, b, out) if t is not None])
+        return
+    if a.ndim == 1 and b.ndim == 1:
+        ctx.same(a, 0, b, 0)
+        return
+    if b.ndim == 1:
+        ctx.same(a, -1, b, 0)
+        for d in range(a.ndim - 1):
+            ctx.same(a, d, out, d)
+        return
+    if a.ndim == 1:
+        ctx.same(a, 0, b, -2)
+        for d in range(b.ndim - 2):
+            ctx.same(b, d, out, d)
+        ctx.same(b, -1, out, -1)
+        ctx.producer(b, -1)
+        return
+    ctx.same(a, -1, b, -2)
+    ctx.same(a, -2, out, -2)
+    ctx.same(b, -1, out, -1)
+    ctx.producer(b, -1)
+    for tensor in (a, b):  # broadcast batch dims, right-aligned
+        offset = out.ndim - tensor.ndim
+        for d in range(tensor.ndim - 2):
+            if tensor.shape[d] == out.shape[d + offset]:
+                ctx.same(tensor, d, out, d + offset)
+
+
+@register_op_rule("matmul", aliases=[torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm, torch.Tensor.mm, torch.Tensor.bmm,
+                                     "aten.mm", "aten.bmm", "method:mm", "method:bmm", "method:__matmul__"], args=("input", "other"))
+def _matmul(ctx: RuleContext, call: BoundCall) -> None:
+    tensors = call.tensors()
+    if len(tensors) == 2:
+        matmul(ctx, tensors[0], tensors[1], call.out)
+    else:
+        ctx.unknown([*tensors, *call.call.output_tensors()])
+
+
+@register_op_rule("addmm", aliases=[torch.addmm, torch.baddbmm, torch.addmv, "aten.baddbmm", "aten.addmv", "method:addmm", "method:baddbmm"],
+                  args=("input", "mat1", "mat2"))
+def _addmm(ctx: RuleContext, call: BoundCall) -> None:
+    """``input + mat1 @ mat2`` (also the batched and matrix-vector forms)."""
+    mat1 = call.tensor("mat1") or call.tensor("batch1") or call.tensor("mat")
+    mat2 = call.tensor("mat2") or call.tensor("batch2") or call.tensor("vec")
+    matmul(ctx, mat1, mat2, call.out)
+    ctx.elementwise([call.tensor("input")], call.out)
+
+
+@register_op_rule("einsum", aliases=[torch.einsum], args=("equation", "operands"))
+def _einsum(ctx: RuleContext, call: BoundCall) -> None:
+    """Every index letter is one axis: all axes carrying the same letter are coupled."""
+    equation = str(call.get("equation", "")).replace(" ", "")
+    operands = [t for t in (call.get("operands") if isinstance(call.get("operands"), (list, tuple)) else [call.get("operands"), *call.varargs]) if isinstance(t, TensorRef)]
+    out = call.out
+    if "->" not in equation or "." in equation or out is None:
+        ctx.unknown([*operands, *call.call.output_tensors()])
+        return
+    inputs, output = equation.split("->")
+    terms = inputs.split(",")
+    if len(terms) != len(operands):
+        ctx.unknown([*operands, out])
+        return
+    first: dict[str, tuple[TensorRef, int]] = {}
+    for tensor, term in zip([*operands, out], [*terms, output]):
+        for dim, letter in enumerate(term):
+            if tensor.shape[dim] == 1:
+                continue
+            if letter in first:
+                ctx.same(first[letter][0], first[letter][1], tensor, dim)
+            else:
+                first[letter] = (tensor, dim)
+
+
+# ------------------------------------------------------------------------- convolutions
+def conv(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: TensorRef | None, out: TensorRef | None,
+         groups: int = 1, transposed: bool = False) -> None:
+    """N-d convolution. Channels couple through the weight; spatial axes are fixed.
+
+    Grouped convolutions split the channel axes into ``groups x per-group`` factors: whole
+    groups move together on input and output, and the within-group channels of the input
+    share one permutation with the weight's input axis. A depthwise conv ties its input and
+    output channels.
+    """
+    if x is None or weight is None or out is None:
+        ctx.unknown([t for t in (x, weight, bias, out) if t is not None])
+        return
+    spatial = weight.ndim - 2
+    channel = x.ndim - spatial - 1
+    if channel < 0:
+        ctx.unknown([x, weight, out])
+        return
+    for d in range(channel):
+        ctx.same(x, d, out, d)
+    for d in range(spatial):
+        ctx.fix(x, channel + 1 + d)
+        ctx.fix(out, channel + 1 + d)
+        ctx.fix(weight, 2 + d)
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    ctx.producer(weight, out_axis)
+    if groups == 1:
+        ctx.same(x, channel, weight, in_axis)
+        ctx.same(weight, out_axis, out, channel)
+    else:
+        group_atom = ctx.atom(groups)
+        x_channels, out_channels = x.shape[channel], out.shape[channel]
+        in_per_group = x_channels // groups
+        out_per_group = out_channels // groups
+        ctx.define(x, channel, "product", [group_atom, ctx.ax(weight, 1) if not transposed else ctx.atom(in_per_group)])
+        out_inner = ctx.ax(weight, 1) if transposed else ctx.atom(out_per_group)
+        ctx.define(out, channel, "product", [group_atom, out_inner])
+        if transposed:
+            ctx.define(weight, 0, "product", [group_atom, ctx.atom(in_per_group)])
+            ctx.fix(weight, 0)  # transposed grouped convs: keep the input side fixed (rare)
+        else:
+            ctx.same(weight, 0, out, channel)
+    if bias is not None:
+        ctx.same(bias, 0, out, channel)
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+
+@register_op_rule("conv", aliases=[F.conv1d, F.conv2d, F.conv3d, "aten.conv1d", "aten.conv2d", "aten.conv3d"], args=_CONV_ARGS)
+def _conv(ctx: RuleContext, call: BoundCall) -> None:
+    conv(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out, int(call.get("groups", 1)))
+
+
+@register_op_rule("conv_transpose", aliases=[F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, "aten.conv_transpose1d",
+                                             "aten.conv_transpose2d", "aten.conv_transpose3d"], args=_CONV_T_ARGS)
+def _conv_transpose(ctx: RuleContext, call: BoundCall) -> None:
+    conv(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out, int(call.get("groups", 1)), transposed=True)
+
+
+@register_op_rule("convolution", aliases=["aten._convolution"],
+                  args=("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"))
+def _convolution(ctx: RuleContext, call: BoundCall) -> None:
+    conv(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out, int(call.get("groups", 1)),
+         transposed=bool(call.get("transposed", False)))
+
+
+# ---------------------------------------------------------------------------- norms
+def channel_norm(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, vectors: list[TensorRef | None], extra_outputs: list[TensorRef] = ()) -> None:
+    """BatchNorm / InstanceNorm: per-channel statistics and affine vectors on axis 1."""
+    if x is None or out is None:
+        ctx.unknown([t for t in (x, out, *vectors) if t is not None])
+        return
+    ctx.same_all(x, out)
+    channel = 1 if x.ndim > 1 else 0
+    for vector in vectors:
+        if vector is not None and vector.ndim == 1:
+            ctx.same(vector, 0, x, channel)
+    for extra in extra_outputs:
+        if extra.ndim == 1 and extra.shape[0] == x.shape[channel]:
+            ctx.same(extra, 0, x, channel)
+
+
+@register_op_rule("batch_norm", aliases=[F.batch_norm, "aten._native_batch_norm_legit_no_training", "aten._native_batch_norm_legit",
+                                         "aten.native_batch_norm", "aten._batch_norm_impl_index", "aten.cudnn_batch_norm",
+                                         "aten._native_batch_norm_legit_functional", "aten.batch_norm_with_update",
+                                         "aten._batch_norm_no_update", "aten._batch_norm_with_update"],
+                  args=("input", "running_mean", "running_var", "weight", "bias"))
+def _batch_norm(ctx: RuleContext, call: BoundCall) -> None:
+    outputs = call.call.output_tensors()
+    vectors = [call.tensor(n) for n in ("weight", "bias", "running_mean", "running_var")]
+    channel_norm(ctx, call.tensor("input"), outputs[0] if outputs else None, vectors, outputs[1:])
+
+
+@register_op_rule("instance_norm", aliases=[F.instance_norm], args=("input", "running_mean", "running_var", "weight", "bias"))
+def _instance_norm(ctx: RuleContext, call: BoundCall) -> None:
+    vectors = [call.tensor(n) for n in ("running_mean", "running_var", "weight", "bias")]
+    channel_norm(ctx, call.tensor("input"), call.out, vectors)
+
+
+def trailing_norm(ctx: RuleContext, x: TensorRef | None, out: list[TensorRef], vectors: list[TensorRef | None]) -> None:
+    """LayerNorm / RMSNorm over trailing dims: statistics ignore order, vectors align right."""
+    if x is None or not out:
+        ctx.unknown([t for t in (x, *out, *vectors) if t is not None])
+        return
+    ctx.same_all(x, out[0])
+    for extra in out[1:]:  # mean / rstd outputs of native_layer_norm
+        ctx.elementwise([extra], x)
+    ctx.elementwise(vectors, x)
+
+
+@register_op_rule("layer_norm", aliases=[F.layer_norm, "aten.native_layer_norm"], args=("input", "normalized_shape", "weight", "bias"))
+def _layer_norm(ctx: RuleContext, call: BoundCall) -> None:
+    trailing_norm(ctx, call.tensor("input"), call.call.output_tensors(), [call.tensor("weight"), call.tensor("bias")])
+
+
+@register_op_rule("rms_norm", aliases=[getattr(F, "rms_norm", "F.rms_norm"), "aten._fused_rms_norm"], args=("input", "normalized_shape", "weight", "eps"))
+def _rms_norm(ctx: RuleContext, call: BoundCall) -> None:
+    trailing_norm(ctx, call.tensor("input"), call.call.output_tensors(), [call.tensor("weight")])
+
+
+def group_norm(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, groups: int, vectors: list[TensorRef | None]) -> None:
+    """GroupNorm: channels = groups x per-group. Whole groups and, inside them, channels can move."""
+    if x is None or out is None:
+        ctx.unknown([t for t in (x, out, *vectors) if t is not None])
+        return
+    ctx.same_all(x, out)
+    channels = x.shape[1]
+    if groups < 1 or channels % groups:
+        ctx.fix(x, 1)
+        return
+    ctx.define(x, 1, "product", [ctx.atom(groups), ctx.atom(channels // groups)])
+    for vector in vectors:
+        if vector is not None:
+            ctx.same(vector, 0, x, 1)
+
+
+@register_op_rule("group_norm", aliases=[F.group_norm], args=("input", "num_groups", "weight", "bias"))
+def _group_norm(ctx: RuleContext, call: BoundCall) -> None:
+    outputs = call.call.output_tensors()
+    x = call.tensor("input")
+    groups = int(call.get("num_groups", 1))
+    group_norm(ctx, x, outputs[0] if outputs else None, groups, [call.tensor("weight"), call.tensor("bias")])
+
+
+@register_op_rule("native_group_norm", args=("input", "weight", "bias", "N", "C", "HxW", "group", "eps"))
+def _native_group_norm(ctx: RuleContext, call: BoundCall) -> None:
+    outputs = call.call.output_tensors()
+    group_norm(ctx, call.tensor("input"), outputs[0] if outputs else None, int(call.get("group", 1)),
+               [call.tensor("weight"), call.tensor("bias")])
+    for extra in outputs[1:]:  # (N, group) statistics
+        ctx.fix(extra)
+
+
+# --------------------------------------------------------------------------- embeddings
+def embedding(ctx: RuleContext, indices: TensorRef | None, weight: TensorRef | None, out: TensorRef | None) -> None:
+    """Rows are addressed by token id (fixed); the embedding dim couples with the output."""
+    if indices is None or weight is None or out is None:
+        ctx.unknown([t for t in (indices, weight, out) if t is not None])
+        return
+    ctx.fix(weight, 0)
+    ctx.same(weight, 1, out, -1)
+    ctx.producer(weight, 1)
+    for d in range(indices.ndim):
+        ctx.same(indices, d, out, d)
+
+
+@register_op_rule("embedding", aliases=[F.embedding], args=("input", "weight"))
+def _embedding(ctx: RuleContext, call: BoundCall) -> None:
+    embedding(ctx, call.tensor("indices") or call.tensor("input"), call.tensor("weight"), call.out)
+
+
+# ----------------------------------------------------------------------------- pooling
+_POOL = re.compile(r"(?:adaptive_)?(?:max|avg|lp)_pool(\d)d(?:_with_indices)?$|upsample_\w+?(\d)d$|_?upsample_\w+?(\d)d_aa$")
+
+
+def spatial_op(ctx: RuleContext, x: TensorRef | None, outputs: list[TensorRef], spatial: int) -> None:
+    """Pooling / resizing: batch and channel axes couple, spatial axes stay fixed."""
+    if x is None:
+        ctx.unknown(outputs)
+        return
+    leading = x.ndim - spatial
+    for out in outputs:
+        for d in range(leading):
+            if d < out.ndim:
+                ctx.same(x, d, out, d)
+        for d in range(leading, out.ndim):
+            ctx.fix(out, d)
+    for d in range(leading, x.ndim):
+        ctx.fix(x, d)
+
+
+def _pool_rule(spatial: int):
+    def rule(ctx: RuleContext, call: BoundCall) -> None:
+        tensors = call.tensors()
+        spatial_op(ctx, tensors[0] if tensors else None, call.call.output_tensors(), spatial)
+
+    return rule
+
+
+for _dims in (1, 2, 3):
+    _names = [f"max_pool{_dims}d", f"avg_pool{_dims}d", f"adaptive_avg_pool{_dims}d", f"adaptive_max_pool{_dims}d",
+              f"lp_pool{_dims}d", f"max_pool{_dims}d_with_indices", f"fractional_max_pool{_dims}d"]
+    _aliases = [getattr(F, n) for n in _names if hasattr(F, n)] + [getattr(torch, n) for n in _names if hasattr(torch, n)]
+    _aliases += [f"aten.{n}" for n in _names] + [f"aten._adaptive_avg_pool{_dims}d"]
+    _aliases += [f"aten.upsample_{mode}{_dims}d" for mode in ("nearest", "linear", "bilinear", "bicubic", "trilinear", "_nearest_exact")]
+    _aliases += [f"aten._upsample_{mode}{_dims}d" for mode in ("nearest_exact", "bilinear2d_aa")]
+    register_op_rule(f"pool{_dims}d", aliases=_aliases, args=("input",))(_pool_rule(_dims))
+
+
+@register_op_rule("interpolate", aliases=[F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest], args=("input",))
+def _interpolate(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.tensor("input")
+    spatial_op(ctx, x, call.call.output_tensors(), max((x.ndim - 2) if x is not None else 0, 1))
+
+
+@register_op_rule("pad", aliases=[F.pad, "aten.constant_pad_nd", "aten.reflection_pad1d", "aten.reflection_pad2d",
+                                  "aten.replication_pad2d", "aten.replication_pad1d", "aten.reflection_pad3d",
+                                  "aten.replication_pad3d", "aten._pad_circular"], args=("input", "pad"))
+def _pad(ctx: RuleContext, call: BoundCall) -> None:
+    """Padding fixes the axes it pads and leaves the others coupled."""
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    pad = call.get("pad") or call.get("padding") or []
+    padded = {x.ndim - 1 - i // 2 for i, amount in enumerate(pad) if amount}
+    for d in range(x.ndim):
+        if d in padded or x.shape[d] != out.shape[d]:
+            ctx.fix(x, d)
+            ctx.fix(out, d)
+        else:
+            ctx.same(x, d, out, d)
+
+
+@register_op_rule("prelu", aliases=[F.prelu, torch.prelu, "aten._prelu_kernel"], args=("input", "weight"))
+def _prelu(ctx: RuleContext, call: BoundCall) -> None:
+    x, weight, out = call.tensor("input"), call.tensor("weight"), call.out
+    if x is None or out is None:
+        return
+    ctx.same_all(x, out)
+    if weight is not None and weight.ndim == 1 and weight.shape[0] > 1:
+        ctx.same(weight, 0, x, 1 if x.ndim > 1 else 0)
+
+
+@register_op_rule("glu", aliases=[F.glu], args=("input", "dim"))
+def _glu(ctx: RuleContext, call: BoundCall) -> None:
+    """``a * sigmoid(b)`` of the two halves: both halves share the output's permutation."""
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    dim = int(call.get("dim", -1)) % x.ndim
+    for d in range(x.ndim):
+        if d != dim:
+            ctx.same(x, d, out, d)
+    ctx.define(x, dim, "concat", [ctx.ax(out, dim), ctx.ax(out, dim)])
+
+
+# ---------------------------------------------------------------------------- attention
+def attention(ctx: RuleContext, q: TensorRef | None, k: TensorRef | None, v: TensorRef | None, out: TensorRef | None,
+              mask: TensorRef | None = None) -> None:
+    """Scaled dot-product attention on (..., heads, tokens, dim) tensors.
+
+    Queries and keys share their last axis, values and outputs theirs; query heads equal key
+    heads, or with grouped-query attention are ``key heads x queries per key head``.
+    """
+    if q is None or k is None or v is None or out is None:
+        ctx.unknown([t for t in (q, k, v, out, mask) if t is not None])
+        return
+    ctx.same(q, -1, k, -1)
+    ctx.same(v, -1, out, -1)
+    ctx.same(q, -2, out, -2)
+    ctx.same(k, -2, v, -2)
+    batch = q.ndim - 2
+    for d in range(batch):
+        ctx.same(q, d, out, d)
+        if k.ndim == q.ndim and k.shape[d] == q.shape[d]:
+            ctx.same(k, d, q, d)
+            ctx.same(v, d, q, d)
+        elif k.ndim == q.ndim and d == batch - 1 and k.shape[d] and q.shape[d] % k.shape[d] == 0:
+            # grouped-query attention: query head h uses key head h // (Hq / Hk)
+            ctx.define(q, d, "product", [ctx.ax(k, d), ctx.atom(q.shape[d] // k.shape[d])])
+            ctx.same(k, d, v, d)
+        else:
+            ctx.unknown([q, k, v, out])
+            return
+    if mask is not None:
+        offset = out.ndim - mask.ndim
+        for d in range(mask.ndim):
+            if mask.shape[d] == 1:
+                continue
+            target = d + offset
+            if target == out.ndim - 1:
+                ctx.same(mask, d, k, -2)
+            elif target >= 0:
+                ctx.same(mask, d, q if target < batch else out, target if target < batch else -2)
+
+
+@register_op_rule("scaled_dot_product_attention", aliases=[F.scaled_dot_product_attention, "aten._scaled_dot_product_flash_attention",
+                                                            "aten._scaled_dot_product_efficient_attention",
+                                                            "aten._scaled_dot_product_flash_attention_for_cpu",
+                                                            "aten._scaled_dot_product_cudnn_attention"],
+                  args=("query", "key", "value", "attn_mask"))
+def _sdpa(ctx: RuleContext, call: BoundCall) -> None:
+    outputs = call.call.output_tensors()
+    out = outputs[0] if outputs else None
+    attention(ctx, call.tensor("query"), call.tensor("key"), call.tensor("value"), out, call.tensor("attn_mask"))
+    for extra in outputs[1:]:  # log-sum-exp and friends of the fused kernels
+        ctx.fix(extra)
+
+
+# ---------------------------------------------------------------------------- modules
+def _module_linear(ctx: RuleContext, call: BoundCall) -> None:
+    linear(ctx, call.input(0), ctx.state("weight"), ctx.state("bias"), call.out)
+
+
+def _module_conv(ctx: RuleContext, call: BoundCall) -> None:
+    module = call.module
+    conv(ctx, call.input(0), ctx.state("weight"), ctx.state("bias"), call.out, module.groups,
+         transposed=isinstance(module, nn.modules.conv._ConvTransposeNd))
+
+
+def _module_batch_norm(ctx: RuleContext, call: BoundCall) -> None:
+    channel_norm(ctx, call.input(0), call.out, [ctx.state(n) for n in ("weight", "bias", "running_mean", "running_var")])
+
+
+def _module_layer_norm(ctx: RuleContext, call: BoundCall) -> None:
+    trailing_norm(ctx, call.input(0), call.call.output_tensors(), [ctx.state("weight"), ctx.state("bias")])
+
+
+def _module_group_norm(ctx: RuleContext, call: BoundCall) -> None:
+    group_norm(ctx, call.input(0), call.out, call.module.num_groups, [ctx.state("weight"), ctx.state("bias")])
+
+
+def _module_embedding(ctx: RuleContext, call: BoundCall) -> None:
+    embedding(ctx, call.input(0), ctx.state("weight"), call.out)
+
+
+def _module_elementwise(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.input(0)
+    if x is not None and call.out is not None:
+        ctx.elementwise([x], call.out)
+    for name in ("weight",):  # PReLU's per-channel slope
+        weight = ctx.state(name)
+        if weight is not None and x is not None and weight.ndim == 1 and weight.shape[0] > 1:
+            ctx.same(weight, 0, x, 1 if x.ndim > 1 else 0)
+
+
+def _module_flatten(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.input(0)
+    if x is not None and call.out is not None:
+        ctx.reshape(x, call.out)
+
+
+def _module_pool(spatial: int):
+    def rule(ctx: RuleContext, call: BoundCall) -> None:
+        spatial_op(ctx, call.input(0), call.call.output_tensors(), spatial)
+
+    return rule
+
+
+def _module_upsample(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.input(0)
+    spatial_op(ctx, x, call.call.output_tensors(), max((x.ndim - 2) if x is not None else 0, 1))
+
+
+def _module_softmax(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.input(0)
+    if x is not None and call.out is not None:
+        ctx.same_all(x, call.out)
+
+
+def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
+    """nn.MultiheadAttention: heads move as units across Q, K, V and the output projection."""
+    module: nn.MultiheadAttention = call.module
+    args = list(call.call.args) + [call.call.kwargs.get(k) for k in ("query", "key", "value") if k in call.call.kwargs]
+    query, key, value = (args + [None, None, None])[:3]
+    key = key if isinstance(key, TensorRef) else query
+    value = value if isinstance(value, TensorRef) else key
+    outputs = call.call.outputs
+    out = outputs[0] if outputs else None
+    involved = [t for t in (query, key, value, *call.call.output_tensors()) if isinstance(t, TensorRef)]
+    names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v",
+             "out_proj.weight", "out_proj.bias")
+    state = {n: ctx.state(n) for n in names}
+    mask = call.call.kwargs.get("key_padding_mask"), call.call.kwargs.get("attn_mask")
+    unsupported = state["bias_k"] is not None or getattr(module, "add_zero_attn", False) or any(isinstance(m, TensorRef) for m in mask)
+    if not isinstance(query, TensorRef) or out is None or unsupported:
+        ctx.unknown(involved + [t for t in state.values() if t is not None])
+        return
+    heads, embed = module.num_heads, module.embed_dim
+    head_dim = embed // heads
+    atoms = {"heads": ctx.atom(heads), "qk": ctx.atom(head_dim), "v": ctx.atom(module.vdim // heads if not module._qkv_same_embed_dim else head_dim)}
+
+    q_axis = ctx.atom(embed)
+    k_axis = ctx.atom(embed)
+    v_axis = ctx.atom(embed)
+    ctx.define_node(q_axis, "product", [atoms["heads"], atoms["qk"]])
+    ctx.define_node(k_axis, "product", [atoms["heads"], atoms["qk"]])
+    ctx.define_node(v_axis, "product", [atoms["heads"], atoms["v"]])
+    in_weight, in_bias = state["in_proj_weight"], state["in_proj_bias"]
+    if in_weight is not None:
+        ctx.define(in_weight, 0, "concat", [q_axis, k_axis, v_axis])
+        ctx.same(in_weight, 1, query, -1)
+        ctx.same(in_weight, 1, key, -1)
+        ctx.same(in_weight, 1, value, -1)
+        ctx.producer(in_weight, 0)
+    else:
+        for name, axis, source in (("q_proj_weight", q_axis, query), ("k_proj_weight", k_axis, key), ("v_proj_weight", v_axis, value)):
+            weight = state[name]
+            ctx.same_node(ctx.ax(weight, 0), axis)
+            ctx.same(weight, 1, source, -1)
+            ctx.producer(weight, 0)
+    if in_bias is not None:
+        ctx.define(in_bias, 0, "concat", [q_axis, k_axis, v_axis])
+    out_weight, out_bias = state["out_proj.weight"], state["out_proj.bias"]
+    ctx.define(out_weight, 1, "product", [atoms["heads"], atoms["v"]])
+    ctx.same(out_weight, 0, out, -1)
+    ctx.producer(out_weight, 0)
+    if out_bias is not None:
+        ctx.same(out_bias, 0, out, -1)
+    batch_first = module.batch_first
+    if query.ndim == 3:
+        token, batch = (1, 0) if batch_first else (0, 1)
+        ctx.same(query, token, out, token)
+        ctx.same(query, batch, out, batch)
+        ctx.same(key, batch, query, batch)
+        ctx.same(value, batch, query, batch)
+        ctx.same(key, token, value, token)
+    else:
+        ctx.same(query, 0, out, 0)
+        ctx.same(key, 0, value, 0)
+    if len(outputs) > 1 and outputs[1] is not None:  # averaged attention weights (N, L, S) or per head
+        weights = outputs[1]
+        if weights.ndim >= 2:
+            ctx.same(weights, -2, query, 1 if batch_first and query.ndim == 3 else 0)
+            ctx.same(weights, -1, key, 1 if batch_first and key.ndim == 3 else 0)
+        if weights.ndim == 4:
+            ctx.fix(weights, 1)
+            ctx.fix_node(atoms["heads"])
+
+
+register_module_rule(nn.Linear, _module_linear)
+for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_module_rule(_type, _module_conv)
+for _type in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+              nn.InstanceNorm3d):
+    register_module_rule(_type, _module_batch_norm)
+register_module_rule(nn.LayerNorm, _module_layer_norm)
+if hasattr(nn, "RMSNorm"):
+    register_module_rule(nn.RMSNorm, _module_layer_norm)
+register_module_rule(nn.GroupNorm, _module_group_norm)
+register_module_rule(nn.Embedding, _module_embedding)
+register_module_rule(nn.MultiheadAttention, _module_mha)
+for _type in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+              nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+              nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+              nn.Identity, nn.Threshold, nn.Hardshrink, nn.Softshrink):
+    register_module_rule(_type, _module_elementwise)
+for _type in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
+    register_module_rule(_type, _module_softmax)
+register_module_rule(nn.Flatten, _module_flatten)
+register_module_rule(nn.Unflatten, _module_flatten)
+for _spatial, _types in ((1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)),
+                         (2, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)),
+                         (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d))):
+    for _type in _types:
+        register_module_rule(_type, _module_pool(_spatial))
+register_module_rule(nn.Upsample, _module_upsample)

@@ -1,0 +1,140 @@
+"""Tracing front-ends: torch.fx first, torch.export where symbolic tracing fails."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from autoperm.errors import TraceError
+from autoperm.trace.common import normalise_inputs
+from autoperm.trace.export_frontend import export_program, trace_export
+from autoperm.trace.fx_frontend import run_graph, symbolic_trace, trace_fx
+from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
+
+__all__ = [
+    "OpCall",
+    "TensorRef",
+    "TracedGraph",
+    "trace_model",
+    "record_activations",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class _EvalMode:
+    """Put a model in eval mode for tracing and restore each module's flag afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def trace_model(
+    model: nn.Module,
+    example_inputs: Any,
+    is_leaf: Callable[[nn.Module], bool] = lambda m: False,
+    tracer: Literal["auto", "fx", "export"] = "auto",
+) -> TracedGraph:
+    """Trace ``model`` (in eval mode) into a :class:`TracedGraph`.
+
+    Args:
+        model: the model; it is not modified (training flags are restored).
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        is_leaf: modules to keep whole under torch.fx (those with a module rule).
+        tracer: ``"auto"`` tries torch.fx then torch.export; or force one front-end.
+
+    Raises:
+        TraceError: neither front-end could trace the model; the message gives both causes and
+            what to try (register a module rule so the failing module becomes a leaf, or pass
+            inputs that avoid data-dependent branches).
+    """
+    try:
+        args, kwargs = normalise_inputs(example_inputs)
+    except TypeError as error:
+        raise TraceError(str(error)) from None
+    errors: list[str] = []
+    with _EvalMode(model):
+        if tracer in ("auto", "fx"):
+            try:
+                return trace_fx(model, args, kwargs, is_leaf)
+            except TraceError as error:
+                if tracer == "fx":
+                    raise
+                logger.info("torch.fx failed (%s); trying torch.export", error)
+                errors.append(str(error))
+        try:
+            return trace_export(model, args, kwargs)
+        except TraceError as error:
+            errors.append(str(error))
+    raise TraceError(
+        "could not trace the model.\n  - "
+        + "\n  - ".join(errors)
+        + "\nWhat to try: register a module rule for the module that fails so it is kept whole "
+        "(autoperm.register_module_rule), make data-dependent branches depend on constructor "
+        "arguments instead of tensor values, or check that the example inputs fit forward()."
+    )
+
+
+def record_activations(
+    model: nn.Module,
+    nodes: Sequence[str],
+    batches: Iterable[Any],
+    tracer: Literal["fx", "export"] = "fx",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    is_leaf: Callable[[nn.Module], bool] | None = None,
+) -> dict[str, list[torch.Tensor]]:
+    """Run the traced graph of ``model`` on each batch and keep the outputs of ``nodes``.
+
+    Node names are those of the graph the spec was inferred from (``ActivationSite.node``).
+
+    Args:
+        model: the model (its own weights are used unless ``state_dict`` is given).
+        nodes: traced-graph node names to record.
+        batches: inputs; a batch is a tensor, or a tuple/list whose first element is the input.
+        tracer: the front-end the spec was made with (``spec.tracer``).
+        state_dict: weights to run with instead of the model's own.
+        is_leaf: leaf predicate used at inference (defaults to the rule registry's).
+
+    Returns:
+        ``{node name: [activation of each batch]}`` (detached).
+    """
+    if is_leaf is None:
+        from autoperm.infer.registry import has_module_rule
+
+        is_leaf = has_module_rule
+    wanted = set(nodes)
+    recorded: dict[str, list[torch.Tensor]] = {name: [] for name in nodes}
+    graph_module = None
+    with _EvalMode(model), torch.no_grad():
+        for batch in batches:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            args, kwargs = normalise_inputs(inputs)
+            if graph_module is None:
+                if tracer == "fx":
+                    graph_module, _ = symbolic_trace(model, args, kwargs, is_leaf)
+                else:
+                    graph_module = export_program(model, args, kwargs).module()
+                missing = wanted - {n.name for n in graph_module.graph.nodes}
+                if missing:
+                    raise TraceError(f"the traced graph has no node(s) {sorted(missing)[:5]}; was the spec made for this model?")
+            values = run_graph(graph_module, list(args) + list(kwargs.values()), state_dict, keep=wanted)
+            for name in nodes:
+                value = values[name]
+                if not isinstance(value, torch.Tensor):
+                    raise TraceError(f"node {name!r} does not produce a single tensor")
+                recorded[name].append(value.detach())
+    return recorded

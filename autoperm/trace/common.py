@@ -1,0 +1,76 @@
+"""Helpers both front-ends share: state-dict aliasing, input binding, converting values to refs."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from autoperm.trace.graph import TensorRef
+
+__all__ = ["state_aliases", "bind_inputs", "refs_for_value", "normalise_inputs", "InputSpec"]
+
+InputSpec = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def normalise_inputs(example_inputs: Any) -> InputSpec:
+    """Accept a tensor, a tuple/list of positional args, or a dict of keyword args."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def state_aliases(model: nn.Module) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Map every state-dict name to a canonical name (tied weights share one tensor).
+
+    Returns:
+        ``(alias -> canonical name, canonical name -> tensor)``; the canonical name of a tensor
+        is the first state-dict name under which it appears.
+    """
+    canonical_of: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = id(tensor)
+        if key not in canonical_of:
+            canonical_of[key] = name
+            tensors[name] = tensor
+        aliases[name] = canonical_of[key]
+    # names reachable as attributes but dropped from the state dict by remove_duplicate
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if name not in aliases and id(tensor) in canonical_of:
+            aliases[name] = canonical_of[id(tensor)]
+    return aliases, tensors
+
+
+def bind_inputs(forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+    """Bind example inputs to ``forward``'s signature (raises TypeError on a mismatch)."""
+    signature = inspect.signature(forward)
+    return signature.bind(*args, **kwargs)
+
+
+def refs_for_value(node_name: str, value: Any, floating_default: bool = True) -> list[TensorRef | None]:
+    """Refs for a node's value: one for a tensor, one per leaf for a tuple/list/dict of tensors."""
+    if isinstance(value, torch.Tensor):
+        return [TensorRef(node_name, tuple(int(s) for s in value.shape), floating=value.is_floating_point())]
+    if isinstance(value, (tuple, list, dict)):
+        leaves, _ = tree_flatten(value)
+        refs: list[TensorRef | None] = []
+        for index, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                refs.append(TensorRef(f"{node_name}[{index}]", tuple(int(s) for s in leaf.shape), floating=leaf.is_floating_point()))
+            else:
+                refs.append(None)
+        return refs
+    return []
