@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def barrier_command(
     checkpoints = _load_checkpoints(module, {"--a": path_a, "--b": path_b})
     splits = load_data(data_source)
     reset_data = (splits.get("train") or next(iter(splits.values()))) if reset_bn else None
-    with click.progressbar(length=points, label="interpolating", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=points, label="interpolating", file=sys.stderr) as bar:
         curve = interpolation_curve(
             module, checkpoints["--a"], checkpoints["--b"], splits, num_points=points,
             reset_bn=reset_data, progress=lambda done, total: bar.update(1),

@@ -138,11 +138,15 @@ def register_module_rule(module_type: type[nn.Module], rule: ModuleRule | None =
 
 
 def module_rule_for(module: nn.Module) -> ModuleRule | None:
-    """The rule of the nearest registered class in ``type(module)``'s MRO."""
+    """The rule of the nearest registered class in ``type(module)``'s MRO.
+
+    A subclass that overrides ``forward`` computes something else (torchvision's LayerNorm2d
+    permutes around the norm), so it does not inherit the rule: it is traced through instead.
+    """
     for cls in type(module).__mro__:
         rule = _MODULE_RULES.get(cls)
         if rule is not None:
-            return rule
+            return rule if getattr(type(module), "forward", None) is getattr(cls, "forward", None) else None
     return None
 
 
@@ -160,6 +164,8 @@ def bind(call: OpCall) -> tuple[BoundCall, OpRule | None]:
         entry = _ALIASES.get(call.key)
     except TypeError:  # unhashable target
         entry = None
+    if entry is None:  # functions of other libraries are registered by qualified name
+        entry = _ALIASES.get(call.target)
     if entry is None:
         return BoundCall(call, call.target, {}, list(call.args)), None
     name, arg_names = entry

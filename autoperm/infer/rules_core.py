@@ -27,7 +27,7 @@ UNARY = [
     "contiguous", "clone", "detach", "detach_", "to", "_to_copy", "float", "half", "double", "bfloat16",
     "int", "long", "bool", "type", "type_as", "cpu", "cuda", "alias", "lift_fresh_copy", "requires_grad_",
     "softmax", "log_softmax", "_softmax", "_log_softmax", "softmin", "normalize", "special_softmax",
-    "zero_", "fill_", "ones_like", "zeros_like", "full_like", "empty_like", "positive", "_assert_tensor_metadata",
+    "stochastic_depth", "zero_", "fill_", "ones_like", "zeros_like", "full_like", "empty_like", "positive", "_assert_tensor_metadata",
 ]
 # n-ary ops with broadcasting: every tensor argument is coupled to the output.
 NARY = [
@@ -70,8 +70,9 @@ def _nary(ctx: RuleContext, call: BoundCall) -> None:
     ctx.elementwise(call.tensors(), call.out)
 
 
+_EXTERNAL_UNARY = {"stochastic_depth": ["torchvision.ops.stochastic_depth.stochastic_depth"]}
 for _name in UNARY:
-    register_op_rule(_name, aliases=_library_aliases(_name), args=("input",))(_unary)
+    register_op_rule(_name, aliases=_library_aliases(_name) + _EXTERNAL_UNARY.get(_name, []), args=("input",))(_unary)
 for _name in NARY:
     register_op_rule(_name, aliases=_library_aliases(_name), args=("input", "other"))(_nary)
 
@@ -369,3 +370,31 @@ def _position_reduction(ctx: RuleContext, call: BoundCall) -> None:
             ctx.unknown([x, out])
             continue
         ctx.reduce(x, out, dims, keep_reduced_free=not returns_positions)
+
+
+# ------------------------------------------------------------------------ shape queries
+SHAPE_QUERIES = ["size", "dim", "numel", "nelement", "ndimension", "sym_size", "sym_numel", "sym_stride", "stride",
+                 "is_contiguous", "get_device", "is_floating_point", "element_size", "_assert", "_assert_async",
+                 "_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size", "_check", "_check_is_size"]
+
+
+@register_op_rule("shape_query", aliases=[a for n in SHAPE_QUERIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")]
+                  + [len, torch._assert, "torch._check"], args=("input",))
+def _shape_query(ctx: RuleContext, call: BoundCall) -> None:
+    """Reading a tensor's shape, dtype or device says nothing about the order of its entries."""
+
+
+_TENSOR_ATTRIBUTES = {"T": "t", "mT": "t"}
+
+
+@register_op_rule("getattr", aliases=[getattr], args=("input", "name"))
+def _getattr(ctx: RuleContext, call: BoundCall) -> None:
+    """``x.shape`` / ``x.dtype`` / ``x.device`` constrain nothing; ``x.T`` is a transpose."""
+    x, out = call.tensor("input"), call.out
+    if out is None or x is None:
+        return
+    if call.get("name") in _TENSOR_ATTRIBUTES and x.ndim == 2:
+        ctx.same(x, 0, out, 1)
+        ctx.same(x, 1, out, 0)
+    else:
+        ctx.unknown([x, out])

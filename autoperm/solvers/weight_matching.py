@@ -115,16 +115,20 @@ def weight_matching(
     converged = False
     sweep = 0
     for sweep in range(1, max_iter + 1):
+        gain = 0.0
         improved = False
         for index in generator.permutation(len(to_solve)):
-            improved |= solver.solve_group(to_solve[index], tol)
-        history.append(solver.objective())
+            group_gain = solver.solve_group(to_solve[index], tol)
+            improved |= group_gain > 0
+            gain += group_gain
+        history.append(history[-1] + gain)
         logger.debug("weight matching sweep %d: objective %.6g", sweep, history[-1])
         if callback is not None:
             callback(sweep, history[-1])
         if not improved:
             converged = True
             break
+    history[-1] = solver.objective()
     logger.info(
         "weight matching: objective %.6g -> %.6g in %d sweep(s)%s",
         history[0], history[-1], sweep, "" if converged else " (not converged)",
@@ -156,7 +160,10 @@ class _CoordinateDescent:
         for name in self.cost_params:
             pairs = spec.members_by_param[name]
             for group, member in pairs:
-                others = {g.name for g, m in pairs if m is not member}
+                others = {
+                    g.name for g, m in pairs
+                    if m is not member and (m.axis != member.axis or g is group or group.name in (g.per, g.name) or g.name == group.per)
+                }
                 self.terms.setdefault(group.name, []).append(_Term(group, member, tuple(sorted(others))))
         self.products: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
         self.inner_products: dict[str, tuple[tuple[int, ...], float]] = {}
@@ -177,10 +184,10 @@ class _CoordinateDescent:
         return total
 
     # ---------------------------------------------------------------------- solve
-    def solve_group(self, group: PermutationGroup, tol: float) -> bool:
-        """Re-solve one group with the others fixed; return whether it improved beyond ``tol``."""
+    def solve_group(self, group: PermutationGroup, tol: float) -> float:
+        """Re-solve one group with the others fixed; return its gain (0 unless beyond ``tol``)."""
         if group.name not in self.terms:
-            return False
+            return 0.0
         cost = self._cost(group)
         current = self.perms[group.name]
         if group.per is None:
@@ -190,24 +197,62 @@ class _CoordinateDescent:
             new = torch.stack([r[0] for r in rows])
             old_value, new_value = sum(r[1] for r in rows), sum(r[2] for r in rows)
         if new_value - old_value <= tol * max(1.0, abs(old_value)):
-            return False
+            return 0.0
         self.perms[group.name] = new
         self.versions[group.name] += 1
-        return True
+        return new_value - old_value
 
     def _cost(self, group: PermutationGroup) -> np.ndarray:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
         total: torch.Tensor | None = None
         for index, term in enumerate(self.terms[group.name]):
-            key = tuple(self.versions[g] for g in term.depends_on)
-            cached = self.products.get((group.name, index))
-            if cached is None or cached[0] != key:
-                cached = (key, self._product(term, fibred))
-                self.products[(group.name, index)] = cached
-            total = cached[1].double() if total is None else total + cached[1]
+            key = (group.name, index)
+            cached = self.products.get(key)
+            if cached is None:
+                product = self._product(term, fibred).double()
+            else:
+                product = self._refresh(term, *cached)
+            self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
+            total = product.clone() if total is None else total.add_(product)
         assert total is not None
         return total.cpu().numpy()
+
+    def _refresh(self, term: _Term, seen: dict[str, torch.Tensor], product: torch.Tensor) -> torch.Tensor:
+        """Bring a cached product up to date with the permutations that changed since it was made.
+
+        One changed plain group on one other axis, moving a few indices, is a low-rank update:
+        only the positions it moved enter ``A_m @ (B_m'_new - B_m'_old)^T``. Anything else is
+        recomputed from scratch.
+        """
+        changed = [g for g in term.depends_on if self.perms[g] is not seen[g]]
+        if not changed:
+            return product
+        name, member, group = term.member.param, term.member, term.group
+        pairs = self.spec.members_by_param[name]
+        moved = changed[0]
+        moved_members = [m for g, m in pairs if g.name == moved]
+        own_members = [m for g, m in pairs if g.name == group.name]
+        old, new = seen[moved], self.perms[moved]
+        indices = torch.nonzero(old != new).flatten() if old.dim() == 1 else None
+        if (
+            len(changed) > 1
+            or group.per is not None
+            or indices is None
+            or len(moved_members) != 1
+            or len(own_members) != 1
+            or 4 * indices.numel() > old.numel()
+        ):
+            return self._product(term, group.per is not None).double()
+        other = moved_members[0]
+        positions = layout_positions(other, self.spec[moved].size)
+        targets = positions.index_select(-2, indices).flatten().to(self.device)
+        partial = permute_tensor(self.spec, self.perms, name, self.b[name], skip={group.name, moved})
+        b_new = partial.index_select(other.axis, positions.index_select(-2, new[indices]).flatten().to(self.device))
+        b_old = partial.index_select(other.axis, positions.index_select(-2, old[indices]).flatten().to(self.device))
+        a_part = member_matrix(self.a[name].index_select(other.axis, targets), member, group.size)
+        difference = member_matrix(b_new, member, group.size) - member_matrix(b_old, member, group.size)
+        return product + (a_part @ difference.T).double()
 
     def _product(self, term: _Term, fibred: bool) -> torch.Tensor:
         name, member, group = term.member.param, term.member, term.group

@@ -1,0 +1,5 @@
+"""``python -m autoperm`` runs the command line."""
+
+from autoperm.cli import main
+
+main()

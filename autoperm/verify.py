@@ -1,0 +1,105 @@
+"""Checking a spec: a random permutation of the weights must leave the model's outputs unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from autoperm.errors import SpecError
+from autoperm.spec import PermutationSpec, apply_permutation, random_permutation
+from autoperm.trace import _EvalMode
+from autoperm.trace.common import normalise_inputs
+
+__all__ = ["VerifyReport", "verify_spec", "model_outputs"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of :func:`verify_spec`.
+
+    Attributes:
+        max_abs_diff: largest absolute difference over all floating outputs.
+        max_rel_diff: ``max_abs_diff`` divided by the largest absolute output value.
+        passed: whether ``max_abs_diff <= atol + rtol * max |output|``.
+        groups: number of active groups that were permuted.
+        permuted_tensors: state-dict entries the permutation moved.
+        seed: seed of the random permutation.
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    passed: bool
+    groups: int
+    permuted_tensors: int
+    seed: int
+    tolerance: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def model_outputs(model: nn.Module, example_inputs: Any, state_dict: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The floating-point tensors ``model`` returns (eval mode, no grad), optionally with other weights."""
+    args, kwargs = normalise_inputs(example_inputs)
+    with _EvalMode(model), torch.no_grad():
+        if state_dict is None:
+            result = model(*args, **kwargs)
+        else:
+            result = torch.func.functional_call(model, dict(state_dict), args, kwargs, strict=False)
+    if hasattr(result, "to_tuple"):  # transformers' ModelOutput
+        result = result.to_tuple()
+    leaves, _ = tree_flatten(result)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+
+
+def verify_spec(
+    model: nn.Module,
+    spec: PermutationSpec,
+    example_inputs: Any,
+    seed: int = 0,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> VerifyReport:
+    """Permute the model's weights by a random permutation of ``spec`` and compare outputs.
+
+    A sound spec gives the same outputs up to float rounding. The model is run in eval mode
+    (BatchNorm running statistics included) and is not modified.
+
+    Args:
+        model: the model the spec describes.
+        spec: the spec to check (inferred or loaded from YAML).
+        example_inputs: a tensor, tuple of positional inputs or dict of keyword inputs.
+        seed: seed of the random permutation.
+        atol, rtol: pass if ``max_abs_diff <= atol + rtol * max |output|``.
+
+    Raises:
+        SpecError: the spec does not match the model's state dict.
+    """
+    state_dict = model.state_dict()
+    spec.check_state_dict(state_dict, what="model's state dict")
+    perms = random_permutation(spec, seed=seed)
+    permuted = apply_permutation(spec, perms, state_dict)
+    reference = model_outputs(model, example_inputs)
+    candidate = model_outputs(model, example_inputs, permuted)
+    if len(reference) != len(candidate) or not reference:
+        raise SpecError("the model returned no floating-point outputs to compare")
+    max_abs = 0.0
+    scale = 0.0
+    for ref, cand in zip(reference, candidate):
+        if ref.numel():
+            max_abs = max(max_abs, (ref.double() - cand.double()).abs().max().item())
+            scale = max(scale, ref.double().abs().max().item())
+    tolerance = atol + rtol * scale
+    moved = sum(1 for name in spec.members_by_param if not permuted[name] is state_dict[name])
+    return VerifyReport(
+        max_abs_diff=max_abs,
+        max_rel_diff=max_abs / scale if scale else max_abs,
+        passed=max_abs <= tolerance,
+        groups=len(perms),
+        permuted_tensors=moved,
+        seed=seed,
+        tolerance=tolerance,
+    )
