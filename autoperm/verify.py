@@ -48,7 +48,7 @@ def model_outputs(model: nn.Module, example_inputs: Any, state_dict: Mapping[str
         if state_dict is None:
             result = model(*args, **kwargs)
         else:
-            result = torch.func.functional_call(model, dict(state_dict), args, kwargs, strict=False)
+            result = torch.func.functional_call(model, dict(state_dict), args, kwargs, tie_weights=False, strict=False)
     if hasattr(result, "to_tuple"):  # transformers' ModelOutput
         result = result.to_tuple()
     leaves, _ = tree_flatten(result)

@@ -112,10 +112,9 @@ class AxisGraph:
     # ----------------------------------------------------------------- resolving
     def resolve(self) -> Resolved:
         """Reconcile definitions to a fixed point; return the components."""
-        order = {node: index for index, node in enumerate(self.sizes)}
         seen_pairs: set[tuple[Definition, Definition]] = set()
         while True:
-            component = self._components(order)
+            component = self._components()
             changed = False
             by_component: dict[int, list[Definition]] = {}
             for node, defs in self.definitions.items():
@@ -129,9 +128,10 @@ class AxisGraph:
                     changed |= self._reconcile(first, other)
             if not changed:
                 break
-        return self._finish(order)
+        return self._finish()
 
-    def _components(self, order: dict[Node, int]) -> dict[Node, int]:
+    def _components(self) -> dict[Node, int]:
+        order = self._order()
         component: dict[Node, int] = {}
         groups = [sorted(c, key=order.__getitem__) for c in nx.connected_components(self.graph)]
         groups.sort(key=lambda nodes: order[nodes[0]])
@@ -161,8 +161,41 @@ class AxisGraph:
             elif len(part_b) == 1:
                 changed |= self.define(part_b[0], first.kind, part_a)
             else:
-                changed |= self._fix_all(part_a + part_b)
+                changed |= self._refine(first.kind, part_a, part_b)
             start_a, start_b = end_a, end_b
+        return changed
+
+    def _refine(self, kind: str, part_a: tuple[Node, ...], part_b: tuple[Node, ...]) -> bool:
+        """Split two factorisations of one axis into their common refinement.
+
+        ``(2, 4)`` against ``(4, 2)`` becomes ``(2, 2, 2)``: each factor is declared the product
+        (or concatenation) of fresh pieces both sides share. Where no common refinement exists
+        (a product boundary that does not divide), the factors are fixed.
+        """
+        if kind == "product":
+            marks_a = list(accumulate((self.sizes[c] for c in part_a), lambda x, y: x * y))
+            marks_b = list(accumulate((self.sizes[c] for c in part_b), lambda x, y: x * y))
+        else:
+            marks_a = list(accumulate(self.sizes[c] for c in part_a))
+            marks_b = list(accumulate(self.sizes[c] for c in part_b))
+        marks = sorted(set(marks_a) | set(marks_b))
+        base = 1 if kind == "product" else 0
+        if kind == "product" and any(m % p for p, m in zip([base] + marks[:-1], marks)):
+            return self._fix_all(part_a + part_b)
+        pieces = []
+        previous = base
+        for mark in marks:
+            pieces.append(self.atom(mark // previous if kind == "product" else mark - previous))
+            previous = mark
+        changed = False
+        for part, part_marks in ((part_a, marks_a), (part_b, marks_b)):
+            index = 0
+            for child, end in zip(part, part_marks):
+                own = []
+                while index < len(marks) and marks[index] <= end:
+                    own.append(pieces[index])
+                    index += 1
+                changed |= self.define(child, kind, own)
         return changed
 
     def _fix_all(self, nodes: Iterable[Node]) -> bool:
@@ -171,8 +204,12 @@ class AxisGraph:
             changed |= self.fix(node)
         return changed
 
-    def _finish(self, order: dict[Node, int]) -> Resolved:
-        component = self._components(order)
+    def _order(self) -> dict[Node, int]:
+        return {node: index for index, node in enumerate(self.sizes)}
+
+    def _finish(self) -> Resolved:
+        order = self._order()
+        component = self._components()
         members: list[list[Node]] = [[] for _ in range(max(component.values(), default=-1) + 1)]
         for node in sorted(component, key=order.__getitem__):
             members[component[node]].append(node)

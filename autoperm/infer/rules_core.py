@@ -47,6 +47,10 @@ _OPERATOR = {
     "bitwise_xor": [operator.xor], "neg": [operator.neg], "positive": [operator.pos],
     "bitwise_not": [operator.invert], "abs": [abs],
 }
+_DUNDER = {"add": "__add__", "sub": "__sub__", "mul": "__mul__", "div": "__truediv__", "bitwise_and": "__and__",
+           "bitwise_or": "__or__", "bitwise_xor": "__xor__", "rsub": "__rsub__", "eq": "__eq__", "ne": "__ne__",
+           "lt": "__lt__", "le": "__le__", "gt": "__gt__", "ge": "__ge__", "pow": "__pow__", "remainder": "__mod__",
+           "floor_divide": "__floordiv__", "neg": "__neg__", "bitwise_not": "__invert__"}
 
 
 def _library_aliases(name: str) -> list[object]:
@@ -55,7 +59,9 @@ def _library_aliases(name: str) -> list[object]:
         function = getattr(namespace, name, None)
         if callable(function) and function not in found:
             found.append(function)
-    return found + _OPERATOR.get(name, [])
+    dunder = _DUNDER.get(name)
+    extra = [f"aten.{dunder}", f"method:{dunder}", f"aten.{dunder.replace('__', '__i', 1)}"] if dunder else []
+    return found + _OPERATOR.get(name, []) + extra
 
 
 def _unary(ctx: RuleContext, call: BoundCall) -> None:

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from autoperm.trace.graph import TensorRef
 
-__all__ = ["state_aliases", "bind_inputs", "refs_for_value", "normalise_inputs", "InputSpec"]
+__all__ = ["state_aliases", "bind_inputs", "refs_for_value", "normalise_inputs", "InputSpec", "first_lines"]
 
 InputSpec = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -74,3 +74,10 @@ def refs_for_value(node_name: str, value: Any, floating_default: bool = True) ->
                 refs.append(None)
         return refs
     return []
+
+
+def first_lines(error: BaseException, count: int = 4) -> str:
+    """The start of an error message (torch.export appends whole graphs to its messages)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = " ".join(lines[:count])
+    return text if len(lines) <= count else text + " ..."

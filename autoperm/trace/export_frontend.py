@@ -15,7 +15,7 @@ from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from autoperm.errors import TraceError
-from autoperm.trace.common import refs_for_value, state_aliases
+from autoperm.trace.common import first_lines, refs_for_value, state_aliases
 from autoperm.trace.fx_frontend import _structure
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, tensors_in
 
@@ -29,7 +29,7 @@ def export_program(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     try:
         return torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as error:
-        raise TraceError(f"torch.export could not export {type(model).__name__}: {type(error).__name__}: {error}") from error
+        raise TraceError(f"torch.export could not export {type(model).__name__}: {type(error).__name__}: {first_lines(error)}") from error
 
 
 def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedGraph:

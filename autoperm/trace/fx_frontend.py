@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from autoperm.errors import TraceError
-from autoperm.trace.common import bind_inputs, refs_for_value, state_aliases
+from autoperm.trace.common import bind_inputs, first_lines, refs_for_value, state_aliases
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 
 __all__ = ["trace_fx", "symbolic_trace", "LeafTracer"]
@@ -61,7 +61,7 @@ def symbolic_trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as error:  # fx raises many kinds of errors on untraceable code
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}") from error
+        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {first_lines(error)}") from error
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     placeholder_values = [bound.arguments[name] for name in bound.arguments if name in given]
     return gm, placeholder_values
@@ -79,7 +79,7 @@ class _ValueRecorder(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as error:
-            raise RuntimeError(f"{n.format_node()}: {type(error).__name__}: {error}") from error
+            raise RuntimeError(f"{n.format_node()}: {type(error).__name__}: {first_lines(error)}") from error
         if self._keep is None or n.name in self._keep:
             self.values[n.name] = result
         return result
