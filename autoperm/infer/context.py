@@ -21,6 +21,7 @@ class RuleContext:
         self.traced = traced
         self.axes = axes or AxisGraph()
         self.producers: list[tuple[str, int]] = []
+        self.mixed: list[Hashable] = []
         self.module_name: str | None = None
 
     # ------------------------------------------------------------------ axes
@@ -55,6 +56,14 @@ class RuleContext:
 
     def fix_node(self, node: Hashable) -> None:
         self.axes.fix(node)
+
+    def mixes(self, tensor: TensorRef, dim: int | None) -> None:
+        """Record that an op combines the entries along ``dim`` (every axis when ``None``).
+
+        Such an axis cannot index per-head permutations of the tensor's other axes.
+        """
+        for d in range(tensor.ndim) if dim is None else [dim]:
+            self.mixed.append(self.ax(tensor, d))
 
     def define(self, tensor: TensorRef, dim: int, kind: str, children: Sequence[Hashable]) -> None:
         """Axis ``dim`` of ``tensor`` is the ``"product"`` or ``"concat"`` of ``children``."""

@@ -84,6 +84,7 @@ def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[
     definition = definitions[0]
     children = definition.children
     if definition.kind == "product":
+        children = _flat_product(resolved, children)
         child_sizes = [sizes[c] for c in children]
         for index, child in enumerate(children):
             after = 1
@@ -101,6 +102,18 @@ def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[
         for child in children:
             _expand(resolved, child, offset + start * inner, outer, inner, sizes, out)
             start += sizes[child]
+
+
+def _flat_product(resolved: Resolved, children: tuple[Hashable, ...]) -> list[Hashable]:
+    """Children of a product with nested products spliced in, so every factor gets its own loop."""
+    flat: list[Hashable] = []
+    for child in children:
+        definitions = resolved.definitions.get(resolved.component[child])
+        if definitions and definitions[0].kind == "product":
+            flat.extend(_flat_product(resolved, definitions[0].children))
+        else:
+            flat.append(child)
+    return flat
 
 
 def _strip(name: str) -> str:
@@ -168,14 +181,16 @@ def infer_spec(
                     )
 
     sites = _activation_sites(traced, resolved, sizes, set(members))
-    names = _group_names(ctx.producers, members)
+    fibres = _fibres(ctx, resolved, sizes, members, traced)
+    names = _group_names(ctx.producers, members, fibres)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     groups = [
         PermutationGroup(
             name=names[component],
             size=resolved.size[component],
             members=tuple(group_members),
-            activations=tuple(sites.get(component, ())),
+            per=names[fibres[component]] if component in fibres else None,
+            activations=tuple(sites.get(component, ())) if component not in fibres else (),
         )
         for component, group_members in members.items()
     ]
@@ -207,8 +222,57 @@ def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hasha
     return {component: [site] for component, (_, site) in best.items()}
 
 
-def _group_names(producers: list[tuple[str, int]], members: dict[int, list[Member]]) -> dict[int, str]:
-    """Readable, stable names: the module that first writes the group, else its first member."""
+def _fibres(ctx: RuleContext, resolved: Resolved, sizes: dict[Hashable, int], members: dict[int, list[Member]],
+            traced: TracedGraph) -> dict[int, int]:
+    """Groups that may hold one permutation per index of another group (within-head dims).
+
+    Group ``d`` is fibred over group ``h`` when every tensor of the graph that carries ``d``
+    also carries ``h`` (so each op acts head by head), no op mixes entries along ``h`` in a
+    tensor that carries ``d`` (a softmax over heads), and in every state tensor ``d`` sits
+    directly inside ``h`` on the same axis (``h`` its first outer loop).
+    """
+    state_ids = {ref.id for ref in traced.state.values()}
+    in_tensor: dict[str, set[int]] = {}
+    for node in sizes:
+        if node[0] == "atom":
+            continue
+        placements: list[_Placement] = []
+        _expand(resolved, node, 0, (), 1, sizes, placements)
+        in_tensor.setdefault(node[0], set()).update(p.component for p in placements)
+    candidates: dict[int, set[int]] = {}
+    for tensor_id, components in in_tensor.items():
+        if tensor_id in state_ids:
+            continue
+        for component in components:
+            if component in members:
+                candidates[component] = candidates.get(component, set(components)) & components
+    for component, group_members in members.items():
+        allowed: set[int] | None = candidates.get(component)
+        for member in group_members:
+            if not member.outer:
+                allowed = set()
+                break
+            count, stride = member.outer[0]
+            inside = {other for other, other_members in members.items() if resolved.size[other] == count and any(
+                m.param == member.param and m.axis == member.axis and m.inner == stride for m in other_members)}
+            allowed = inside if allowed is None else allowed & inside
+        allowed = (allowed or set()) - {component}
+        candidates[component] = allowed
+    for node in ctx.mixed:
+        placements = []
+        _expand(resolved, node, 0, (), 1, sizes, placements)
+        for mixed in {p.component for p in placements}:
+            for component in in_tensor.get(node[0], ()):
+                candidates.get(component, set()).discard(mixed)
+    chosen = {d: next(iter(h)) for d, h in candidates.items() if len(h) == 1}
+    return {d: h for d, h in chosen.items() if h not in chosen}
+
+
+def _group_names(producers: list[tuple[str, int]], members: dict[int, list[Member]], fibres: dict[int, int]) -> dict[int, str]:
+    """Readable, stable names: the module that first writes the group, else its first member.
+
+    Groups that others are fibred over get ``.heads``; fibred groups ``.head_dims``.
+    """
     at: dict[tuple[str, int], list[int]] = {}
     for component, group_members in members.items():
         for member in group_members:
@@ -219,6 +283,12 @@ def _group_names(producers: list[tuple[str, int]], members: dict[int, list[Membe
             base.setdefault(component, _strip(state_name))
     for component, group_members in members.items():
         base.setdefault(component, _strip(group_members[0].param) + (f".axis{group_members[0].axis}" if group_members[0].axis else ""))
+    heads = set(fibres.values())
+    for component in base:
+        if component in heads:
+            base[component] += ".heads"
+        elif component in fibres:
+            base[component] += ".head_dims"
     names: dict[int, str] = {}
     by_base: dict[str, list[int]] = {}
     for component, name in base.items():

@@ -26,7 +26,6 @@ UNARY = [
     "feature_dropout", "native_dropout",
     "contiguous", "clone", "detach", "detach_", "to", "_to_copy", "float", "half", "double", "bfloat16",
     "int", "long", "bool", "type", "type_as", "cpu", "cuda", "alias", "lift_fresh_copy", "requires_grad_",
-    "softmax", "log_softmax", "_softmax", "_log_softmax", "softmin", "normalize", "special_softmax",
     "stochastic_depth", "zero_", "fill_", "ones_like", "zeros_like", "full_like", "empty_like", "positive", "_assert_tensor_metadata",
 ]
 # n-ary ops with broadcasting: every tensor argument is coupled to the output.
@@ -81,6 +80,24 @@ for _name in UNARY:
     register_op_rule(_name, aliases=_library_aliases(_name) + _EXTERNAL_UNARY.get(_name, []), args=("input",))(_unary)
 for _name in NARY:
     register_op_rule(_name, aliases=_library_aliases(_name), args=("input", "other"))(_nary)
+
+
+# Normalising along one axis (softmax, F.normalize) is equivariant there, but mixes its entries.
+SOFTMAX_LIKE = ["softmax", "log_softmax", "_softmax", "_log_softmax", "softmin", "special_softmax", "normalize"]
+
+
+@register_op_rule("softmax_family", aliases=[a for n in SOFTMAX_LIKE for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")],
+                  args=("input", "dim"))
+def _softmax(ctx: RuleContext, call: BoundCall) -> None:
+    tensors = call.tensors()
+    x, out = (tensors[0] if tensors else None), call.out
+    if x is None or out is None:
+        return
+    ctx.same_all(x, out)
+    dim = call.get("dim")
+    if dim is None and call.call.key in ("normalize", F.normalize):
+        dim = 1
+    ctx.mixes(x, None if not isinstance(dim, int) else dim)
 
 
 # ------------------------------------------------------------------------------ constants

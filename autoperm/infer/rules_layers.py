@@ -486,6 +486,7 @@ def _module_softmax(ctx: RuleContext, call: BoundCall) -> None:
     x = call.input(0)
     if x is not None and call.out is not None:
         ctx.same_all(x, call.out)
+        ctx.mixes(x, call.module.dim)
 
 
 def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
