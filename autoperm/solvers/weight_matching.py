@@ -21,6 +21,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from autoperm.errors import SolverError
+from autoperm.solvers.heads import solve_heads
 from autoperm.solvers.result import MatchingResult, check_state_dicts, is_cost_tensor
 from autoperm.spec import (
     Member,
@@ -186,6 +187,8 @@ class _CoordinateDescent:
     # ---------------------------------------------------------------------- solve
     def solve_group(self, group: PermutationGroup, tol: float) -> float:
         """Re-solve one group with the others fixed; return its gain (0 unless beyond ``tol``)."""
+        if any(g.per == group.name for g in self.spec.active_groups):
+            return self._solve_heads(group, tol)
         if group.name not in self.terms:
             return 0.0
         cost = self._cost(group)
@@ -200,6 +203,17 @@ class _CoordinateDescent:
             return 0.0
         self.perms[group.name] = new
         self.versions[group.name] += 1
+        return new_value - old_value
+
+    def _solve_heads(self, group: PermutationGroup, tol: float) -> float:
+        """Heads and their fibred within-head groups in one step (see :mod:`autoperm.solvers.heads`)."""
+        new, old_value, new_value = solve_heads(self.spec, group, self.a, self.b, self.perms)
+        if new_value - old_value <= tol * max(1.0, abs(old_value)):
+            return 0.0
+        for name, permutation in new.items():
+            if not torch.equal(permutation, self.perms[name]):
+                self.perms[name] = permutation
+                self.versions[name] += 1
         return new_value - old_value
 
     def _cost(self, group: PermutationGroup) -> np.ndarray:
