@@ -7,6 +7,7 @@ import importlib
 import inspect
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ _DTYPES = {
 def run_cli(command: click.Group) -> None:
     """Run a click group, turning autoperm errors into one message and exit code 1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.showwarning = _show_warning
     try:
         command.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -61,6 +63,10 @@ def run_cli(command: click.Group) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:

@@ -161,7 +161,6 @@ def infer_spec(
     if unknown:
         message = "kept the axes fixed around ops autoperm does not understand: " + ", ".join(unknown)
         warnings.warn(message, UnsupportedOpWarning, stacklevel=2)
-        logger.warning(message)
     resolved = ctx.axes.resolve()
     sizes = ctx.axes.sizes
 

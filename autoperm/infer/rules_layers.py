@@ -6,6 +6,7 @@ that pass the module's own state tensors to the same functions.
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -72,7 +73,7 @@ def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: Tens
 
 
 @register_op_rule("matmul", aliases=[torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm, torch.Tensor.mm, torch.Tensor.bmm,
-                                     "aten.mm", "aten.bmm", "method:mm", "method:bmm", "method:__matmul__"], args=("input", "other"))
+                                     "aten.mm", "aten.bmm", "method:mm", "method:bmm", "method:__matmul__", operator.matmul, "aten.__matmul__"], args=("input", "other"))
 def _matmul(ctx: RuleContext, call: BoundCall) -> None:
     tensors = call.tensors()
     if len(tensors) == 2:

@@ -310,10 +310,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _SpecDumper(yaml.SafeDumper):
@@ -325,4 +332,10 @@ def _represent_list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow and bool(value))
 
 
+def _represent_dict(dumper: yaml.SafeDumper, value: dict[str, Any]) -> yaml.Node:
+    flow = "param" in value or "node" in value  # one member / activation site per line
+    return dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=flow)
+
+
 _SpecDumper.add_representer(list, _represent_list)
+_SpecDumper.add_representer(dict, _represent_dict)

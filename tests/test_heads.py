@@ -1,0 +1,102 @@
+"""Attention heads: fibred within-head groups are sound and weight matching recovers them exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import autoperm
+from autoperm.verify import verify_spec
+from tests.conftest import perturb_
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block written with plain matmuls and softmax (no attention module)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, kv_heads: int = 4, hidden: int = 24, classes: int = 3):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.embed = nn.Linear(5, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        x = self.embed(x)
+        h = self.norm1(x)
+        q = self.q(h).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        repeat = self.heads // self.kv_heads
+        k = k[:, :, None].expand(batch, self.kv_heads, repeat, tokens, self.head_dim).reshape(batch, self.heads, tokens, self.head_dim)
+        v = v[:, :, None].expand(batch, self.kv_heads, repeat, tokens, self.head_dim).reshape(batch, self.heads, tokens, self.head_dim)
+        scores = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, dim=-1)
+        attended = (scores @ v).transpose(1, 2).reshape(batch, tokens, -1)
+        x = x + self.o(attended)
+        x = x + self.down(F.silu(self.gate(self.norm2(x))) * self.up(self.norm2(x)))
+        return self.head(x.mean(1))
+
+
+def _planted_recovery(model: nn.Module, inputs, seed: int = 0) -> autoperm.PermutationSpec:
+    model = perturb_(model.eval(), seed=seed)
+    spec = autoperm.infer_spec(model, inputs)
+    assert verify_spec(model, spec, inputs, seed=seed).passed
+    state = model.state_dict()
+    planted = autoperm.random_permutation(spec, seed=seed + 1)
+    permuted = autoperm.apply_permutation(spec, planted, state)
+    result = autoperm.weight_matching(spec, state, permuted, seed=seed)
+    recovered = autoperm.apply_permutation(spec, result.perms, permuted)
+    assert all(torch.equal(recovered[name], state[name]) for name in state)
+    return spec
+
+
+def test_matmul_attention_heads_and_within_head_dims():
+    spec = _planted_recovery(Block(), torch.randn(2, 6, 5))
+    groups = {g.name: g for g in spec.active_groups}
+    assert groups["q.heads"].size == 4
+    fibred = sorted((g.size, g.per) for g in spec.active_groups if g.per)
+    assert fibred == [(4, "q.heads"), (4, "q.heads")]  # query/key dims and value/output dims, per head
+    assert sum(1 for g in spec.active_groups if g.per is None) == 3  # stream, heads, gated MLP hidden
+
+
+def test_grouped_query_attention():
+    spec = _planted_recovery(Block(dim=16, heads=4, kv_heads=2), torch.randn(2, 6, 5), seed=3)
+    sizes = sorted((g.size, g.per is not None) for g in spec.active_groups)
+    # stream 16, MLP 24, kv heads 2, query heads per kv head 2 (fibred), qk dims 4, v dims 4 (fibred)
+    assert sizes == [(2, False), (2, True), (4, True), (4, True), (16, False), (24, False)]
+
+
+def test_multihead_attention_module():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.inp(x)
+            return self.out(x + self.attn(x, x, x, need_weights=False)[0])
+
+    spec = _planted_recovery(Encoder(), torch.randn(2, 5, 3), seed=5)
+    assert sorted((g.size, g.per is not None) for g in spec.active_groups) == [(2, False), (4, True), (4, True), (8, False)]
+
+
+def test_random_permutation_of_fibred_group_has_one_row_per_head():
+    spec = autoperm.infer_spec(Block(), torch.randn(1, 3, 5))
+    perms = autoperm.random_permutation(spec, seed=0)
+    for group in spec.active_groups:
+        if group.per:
+            assert perms[group.name].shape == (spec[group.per].size, group.size)
+    yaml_text = spec.to_yaml()
+    assert "per: q.heads" in yaml_text
+    assert autoperm.PermutationSpec.from_yaml(yaml_text) == spec
