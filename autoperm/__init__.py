@@ -16,6 +16,8 @@ from autoperm.spec import (
     invert_permutation,
     random_permutation,
 )
+from autoperm.infer import UnsupportedOpWarning, infer_spec, register_alias, register_module_rule, register_op_rule
+from autoperm.verify import VerifyReport, verify_spec
 
 from autoperm.checkpoint import load_state_dict, save_state_dict
 from autoperm.solvers import (
@@ -25,6 +27,19 @@ from autoperm.solvers import (
     merge_many,
     ste_matching,
     weight_matching,
+)
+
+from autoperm.data import DataError, load_data, load_digits
+from autoperm.evaluate import (
+    InterpolationCurve,
+    SingularAnalysis,
+    accuracy_barrier,
+    barrier_summary,
+    interpolation_curve,
+    l2_distance,
+    loss_barrier,
+    reset_bn_stats,
+    singular_analysis,
 )
 
 __version__ = "0.1.0"
@@ -38,6 +53,18 @@ __all__ = [
     "load_state_dict",
     "save_state_dict",
     "weight_matching",
+    "DataError",
+    "InterpolationCurve",
+    "SingularAnalysis",
+    "accuracy_barrier",
+    "barrier_summary",
+    "interpolation_curve",
+    "l2_distance",
+    "load_data",
+    "load_digits",
+    "loss_barrier",
+    "reset_bn_stats",
+    "singular_analysis",
     "ActivationSite",
     "AutopermError",
     "CheckpointError",
@@ -52,4 +79,11 @@ __all__ = [
     "identity_permutation",
     "invert_permutation",
     "random_permutation",
+    "UnsupportedOpWarning",
+    "VerifyReport",
+    "infer_spec",
+    "register_alias",
+    "register_module_rule",
+    "register_op_rule",
+    "verify_spec",
 ]

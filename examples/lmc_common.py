@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 import autoperm
 from autoperm.evaluate import barrier_summary, interpolation_curve, l2_distance, singular_analysis
+from autoperm.infer import infer_spec
 
 logger = logging.getLogger("autoperm.examples")
 
@@ -79,7 +80,7 @@ def run(
         state_dicts.append(model.state_dict())
     sd_a, sd_b = state_dicts
     template = build()
-    spec = autoperm.infer_spec(template, (example_input,))
+    spec = infer_spec(template, (example_input,))
     result = autoperm.weight_matching(spec, sd_a, sd_b, device=args.device)
     sd_b_aligned = autoperm.apply_permutation(spec, result.perms, sd_b)
     autoperm.save_state_dict(sd_b_aligned, args.out / "model_b_aligned.pt")

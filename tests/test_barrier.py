@@ -117,6 +117,12 @@ def test_interpolation_curve_rejects_mismatched_state_dicts():
         interpolation_curve(linear_model(0.0), sd, sd, lambda m: {}, num_points=1)
 
 
+def test_data_that_does_not_fit_the_model_is_a_clear_error():
+    sd = linear_model(1.0).state_dict()
+    with pytest.raises(AutopermError, match=r"shape \[4, 3\].*fit the model"):
+        interpolation_curve(linear_model(1.0), sd, sd, (torch.zeros(4, 3), torch.zeros(4)), num_points=2)
+
+
 def test_interpolate_keeps_integer_buffers_from_a():
     net_a, net_b = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
     net_a.num_batches_tracked.fill_(7)

@@ -58,6 +58,13 @@ def test_analyze_reports_distance_and_alignment(checkpoints, tmp_path):
     assert "invariance check skipped" in result.output
 
 
+def test_analyze_infers_the_spec_for_the_invariance_check(checkpoints):
+    result = invoke("analyze", MODEL, *KWARGS, "--a", str(checkpoints["a"]), "--b", str(checkpoints["b"]),
+                    "--input-shape", "1,64")
+    assert result.exit_code == 0, result.output
+    assert "largest singular-value change under a random permutation" in result.output
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     code = "from autoperm.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)

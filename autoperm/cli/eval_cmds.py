@@ -75,7 +75,9 @@ def barrier_command(
     module = _model_from(model, kwargs)
     checkpoints = _load_checkpoints(module, {"--a": path_a, "--b": path_b})
     splits = load_data(data_source)
-    reset_data = (splits.get("train") or next(iter(splits.values()))) if reset_bn else None
+    reset_data = None
+    if reset_bn:
+        reset_data = splits["train"] if "train" in splits else next(iter(splits.values()))
     with click.progressbar(length=points, label="interpolating", file=sys.stderr) as bar:
         curve = interpolation_curve(
             module, checkpoints["--a"], checkpoints["--b"], splits, num_points=points,

@@ -31,6 +31,7 @@ __all__ = [
     "loss_barrier",
     "accuracy_barrier",
     "barrier_summary",
+    "check_compatible",
     "reset_bn_stats",
 ]
 
@@ -183,7 +184,7 @@ def evaluate_model(
     with torch.no_grad():
         for inputs, targets in iter_batches(data):
             inputs, targets = inputs.to(device), targets.to(device)
-            outputs = model(inputs)
+            outputs = _forward(model, inputs)
             batch = targets.shape[0]
             total_loss += float(loss_fn(outputs, targets)) * batch
             count += batch
@@ -197,6 +198,16 @@ def evaluate_model(
     if classification:
         metrics["accuracy"] = total_correct / count
     return metrics
+
+
+def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    try:
+        return model(inputs)
+    except RuntimeError as error:  # shape or dtype mismatch between the data and the model
+        raise DataError(
+            f"the model failed on a batch of inputs of shape {list(inputs.shape)} ({inputs.dtype}): {error}. "
+            "Does the data fit the model?"
+        ) from error
 
 
 def interpolate_state_dicts(
@@ -262,7 +273,7 @@ def reset_bn_stats(model: nn.Module, data: Data, device: str | torch.device = "c
     try:
         with torch.no_grad():
             for inputs, _ in iter_batches(data):
-                model(inputs.to(device))
+                _forward(model, inputs.to(device))
                 seen += inputs.shape[0]
     finally:
         for norm, momentum in zip(norms, momenta):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from autoperm.errors import AutopermError
+from autoperm.evaluate.barrier import check_compatible
 
 __all__ = ["Distance", "l2_distance", "is_statistic"]
 
@@ -69,8 +70,6 @@ def l2_distance(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tenso
     Example:
         >>> l2_distance(sd_a, apply_permutation(spec, result.perms, sd_b)).absolute
     """
-    from autoperm.evaluate.barrier import check_compatible
-
     check_compatible(sd_a, sd_b)
     squared = norm_a = norm_b = 0.0
     compared = 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autoperm.evaluate.barrier import check_compatible
 from autoperm.evaluate.distance import is_statistic
 from autoperm.spec import PermutationSpec, apply_permutation, random_permutation
 
@@ -158,8 +159,6 @@ def singular_analysis(
         >>> before = singular_analysis(spec, sd_a, sd_b).alignment           # about 0
         >>> after = singular_analysis(spec, sd_a, sd_b_matched).alignment    # high after WM
     """
-    from autoperm.evaluate.barrier import check_compatible
-
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
     check_compatible(sd_a, sd_b)

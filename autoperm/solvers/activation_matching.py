@@ -21,7 +21,7 @@ from autoperm.data import iter_batches
 from autoperm.errors import SolverError
 from autoperm.solvers.result import MatchingResult, check_state_dicts
 from autoperm.solvers.weight_matching import weight_matching
-from autoperm.spec import PermutationGroup, PermutationSpec, identity_permutation, member_matrix
+from autoperm.spec import PermutationSpec, identity_permutation, member_matrix
 
 __all__ = ["activation_matching", "correlation_matrix"]
 
