@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AutopermError",
     "TraceError",
+    "InputMismatchError",
     "SpecError",
     "SolverError",
     "CheckpointError",
@@ -22,6 +23,10 @@ class AutopermError(Exception):
 
 class TraceError(AutopermError):
     """A model could not be traced into a graph (torch.fx and torch.export both failed)."""
+
+
+class InputMismatchError(TraceError):
+    """The model traced, but running it on the example inputs failed (wrong shape or dtype)."""
 
 
 class SpecError(AutopermError):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from autoperm.errors import TraceError
+from autoperm.errors import InputMismatchError, TraceError
 from autoperm.trace.common import normalise_inputs
 from autoperm.trace.export_frontend import export_program, trace_export
 from autoperm.trace.fx_frontend import run_graph, symbolic_trace, trace_fx
@@ -72,7 +72,7 @@ def trace_model(
             try:
                 return trace_fx(model, args, kwargs, is_leaf)
             except TraceError as error:
-                if tracer == "fx":
+                if tracer == "fx" or isinstance(error, InputMismatchError):
                     raise
                 logger.info("torch.fx failed (%s); trying torch.export", error)
                 errors.append(str(error))

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
-from autoperm.errors import TraceError
+from autoperm.errors import InputMismatchError, TraceError
 from autoperm.trace.common import bind_inputs, first_lines, refs_for_value, state_aliases
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 
@@ -67,6 +67,14 @@ def symbolic_trace(
     return gm, placeholder_values
 
 
+class _NodeError(RuntimeError):
+    """A node of the traced graph failed while running on the example inputs."""
+
+    def __init__(self, node: fx.Node, error: BaseException):
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        super().__init__(f"at node {node.name!r} ({node.op} {target}): {type(error).__name__}: {first_lines(error, 1)}")
+
+
 class _ValueRecorder(fx.Interpreter):
     """Runs a GraphModule and keeps every node's output (tensors, tuples, Python values)."""
 
@@ -79,7 +87,7 @@ class _ValueRecorder(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as error:
-            raise RuntimeError(f"{n.format_node()}: {type(error).__name__}: {first_lines(error)}") from error
+            raise _NodeError(n, error) from error
         if self._keep is None or n.name in self._keep:
             self.values[n.name] = result
         return result
@@ -131,8 +139,11 @@ def _propagate(gm: fx.GraphModule, inputs: list[Any]) -> dict[str, Any]:
     try:
         with torch.no_grad():
             return run_graph(gm, inputs)
-    except Exception as error:
-        raise TraceError(f"running the traced graph on the example inputs failed at {error}") from error
+    except _NodeError as error:
+        raise InputMismatchError(
+            f"the example inputs do not fit the model: {error}. Check the input shapes and dtypes "
+            "(--input-shape / --dtype, or example_inputs)."
+        ) from error
 
 
 def trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is_leaf: LeafPredicate) -> TracedGraph:
