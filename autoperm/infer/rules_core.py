@@ -421,3 +421,55 @@ def _getattr(ctx: RuleContext, call: BoundCall) -> None:
         ctx.same(x, 1, out, 0)
     else:
         ctx.unknown([x, out])
+
+
+# ---------------------------------------------------------------------------- scans
+def _ordered_along(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, dims: object) -> None:
+    """An op that depends on the order along ``dims`` (None: unknown dims) and nothing else."""
+    if x is None or out is None:
+        return
+    if dims is None:
+        ctx.unknown([x, out])
+        return
+    ordered = {int(d) % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+    for d in range(x.ndim):
+        if d in ordered or d >= out.ndim or x.shape[d] != out.shape[d]:
+            ctx.fix(x, d)
+            ctx.fix(out, d)
+        else:
+            ctx.same(x, d, out, d)
+
+
+SCANS = ["cumsum", "cumprod", "logcumsumexp", "diff"]
+
+
+@register_op_rule("scan", aliases=[a for n in SCANS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "dim"))
+def _scan(ctx: RuleContext, call: BoundCall) -> None:
+    """Cumulative sums and differences: the scanned axis stays fixed, the others are coupled."""
+    default = -1 if "diff" in str(call.call.target) else None
+    x, dim = call.tensor("input"), call.get("dim", default)
+    _ordered_along(ctx, x, call.out, dim)
+    for extra in ("prepend", "append"):  # diff concatenates these along dim
+        tensor = call.tensor(extra)
+        if tensor is not None and x is not None:
+            _ordered_along(ctx, tensor, x, dim)
+
+
+@register_op_rule("flip", aliases=[torch.flip, torch.Tensor.flip], args=("input", "dims"))
+def _flip(ctx: RuleContext, call: BoundCall) -> None:
+    dims = call.get("dims")
+    if dims is None and call.varargs:
+        dims = list(call.varargs)
+    _ordered_along(ctx, call.tensor("input"), call.out, dims)
+
+
+@register_op_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))
+def _roll(ctx: RuleContext, call: BoundCall) -> None:
+    _ordered_along(ctx, call.tensor("input"), call.out, call.get("dims"))
+
+
+@register_op_rule("triangle", aliases=[torch.tril, torch.triu, torch.Tensor.tril, torch.Tensor.triu, "aten.tril", "aten.triu",
+                                       "method:tril", "method:triu"], args=("input", "diagonal"))
+def _triangle(ctx: RuleContext, call: BoundCall) -> None:
+    x = call.tensor("input")
+    _ordered_along(ctx, x, call.out, [-1, -2] if x is not None and x.ndim >= 2 else None)
