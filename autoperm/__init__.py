@@ -5,7 +5,16 @@ References: Ainsworth et al., "Git Re-Basin" (arXiv 2209.04836); Ito et al., "An
 Linear Mode Connectivity via Permutation-Based Weight Matching" (arXiv 2402.04051).
 """
 
-from autoperm.errors import AutopermError, CheckpointError, ModelLoadError, SolverError, SpecError, TraceError
+from autoperm.errors import (
+    AutopermError,
+    CheckpointError,
+    DataError,
+    InputMismatchError,
+    ModelLoadError,
+    SolverError,
+    SpecError,
+    TraceError,
+)
 from autoperm.spec import (
     ActivationSite,
     Member,
@@ -29,7 +38,7 @@ from autoperm.solvers import (
     weight_matching,
 )
 
-from autoperm.data import DataError, load_data, load_digits
+from autoperm.data import load_data, load_digits
 from autoperm.evaluate import (
     InterpolationCurve,
     SingularAnalysis,
@@ -69,6 +78,7 @@ __all__ = [
     "AutopermError",
     "CheckpointError",
     "Member",
+    "InputMismatchError",
     "ModelLoadError",
     "PermutationGroup",
     "PermutationSpec",

@@ -20,7 +20,7 @@ from typing import Any, Union
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from autoperm.errors import AutopermError
+from autoperm.errors import DataError
 
 __all__ = [
     "Data",
@@ -34,10 +34,6 @@ __all__ = [
 
 Data = Union[tuple[torch.Tensor, torch.Tensor], DataLoader, Dataset, Iterable[Any]]
 """Anything :func:`iter_batches` accepts."""
-
-
-class DataError(AutopermError):
-    """A data source cannot be loaded, or does not yield ``(inputs, targets)`` batches."""
 
 
 @dataclass(frozen=True)

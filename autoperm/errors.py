@@ -14,6 +14,7 @@ __all__ = [
     "SolverError",
     "CheckpointError",
     "ModelLoadError",
+    "DataError",
 ]
 
 
@@ -43,3 +44,7 @@ class CheckpointError(AutopermError):
 
 class ModelLoadError(AutopermError):
     """A `package.module:attr` model path could not be imported or instantiated."""
+
+
+class DataError(AutopermError):
+    """A data source cannot be loaded, or does not yield ``(inputs, targets)`` batches."""
