@@ -104,6 +104,14 @@ def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[
             start += sizes[child]
 
 
+def _placements(resolved: Resolved, sizes: dict[Hashable, int], node: Hashable) -> list[_Placement]:
+    """Where the groups sit along one tensor axis (empty for fixed or untouched axes)."""
+    placements: list[_Placement] = []
+    if node in sizes:
+        _expand(resolved, node, 0, (), 1, sizes, placements)
+    return placements
+
+
 def _flat_product(resolved: Resolved, children: tuple[Hashable, ...]) -> list[Hashable]:
     """Children of a product with nested products spliced in, so every factor gets its own loop."""
     flat: list[Hashable] = []
@@ -171,8 +179,7 @@ def infer_spec(
             node = (ref.id, dim)
             if node not in sizes:
                 continue
-            placements: list[_Placement] = []
-            _expand(resolved, node, 0, (), 1, sizes, placements)
+            placements = _placements(resolved, sizes, node)
             for placement in placements:
                 for name in names:
                     members.setdefault(placement.component, []).append(
@@ -209,8 +216,7 @@ def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hasha
             node = (out.id, dim)
             if node not in sizes:
                 continue
-            placements: list[_Placement] = []
-            _expand(resolved, node, 0, (), 1, sizes, placements)
+            placements = _placements(resolved, sizes, node)
             for placement in placements:
                 if placement.component not in wanted:
                     continue
@@ -235,8 +241,7 @@ def _fibres(ctx: RuleContext, resolved: Resolved, sizes: dict[Hashable, int], me
     for node in sizes:
         if node[0] == "atom":
             continue
-        placements: list[_Placement] = []
-        _expand(resolved, node, 0, (), 1, sizes, placements)
+        placements = _placements(resolved, sizes, node)
         in_tensor.setdefault(node[0], set()).update(p.component for p in placements)
     candidates: dict[int, set[int]] = {}
     for tensor_id, components in in_tensor.items():
@@ -258,8 +263,7 @@ def _fibres(ctx: RuleContext, resolved: Resolved, sizes: dict[Hashable, int], me
         allowed = (allowed or set()) - {component}
         candidates[component] = allowed
     for node in ctx.mixed:
-        placements = []
-        _expand(resolved, node, 0, (), 1, sizes, placements)
+        placements = _placements(resolved, sizes, node)
         for mixed in {p.component for p in placements}:
             for component in in_tensor.get(node[0], ()):
                 candidates.get(component, set()).discard(mixed)
