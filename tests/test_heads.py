@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -100,3 +101,50 @@ def test_random_permutation_of_fibred_group_has_one_row_per_head():
     yaml_text = spec.to_yaml()
     assert "per: q.heads" in yaml_text
     assert autoperm.PermutationSpec.from_yaml(yaml_text) == spec
+
+
+def test_merge_many_and_ste_on_heads():
+    model = perturb_(Block().eval(), seed=7)
+    inputs = torch.randn(2, 6, 5)
+    spec = autoperm.infer_spec(model, inputs)
+    state = model.state_dict()
+    copies = [autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=s), state) for s in (11, 12)]
+    merged = autoperm.merge_many(spec, [state, *copies], method="wm")
+    assert all(torch.allclose(merged.state_dict[k], state[k], atol=1e-6) for k in state)
+
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 6, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)) for _ in range(2)]
+    other = perturb_(Block().eval(), seed=8).state_dict()
+    result = autoperm.ste_matching(spec, model, state, other, data, epochs=1, lr=1e-2)
+    for group in spec.active_groups:
+        expected = (spec[group.per].size, group.size) if group.per else (group.size,)
+        assert tuple(result.perms[group.name].shape) == expected
+
+
+def _hf_planted(cls, config, inputs):
+    model = perturb_(cls(config).eval(), scale=0.02)
+    spec = autoperm.infer_spec(model, inputs)
+    assert verify_spec(model, spec, inputs).passed
+    state = model.state_dict()
+    permuted = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=2), state)
+    result = autoperm.weight_matching(spec, state, permuted)
+    recovered = autoperm.apply_permutation(spec, result.perms, permuted)
+    assert all(torch.equal(recovered[k], state[k]) for k in state)
+    return spec
+
+
+def test_planted_recovery_gpt2_with_tied_embeddings():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16, use_cache=False)
+    spec = _hf_planted(transformers.GPT2LMHeadModel, config, torch.randint(0, 50, (1, 8)))
+    assert sum(1 for g in spec.active_groups if g.per) == 2
+
+
+def test_planted_recovery_llama_gqa_rope():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=48, vocab_size=50, max_position_embeddings=16,
+                                      tie_word_embeddings=False, use_cache=False)
+    spec = _hf_planted(transformers.LlamaForCausalLM, config, torch.randint(0, 50, (1, 8)))
+    heads = [g for g in spec.active_groups if any(f.per == g.name for f in spec.active_groups)]
+    assert [g.size for g in heads] == [2]  # key/value heads; query heads within each are fibred

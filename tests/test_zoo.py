@@ -24,7 +24,7 @@ from torch import nn
 torchvision = pytest.importorskip("torchvision")
 
 from autoperm.infer import UnsupportedOpWarning, infer_spec  # noqa: E402
-from autoperm.spec import PermutationGroup, PermutationSpec  # noqa: E402
+from autoperm.spec import Member, PermutationGroup, PermutationSpec  # noqa: E402
 from autoperm.verify import verify_spec  # noqa: E402
 
 EXPECTED_GROUPS: dict[str, int] = {
@@ -171,7 +171,7 @@ def only_group(spec: PermutationSpec, param: str, axis: int) -> PermutationGroup
     return groups[0]
 
 
-def member(group: PermutationGroup, param: str, axis: int):
+def member(group: PermutationGroup, param: str, axis: int) -> Member:
     found = [m for m in group.members if m.param == param and m.axis == axis]
     assert len(found) == 1, f"{param} axis {axis} appears {len(found)} times in {group.name}"
     return found[0]

@@ -54,7 +54,7 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
         ctx.module_name = call.module_name
         involved = tensors + outputs
         if call.module is not None:
-            involved += [ctx.state(name) for name, _ in list(call.module.named_parameters()) + list(call.module.named_buffers())]
+            involved += [ctx.state(name) for name in call.module_state]
         if rule is None:
             unknown.setdefault(call.target, call.describe())
             ctx.unknown([t for t in involved if t is not None])
@@ -173,8 +173,11 @@ def infer_spec(
     sizes = ctx.axes.sizes
 
     members: dict[int, list[Member]] = {}
+    names_of: dict[str, list[str]] = {}
+    for alias, target in traced.aliases.items():
+        names_of.setdefault(target, []).append(alias)
     for canonical, ref in traced.state.items():
-        names = [alias for alias, target in traced.aliases.items() if target == canonical] or [canonical]
+        names = names_of.get(canonical) or [canonical]
         for dim in range(ref.ndim):
             node = (ref.id, dim)
             if node not in sizes:
@@ -236,32 +239,38 @@ def _fibres(ctx: RuleContext, resolved: Resolved, sizes: dict[Hashable, int], me
     tensor that carries ``d`` (a softmax over heads), and in every state tensor ``d`` sits
     directly inside ``h`` on the same axis (``h`` its first outer loop).
     """
-    state_ids = {ref.id for ref in traced.state.values()}
-    in_tensor: dict[str, set[int]] = {}
-    for node in sizes:
-        if node[0] == "atom":
-            continue
-        placements = _placements(resolved, sizes, node)
-        in_tensor.setdefault(node[0], set()).update(p.component for p in placements)
+    by_slot: dict[tuple[str, int, int], set[int]] = {}
+    for other, other_members in members.items():
+        for m in other_members:
+            by_slot.setdefault((m.param, m.axis, m.inner), set()).add(other)
     candidates: dict[int, set[int]] = {}
-    for tensor_id, components in in_tensor.items():
-        if tensor_id in state_ids:
-            continue
-        for component in components:
-            if component in members:
-                candidates[component] = candidates.get(component, set(components)) & components
     for component, group_members in members.items():
-        allowed: set[int] | None = candidates.get(component)
+        allowed: set[int] | None = None
         for member in group_members:
             if not member.outer:
                 allowed = set()
                 break
             count, stride = member.outer[0]
-            inside = {other for other, other_members in members.items() if resolved.size[other] == count and any(
-                m.param == member.param and m.axis == member.axis and m.inner == stride for m in other_members)}
+            inside = {o for o in by_slot.get((member.param, member.axis, stride), ()) if resolved.size[o] == count}
             allowed = inside if allowed is None else allowed & inside
+            if not allowed:
+                break
         allowed = (allowed or set()) - {component}
-        candidates[component] = allowed
+        if allowed:
+            candidates[component] = allowed
+    if not candidates:
+        return {}
+    state_ids = {ref.id for ref in traced.state.values()}
+    in_tensor: dict[str, set[int]] = {}
+    for node in sizes:
+        if node[0] == "atom":
+            continue
+        in_tensor.setdefault(node[0], set()).update(p.component for p in _placements(resolved, sizes, node))
+    for tensor_id, components in in_tensor.items():
+        if tensor_id in state_ids:
+            continue
+        for component in components & candidates.keys():
+            candidates[component] &= components
     for node in ctx.mixed:
         placements = _placements(resolved, sizes, node)
         for mixed in {p.component for p in placements}:

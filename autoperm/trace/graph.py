@@ -51,6 +51,7 @@ class OpCall:
             for elements that are not tensors).
         module: for a module call, the module instance; ``module_name`` its qualified name.
         arg_names: names of the positional arguments when the front-end knows them (ATen schemas).
+        module_state: for a module call, the module's own state-dict names (relative).
     """
 
     node: str
@@ -62,6 +63,7 @@ class OpCall:
     module: Any = None
     module_name: str | None = None
     arg_names: tuple[str, ...] | None = None
+    module_state: tuple[str, ...] = ()
 
     def tensors(self) -> list[TensorRef]:
         """Every tensor among the arguments, in order."""
