@@ -1,19 +1,37 @@
-"""Benchmark autoperm's weight matching against a cache-free reference implementation.
+"""Benchmark autoperm's weight matching against a cache-free reference and the `rebasin` package.
 
-The reference is Git Re-Basin's loop as usually written: every visit of a group rebuilds its
-cost matrix from all members. Both use the same spec, seeds, group order and LAP solver, so
-they reach the same permutations; the difference is the cached products.
+Three solvers on the same model pairs (A seeded with ``--seed``, B with ``--seed + 1``):
 
-Run: ``python benchmarks/bench_weight_matching.py [--device cuda] [--repeats 3] [--quick]``.
+- autoperm: :func:`autoperm.weight_matching` (cached products, skipped unchanged groups).
+- reference: Git Re-Basin's loop as usually written (arXiv 2209.04836, Algorithm 1): every visit
+  of a group rebuilds its cost matrix from all members. Same spec, seed, group order and LAP
+  solver as autoperm, so it must reach the same permutations ("same perms").
+- rebasin (``--rebasin``): ``rebasin.PermutationCoordinateDescent(model_a, model_b, x).rebasin()``
+  from PyPI (its own graph tracing, counted separately as "rb init"). Its objective and L2 are
+  computed here from the state dict it leaves in model B, over the same tensors as autoperm's.
+
+Objective: ``sum <A, pi(B)>`` over the spec's cost tensors (weights, biases, norm affine; no
+running stats). L2: ``||A - pi(B)||`` over all of them. Times are medians of ``--repeats`` runs.
+``--memory`` measures the peak RSS of weight matching in a fresh subprocess per model (state
+dicts loaded from disk first, so the baseline is just them) and reports it over their size.
+
+Run (torchvision and rebasin live in their own environment, see benchmarks/README.md)::
+
+    python benchmarks/bench_weight_matching.py [--models resnet18,mobilenet_v2,vgg11_224]
+        [--rebasin] [--memory] [--repeats 3] [--device cuda]
+
 Not part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import resource
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +42,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import autoperm
-from autoperm.models import resnet20, vgg11
 from autoperm.solvers.result import is_cost_tensor
 from autoperm.spec import PermutationSpec, member_matrix, permute_tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def reference_weight_matching(spec, sd_a, sd_b, seed=0, max_iter=100, device="cpu"):
@@ -61,59 +76,101 @@ def reference_weight_matching(spec, sd_a, sd_b, seed=0, max_iter=100, device="cp
     return perms, sweep
 
 
-def _spec(model: nn.Module, example: torch.Tensor) -> PermutationSpec:
+def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    """Model factories and input shapes; torchvision's only where it is installed."""
+    from autoperm.models import resnet20, vgg11
+
+    models = {
+        "resnet20x4": (lambda: resnet20(width=4), (1, 3, 32, 32)),
+        "vgg11_32": (lambda: vgg11(), (1, 3, 32, 32)),
+        "autoperm_vgg11_224": (lambda: vgg11(classifier_width=4096, image_size=224), (1, 3, 224, 224)),
+    }
     try:
-        from autoperm.infer import infer_spec
-
-        return infer_spec(model, (example,))
+        import torchvision.models as tv
     except ImportError:
-        from _specs import resnet20_spec
-
-        return resnet20_spec(model) if hasattr(model, "layer1") else vgg_spec(model)
-
-
-def vgg_spec(model: nn.Module) -> PermutationSpec:
-    """Hand-written spec of autoperm's VGG (used when spec inference is not available)."""
-    from _specs import bn, build_spec
-
-    layers = list(model.features)
-    convs = [i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
-    linears = [i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear)]
-    flat = model.classifier[0].in_features // layers[convs[-1]].out_channels
-    groups = {}
-    for n, i in enumerate(convs):
-        members = [(f"features.{i}.weight", 0), *bn(f"features.{i + 1}")]
-        members.append((f"features.{convs[n + 1]}.weight", 1) if n + 1 < len(convs) else ("classifier.0.weight", 1, flat))
-        groups[f"conv{n}"] = members
-    for n, i in enumerate(linears[:-1]):
-        groups[f"fc{n}"] = [(f"classifier.{i}.weight", 0), (f"classifier.{i}.bias", 0),
-                            (f"classifier.{linears[n + 1]}.weight", 1)]
-    return build_spec(model, groups)
+        return models
+    models.update({
+        "resnet18": (lambda: tv.resnet18(num_classes=10), (1, 3, 224, 224)),
+        "mobilenet_v2": (lambda: tv.mobilenet_v2(num_classes=10), (1, 3, 224, 224)),
+        "vgg11_224": (lambda: tv.vgg11(num_classes=10), (1, 3, 224, 224)),
+    })
+    return models
 
 
-class PeakMemory:
-    """Peak resident set size above the starting level, sampled every 5 ms from /proc."""
+def _pair(name: str, seed: int) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    factory, shape = _models()[name]
+    torch.manual_seed(seed)
+    model_a = factory().eval()
+    torch.manual_seed(seed + 1)
+    model_b = factory().eval()
+    return model_a, model_b, torch.randn(shape)
 
-    def __enter__(self):
-        self.start = self.peak = _rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
 
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.005)
+def _time(function: Callable[[], object], repeats: int, device: str) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
 
-    def __exit__(self, *_):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, _rss())
 
-    @property
-    def extra(self) -> int:
-        return self.peak - self.start
+def _scores(spec: PermutationSpec, sd_a, aligned) -> tuple[float, float]:
+    """Objective ``sum <A, B'>`` and ``||A - B'||`` over the spec's cost tensors."""
+    names = [k for k in spec.members_by_param if is_cost_tensor(k, sd_a[k])]
+    objective = sum(float((sd_a[k].double() * aligned[k].double()).sum()) for k in names)
+    l2 = sum(float(((sd_a[k].double() - aligned[k].double()) ** 2).sum()) for k in names) ** 0.5
+    return objective, l2
+
+
+def _run_rebasin(model_a: nn.Module, model_b: nn.Module, example: torch.Tensor, seed: int, device: str):
+    """One rebasin run on copies; returns (init seconds, solve seconds, aligned state dict, B's function kept)."""
+    import rebasin
+
+    a, b = copy.deepcopy(model_a).to(device), copy.deepcopy(model_b).to(device)
+    x = example.to(device)
+    torch.manual_seed(seed)  # rebasin draws its group order from torch's global generator
+    start = time.perf_counter()
+    solver = rebasin.PermutationCoordinateDescent(a, b, x, device_a=device, device_b=device)
+    middle = time.perf_counter()
+    solver.rebasin()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    with torch.no_grad():
+        kept = torch.allclose(b(x), model_b.to(device)(x), rtol=1e-4, atol=1e-4)
+    return middle - start, end - middle, {k: v.cpu() for k, v in b.state_dict().items()}, kept
+
+
+def _peak_memory(spec: PermutationSpec, sd_a, sd_b, device: str) -> tuple[float, float]:
+    """Peak RSS growth of one weight matching in a fresh process, in units of the two state dicts."""
+    size = sum(t.numel() * t.element_size() for sd in (sd_a, sd_b) for t in sd.values())
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "pair.pt"
+        torch.save({"spec": spec, "a": sd_a, "b": sd_b}, path)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child-memory", str(path), "--device", device],
+            check=True, capture_output=True, text=True,
+        )
+    extra = int(child.stdout.split()[-1])
+    return extra / size, (size + extra) / size
+
+
+def _child_memory(path: str, device: str) -> None:
+    """Child process of ``--memory``: print the peak RSS growth (bytes) of one weight matching.
+
+    The baseline is the resident size once the two state dicts are loaded; the peak is the
+    process's high-water mark (``ru_maxrss``), so short spikes count too.
+    """
+    pair = torch.load(path, weights_only=False)
+    warm = torch.randn(64, 64)  # first BLAS and LAP calls allocate their buffers: not the solver's memory
+    linear_sum_assignment((warm @ warm.T).double().numpy())
+    before = _rss()
+    autoperm.weight_matching(pair["spec"], pair["a"], pair["b"], device=device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(max(0, peak - before))
 
 
 def _rss() -> int:
@@ -121,57 +178,59 @@ def _rss() -> int:
         return int(stream.read().split()[1]) * 4096
 
 
-def _time(function: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def _l2(spec, sd_a, sd_b, perms) -> float:
-    aligned = autoperm.apply_permutation(spec, perms, sd_b)
-    return sum(float(((sd_a[k].double() - aligned[k].double()) ** 2).sum()) for k in sd_a if is_cost_tensor(k, sd_a[k])) ** 0.5
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="comma-separated; default: torchvision's if installed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small models only")
+    parser.add_argument("--reference-repeats", type=int, default=None, help="default: --repeats")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rebasin", action="store_true", help="also run the PyPI package rebasin")
+    parser.add_argument("--memory", action="store_true", help="peak memory in a fresh subprocess per model")
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    cases = [
-        ("resnet20 x4 (4.3M)", lambda: resnet20(width=4), (1, 3, 32, 32), args.repeats),
-        ("vgg11 32px, fc 512", lambda: vgg11(), (1, 3, 32, 32), args.repeats),
-    ]
-    if not args.quick:
-        cases += [
-            ("resnet20 x8 (17M)", lambda: resnet20(width=8), (1, 3, 32, 32), 1),
-            ("vgg11 224px, 25088->4096->4096", lambda: vgg11(classifier_width=4096, image_size=224), (1, 3, 224, 224), 1),
-        ]
-    print(f"device={args.device} threads={torch.get_num_threads()}")
-    header = f"{'model':34s} {'autoperm s':>10s} {'ref s':>8s} {'speedup':>8s} {'sweeps':>6s} {'same perms':>10s} " \
-             f"{'objective':>12s} {'L2 before':>10s} {'L2 after':>10s} {'peak/2 sd':>9s}"
-    print(header)
-    for name, factory, shape, repeats in cases:
-        model_a, model_b = factory(), factory()
-        spec = _spec(model_a, torch.randn(shape))
+    if args.child_memory:
+        _child_memory(args.child_memory, args.device)
+        return
+    available = _models()
+    default = [m for m in ("resnet18", "mobilenet_v2", "vgg11_224") if m in available] or ["resnet20x4", "vgg11_32", "autoperm_vgg11_224"]
+    names = args.models.split(",") if args.models else default
+    reference_repeats = args.reference_repeats or args.repeats
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} "
+          f"reference_repeats={reference_repeats} seed={args.seed}")
+    print(f"{'model':20s} {'solver':9s} {'time s':>8s} {'ratio':>7s} {'sweeps':>6s} {'objective':>12s} "
+          f"{'L2':>10s} {'note':s}")
+    for name in names:
+        model_a, model_b, example = _pair(name, args.seed)
+        spec = autoperm.infer_spec(model_a, (example,))
         sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-        del model_a, model_b
-        size = sum(t.numel() * t.element_size() for t in sd_a.values()) * 2
-        with PeakMemory() as memory:
-            ours_time, ours = _time(lambda: autoperm.weight_matching(spec, sd_a, sd_b, device=args.device), 1)
-        if repeats > 1:
-            ours_time, ours = _time(lambda: autoperm.weight_matching(spec, sd_a, sd_b, device=args.device), repeats)
-        ref_time, (ref_perms, _) = _time(lambda: reference_weight_matching(spec, sd_a, sd_b, device=args.device), repeats)
-        same = all(torch.equal(ours.perms[g], ref_perms[g]) for g in ref_perms)
-        print(f"{name:34s} {ours_time:10.2f} {ref_time:8.2f} {ref_time / ours_time:7.1f}x {ours.n_iter:6d} {str(same):>10s} "
-              f"{ours.objective:12.5g} {_l2(spec, sd_a, sd_b, {}):10.4g} {_l2(spec, sd_a, sd_b, ours.perms):10.4g} "
-              f"{(memory.extra + size) / size:8.2f}x", flush=True)
+        objective0, l2_0 = _scores(spec, sd_a, sd_b)
+        print(f"{name:20s} {'none':9s} {'':>8s} {'':>7s} {'':>6s} {objective0:12.6g} {l2_0:10.6g} "
+              f"{sum(t.numel() for t in sd_a.values()) / 1e6:.1f}M params, {len(spec.active_groups)} groups")
+        ours_time, ours = _time(lambda: autoperm.weight_matching(spec, sd_a, sd_b, seed=args.seed, device=args.device),
+                                args.repeats, args.device)
+        objective, l2 = _scores(spec, sd_a, autoperm.apply_permutation(spec, {k: v.cpu() for k, v in ours.perms.items()}, sd_b))
+        note = ""
+        if args.memory:
+            extra, total = _peak_memory(spec, sd_a, sd_b, args.device)
+            note = f"peak extra {extra:.2f}x, total {total:.2f}x the two state dicts"
+        print(f"{'':20s} {'autoperm':9s} {ours_time:8.2f} {1.0:6.1f}x {ours.n_iter:6d} {objective:12.6g} {l2:10.6g} {note}",
+              flush=True)
+        if not args.no_reference:
+            ref_time, (ref_perms, ref_sweeps) = _time(
+                lambda: reference_weight_matching(spec, sd_a, sd_b, seed=args.seed, device=args.device),
+                reference_repeats, args.device)
+            same = all(torch.equal(ours.perms[g].cpu(), ref_perms[g].cpu()) for g in ref_perms)
+            objective, l2 = _scores(spec, sd_a, autoperm.apply_permutation(spec, {k: v.cpu() for k, v in ref_perms.items()}, sd_b))
+            print(f"{'':20s} {'reference':9s} {ref_time:8.2f} {ref_time / ours_time:6.1f}x {ref_sweeps:6d} {objective:12.6g} "
+                  f"{l2:10.6g} same perms as autoperm: {same}", flush=True)
+        if args.rebasin:
+            runs = [_run_rebasin(model_a, model_b, example, args.seed, args.device) for _ in range(args.repeats)]
+            rb_time = statistics.median(r[1] for r in runs)
+            objective, l2 = _scores(spec, sd_a, runs[-1][2])
+            print(f"{'':20s} {'rebasin':9s} {rb_time:8.2f} {rb_time / ours_time:6.1f}x {'?':>6s} {objective:12.6g} {l2:10.6g} "
+                  f"rb init {statistics.median(r[0] for r in runs):.2f} s; B's function kept: {runs[-1][3]}", flush=True)
 
 
 if __name__ == "__main__":

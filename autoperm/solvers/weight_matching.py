@@ -31,8 +31,8 @@ from autoperm.spec import (
     identity_permutation,
     layout_positions,
     member_matrix,
-    permute_tensor,
 )
+from autoperm.spec.apply import _axis_index
 
 __all__ = ["weight_matching"]
 
@@ -138,7 +138,13 @@ def weight_matching(
 
 
 class _CoordinateDescent:
-    """The state of one weight-matching run: current permutations and cached cost products."""
+    """The state of one weight-matching run: current permutations and cached cost products.
+
+    Memory: besides the two state dicts (shared, not copied on the CPU), the run holds one
+    float64 ``n x n`` product per cost term whose permutation dependencies can change, one
+    constant ``n x n`` sum per group, and temporary copies of one tensor (or, for tensors above
+    ``_CHUNK_ELEMENTS``, of one slice) at a time.
+    """
 
     def __init__(
         self,
@@ -166,7 +172,13 @@ class _CoordinateDescent:
                     if m is not member and (m.axis != member.axis or g is group or group.name in (g.per, g.name) or g.name == group.per)
                 }
                 self.terms.setdefault(group.name, []).append(_Term(group, member, tuple(sorted(others))))
-        self.products: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self.dependencies = {
+            name: tuple(sorted({g for term in terms for g in term.depends_on if g in self.versions}))
+            for name, terms in self.terms.items()
+        }
+        self.products: dict[tuple[str, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.constants: dict[str, torch.Tensor | None] = {}
+        self.solved_at: dict[str, tuple[int, ...]] = {}
         self.inner_products: dict[str, tuple[tuple[int, ...], float]] = {}
 
     # ------------------------------------------------------------------ objective
@@ -175,22 +187,30 @@ class _CoordinateDescent:
         total = 0.0
         for name in self.cost_params:
             groups = [g.name for g, _ in self.spec.members_by_param[name]]
-            key = tuple(self.versions[g] for g in groups)
+            key = tuple(self.versions.get(g, 0) for g in groups)
             cached = self.inner_products.get(name)
             if cached is None or cached[0] != key:
-                permuted = permute_tensor(self.spec, self.perms, name, self.b[name])
-                cached = (key, float(torch.sum(self.a[name].double() * permuted.double())))
+                cached = (key, _inner_product(self.a[name], self.b[name], self._indices(name)))
                 self.inner_products[name] = cached
             total += cached[1]
         return total
 
     # ---------------------------------------------------------------------- solve
     def solve_group(self, group: PermutationGroup, tol: float) -> float:
-        """Re-solve one group with the others fixed; return its gain (0 unless beyond ``tol``)."""
+        """Re-solve one group with the others fixed; return its gain (0 unless beyond ``tol``).
+
+        A group is skipped when neither its cost nor its permutation has changed since its last
+        solve (by another group's update, or by the head solver): the LAP would return the
+        current permutation's value again, a gain of 0, so the result is the same.
+        """
         if any(g.per == group.name for g in self.spec.active_groups):
             return self._solve_heads(group, tol)
         if group.name not in self.terms:
             return 0.0
+        stamp = self._stamp(group)
+        if self.solved_at.get(group.name) == stamp:
+            return 0.0
+        self.solved_at[group.name] = stamp
         cost = self._cost(group)
         current = self.perms[group.name]
         if group.per is None:
@@ -203,7 +223,13 @@ class _CoordinateDescent:
             return 0.0
         self.perms[group.name] = new
         self.versions[group.name] += 1
+        if group.name not in self.dependencies[group.name]:  # its own cost did not change
+            self.solved_at[group.name] = self._stamp(group)
         return new_value - old_value
+
+    def _stamp(self, group: PermutationGroup) -> tuple[int, ...]:
+        """Versions of the group and of every group its cost depends on."""
+        return (self.versions[group.name], *(self.versions[g] for g in self.dependencies[group.name]))
 
     def _solve_heads(self, group: PermutationGroup, tol: float) -> float:
         """Heads and their fibred within-head groups in one step (see :mod:`autoperm.solvers.heads`)."""
@@ -219,14 +245,17 @@ class _CoordinateDescent:
     def _cost(self, group: PermutationGroup) -> np.ndarray:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
-        total: torch.Tensor | None = None
+        if group.name not in self.constants:
+            constant = [self._product(t, fibred) for t in self.terms[group.name] if not t.depends_on]
+            self.constants[group.name] = torch.stack(constant).sum(0) if constant else None
+        constant = self.constants[group.name]
+        total = None if constant is None else constant.clone()
         for index, term in enumerate(self.terms[group.name]):
+            if not term.depends_on:
+                continue
             key = (group.name, index)
             cached = self.products.get(key)
-            if cached is None:
-                product = self._product(term, fibred).double()
-            else:
-                product = self._refresh(term, *cached)
+            product = self._product(term, fibred) if cached is None else self._refresh(term, *cached)
             self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
             total = product.clone() if total is None else total.add_(product)
         assert total is not None
@@ -257,23 +286,160 @@ class _CoordinateDescent:
             or len(own_members) != 1
             or 4 * indices.numel() > old.numel()
         ):
-            return self._product(term, group.per is not None).double()
+            return self._product(term, group.per is not None)
         other = moved_members[0]
         positions = layout_positions(other, self.spec[moved].size)
         targets = positions.index_select(-2, indices).flatten().to(self.device)
-        partial = permute_tensor(self.spec, self.perms, name, self.b[name], skip={group.name, moved})
-        b_new = partial.index_select(other.axis, positions.index_select(-2, new[indices]).flatten().to(self.device))
-        b_old = partial.index_select(other.axis, positions.index_select(-2, old[indices]).flatten().to(self.device))
+        gather = self._indices(name, group, member, also_skip=moved)
+        base = gather.pop(other.axis, None)
+        sources_new = positions.index_select(-2, new[indices]).flatten().to(self.device)
+        sources_old = positions.index_select(-2, old[indices]).flatten().to(self.device)
+        if base is not None:
+            sources_new, sources_old = base[sources_new], base[sources_old]
+        b = self.b[name]
+        difference = _gather(b.index_select(other.axis, sources_new), gather)
+        difference.sub_(_gather(b.index_select(other.axis, sources_old), gather))
         a_part = member_matrix(self.a[name].index_select(other.axis, targets), member, group.size)
-        difference = member_matrix(b_new, member, group.size) - member_matrix(b_old, member, group.size)
-        return product + (a_part @ difference.T).double()
+        return product.add_((a_part @ member_matrix(difference, member, group.size).T).double())
 
     def _product(self, term: _Term, fibred: bool) -> torch.Tensor:
-        name, member, group = term.member.param, term.member, term.group
-        b = _permute_except(self.spec, self.perms, name, self.b[name], group, member)
-        a_matrix = member_matrix(self.a[name], member, group.size, fibred=fibred)
-        b_matrix = member_matrix(b, member, group.size, fibred=fibred)
-        return a_matrix @ b_matrix.transpose(-1, -2)
+        """``A_m @ B_m'^T`` from scratch, in float64."""
+        name, member, size = term.member.param, term.member, term.group.size
+        a, b = self.a[name], self.b[name]
+        indices = self._indices(name, term.group, member)
+        split = _chunks(a, member.axis)
+        views = not indices and not fibred and member.is_plain and a.shape[member.axis] == size
+        if split is not None and not (views and (member.axis == 0 or a.dim() == 2)):
+            return _split_product(a, b, indices, member, size, fibred, *split)
+        a_matrix = member_matrix(a, member, size, fibred)
+        return (a_matrix @ _gathered_matrix(b, indices, member, size, fibred).mT).double()
+
+    def _indices(
+        self,
+        name: str,
+        group: PermutationGroup | None = None,
+        member: Member | None = None,
+        also_skip: str | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """Per axis of B's entry ``name``, the source positions that permuting it gathers.
+
+        Every current permutation applies except ``group``'s and ``also_skip``'s; the other
+        members of a plain ``group`` in the same tensor still move, only ``member`` is left for
+        the LAP. Identity axes are left out, so an empty dict means "B as it is".
+        """
+        shape = self.b[name].shape
+        pairs = self.spec.members_by_param[name]
+        by_axis: dict[int, list[tuple[PermutationGroup, Member]]] = {}
+        for g, m in pairs:
+            if g.name in self.perms and (group is None or g.name != group.name) and g.name != also_skip:
+                by_axis.setdefault(m.axis, []).append((g, m))
+        indices = {axis: _axis_index(self.spec, found, self.perms, shape[axis]) for axis, found in by_axis.items()}
+        if group is not None and group.per is None:
+            for g, other in pairs:
+                if g.name != group.name or other is member:
+                    continue
+                positions = layout_positions(other, group.size)
+                index = torch.arange(shape[other.axis])
+                index[positions.flatten()] = positions.index_select(-2, self.perms[group.name]).flatten()
+                base = indices.get(other.axis)
+                indices[other.axis] = index if base is None else base[index]
+        return {
+            axis: index.to(self.device)
+            for axis, index in indices.items()
+            if index is not None and not torch.equal(index, torch.arange(index.numel()))
+        }
+
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Most elements of a tensor gathered at once (16 MiB in float32): bounds the temporary memory."""
+
+
+def _chunks(tensor: torch.Tensor, keep_axis: int | None) -> tuple[int, int] | None:
+    """An axis other than ``keep_axis`` to slice ``tensor`` along, and the slice length; ``None`` if small."""
+    axes = [axis for axis in range(tensor.dim()) if axis != keep_axis]
+    if tensor.numel() <= _CHUNK_ELEMENTS or not axes:
+        return None
+    axis = max(axes, key=lambda a: tensor.shape[a])
+    return axis, max(1, _CHUNK_ELEMENTS * tensor.shape[axis] // tensor.numel())
+
+
+def _gather(
+    tensor: torch.Tensor, indices: Mapping[int, torch.Tensor], axis: int | None = None, start: int = 0, length: int = 0
+) -> torch.Tensor:
+    """``tensor`` permuted by ``indices`` (axis -> source positions), only ``[start, start + length)`` along ``axis``."""
+    if axis is not None:
+        index = indices.get(axis)
+        tensor = tensor.narrow(axis, start, length) if index is None else tensor.index_select(axis, index[start:start + length])
+    for other, index in indices.items():
+        if other != axis:
+            tensor = tensor.index_select(other, index)
+    return tensor
+
+
+def _gathered_matrix(
+    tensor: torch.Tensor,
+    indices: Mapping[int, torch.Tensor],
+    member: Member,
+    size: int,
+    fibred: bool,
+    axis: int | None = None,
+    start: int = 0,
+    length: int = 0,
+) -> torch.Tensor:
+    """``member_matrix(_gather(tensor, indices, axis, start, length))``, gathered with the member axis
+    first so that the gather is the only copy."""
+    if axis is not None:
+        index = indices.get(axis)
+        tensor = tensor.narrow(axis, start, length) if index is None else tensor.index_select(axis, index[start:start + length])
+    moved = tensor.movedim(member.axis, 0)
+    for other, index in indices.items():
+        if other != axis:
+            moved = moved.index_select(0 if other == member.axis else other + (other < member.axis), index)
+    return member_matrix(moved, member.model_copy(update={"axis": 0}), size, fibred)
+
+
+def _split_product(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    indices: Mapping[int, torch.Tensor],
+    member: Member,
+    size: int,
+    fibred: bool,
+    axis: int,
+    step: int,
+) -> torch.Tensor:
+    """``M(A) @ M(B')^T`` in float64, summing slices of ``step`` along ``axis`` (not the member's).
+
+    ``M`` is the member matrix and ``B'`` = ``b`` gathered by ``indices``. The slices accumulate in
+    the tensors' dtype, as one matmul would, and no slice holds more than ``_CHUNK_ELEMENTS``.
+    """
+    total: torch.Tensor | None = None
+    for start in range(0, a.shape[axis], step):
+        length = min(step, a.shape[axis] - start)
+        a_part = member_matrix(a.narrow(axis, start, length), member, size, fibred)
+        b_part = _gathered_matrix(b, indices, member, size, fibred, axis, start, length)
+        if total is None:
+            total = a_part @ b_part.mT
+        elif fibred:
+            total.baddbmm_(a_part, b_part.mT)
+        else:
+            total.addmm_(a_part, b_part.mT)
+    assert total is not None
+    return total.double()
+
+
+def _inner_product(a: torch.Tensor, b: torch.Tensor, indices: Mapping[int, torch.Tensor]) -> float:
+    """``<A, B'>`` in float64, ``B'`` = ``b`` gathered by ``indices``, a slice at a time."""
+    split = _chunks(a, None)
+    if split is None:
+        return float(torch.sum(a.double() * _gather(b, indices).double()))
+    axis, step = split
+    total = 0.0
+    for start in range(0, a.shape[axis], step):
+        length = min(step, a.shape[axis] - start)
+        part = _gather(b, indices, axis, start, length).to(torch.float64, copy=True)
+        total += float(torch.sum(part.mul_(a.narrow(axis, start, length))))
+    return total
 
 
 def _assign(cost: np.ndarray, current: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -284,29 +450,6 @@ def _assign(cost: np.ndarray, current: torch.Tensor) -> tuple[torch.Tensor, floa
     old_value = float(cost[index, current.numpy()].sum())
     new_value = float(cost[rows, columns].sum())
     return new, old_value, new_value
-
-
-def _permute_except(
-    spec: PermutationSpec,
-    perms: Mapping[str, torch.Tensor],
-    name: str,
-    tensor: torch.Tensor,
-    group: PermutationGroup,
-    member: Member,
-) -> torch.Tensor:
-    """Permute ``tensor`` by every group except ``member`` of ``group`` (other members of it included)."""
-    result = permute_tensor(spec, perms, name, tensor, skip={group.name})
-    if group.per is not None:
-        return result
-    for other_group, other in spec.members_by_param[name]:
-        if other_group.name != group.name or other is member:
-            continue
-        positions = layout_positions(other, group.size)
-        source = positions.index_select(-2, perms[group.name])
-        index = torch.arange(result.shape[other.axis])
-        index[positions.flatten()] = source.flatten()
-        result = result.index_select(other.axis, index.to(result.device))
-    return result
 
 
 def _validate_groups(spec: PermutationSpec, groups: Collection[str]) -> None:
