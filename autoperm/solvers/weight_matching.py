@@ -177,6 +177,10 @@ class _CoordinateDescent:
             for name, terms in self.terms.items()
         }
         self.products: dict[tuple[str, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        # Cached n x n products may not outgrow the cost tensors themselves (models with wide
+        # groups and few weights, such as MobileNetV2): past this budget products are recomputed.
+        self.cache_budget = sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        self.cache_bytes = 0
         self.constants: dict[str, torch.Tensor | None] = {}
         self.solved_at: dict[str, tuple[int, ...]] = {}
         self.inner_products: dict[str, tuple[tuple[int, ...], float]] = {}
@@ -245,18 +249,29 @@ class _CoordinateDescent:
     def _cost(self, group: PermutationGroup) -> np.ndarray:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
-        if group.name not in self.constants:
-            constant = [self._product(t, fibred) for t in self.terms[group.name] if not t.depends_on]
-            self.constants[group.name] = torch.stack(constant).sum(0) if constant else None
-        constant = self.constants[group.name]
-        total = None if constant is None else constant.clone()
+        if group.name in self.constants:
+            constant = self.constants[group.name]
+            total = None if constant is None else constant.clone()
+        else:
+            total = None
+            for term in self.terms[group.name]:
+                if not term.depends_on:
+                    product = self._product(term, fibred)
+                    total = product if total is None else total.add_(product)
+            size = 0 if total is None else total.numel() * total.element_size()
+            if self.cache_bytes + size <= self.cache_budget:
+                self.constants[group.name] = None if total is None else total.clone()
+                self.cache_bytes += size
         for index, term in enumerate(self.terms[group.name]):
             if not term.depends_on:
                 continue
             key = (group.name, index)
             cached = self.products.get(key)
             product = self._product(term, fibred) if cached is None else self._refresh(term, *cached)
-            self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
+            size = product.numel() * product.element_size()
+            if cached is not None or self.cache_bytes + size <= self.cache_budget:
+                self.cache_bytes += 0 if cached is not None else size
+                self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
             total = product.clone() if total is None else total.add_(product)
         assert total is not None
         return total.cpu().numpy()
