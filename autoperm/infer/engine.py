@@ -186,7 +186,7 @@ def infer_spec(
             for placement in placements:
                 for name in names:
                     members.setdefault(placement.component, []).append(
-                        Member(param=name, axis=dim, offset=placement.offset, inner=placement.inner, outer=placement.outer)
+                        Member.model_construct(param=name, axis=dim, offset=placement.offset, inner=placement.inner, outer=placement.outer)
                     )
 
     sites = _activation_sites(traced, resolved, sizes, set(members))
