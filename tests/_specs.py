@@ -22,6 +22,9 @@ def build_spec(model: nn.Module, groups: dict[str, list[tuple[str, int] | tuple[
     for name, members in groups.items():
         param, axis, *rest = members[0]
         sizes[name] = shapes[param][axis] // (rest[0] if rest else 1)
+        for member in members:  # a typo in a hand-written spec must not pass silently
+            assert member[0] in shapes, f"hand-written spec names unknown parameter {member[0]!r}"
+            assert shapes[member[0]][member[1]] == sizes[name] * (member[2] if len(member) > 2 else 1), member
     return PermutationSpec.model_validate(
         {
             "groups": [

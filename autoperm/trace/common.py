@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from autoperm.trace.graph import TensorRef
 
-__all__ = ["state_aliases", "bind_inputs", "refs_for_value", "normalise_inputs", "InputSpec", "first_lines"]
+__all__ = ["state_aliases", "bind_inputs", "refs_for_value", "normalise_inputs", "InputSpec", "first_lines", "convert_arguments"]
 
 InputSpec = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -81,3 +82,17 @@ def first_lines(error: BaseException, count: int = 4) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     text = " ".join(lines[:count])
     return text if len(lines) <= count else text + " ..."
+
+
+def convert_arguments(value: Any, converted: Mapping[str, Any]) -> Any:
+    """Replace graph nodes in a (nested) argument by their converted values (refs, plain values)."""
+    if isinstance(value, torch.fx.Node):
+        return converted.get(value.name)
+    if isinstance(value, (list, tuple)):
+        items = [convert_arguments(v, converted) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, dict):
+        return {k: convert_arguments(v, converted) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(*(convert_arguments(v, converted) for v in (value.start, value.stop, value.step)))
+    return value

@@ -15,7 +15,7 @@ from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from autoperm.errors import TraceError
-from autoperm.trace.common import first_lines, refs_for_value, state_aliases
+from autoperm.trace.common import convert_arguments, first_lines, refs_for_value, state_aliases
 from autoperm.trace.fx_frontend import _structure
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, tensors_in
 
@@ -45,14 +45,6 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     calls: list[OpCall] = []
     kinds = {spec.arg.name: spec for spec in signature.input_specs if hasattr(spec.arg, "name")}
 
-    def convert(value: Any) -> Any:
-        if isinstance(value, torch.fx.Node):
-            return converted.get(value.name)
-        if isinstance(value, (list, tuple)):
-            return type(value)(convert(v) for v in value)
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
 
     for node in program.graph.nodes:
         value = node.meta.get("val")
@@ -88,14 +80,15 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                 key = target
                 described = getattr(target, "__name__", str(target))
                 arg_names = None
-            calls.append(OpCall(node.name, key, described, convert(node.args), convert(dict(node.kwargs)), refs,
-                                arg_names=arg_names))
+            call_args = convert_arguments(node.args, converted)
+            call_kwargs = convert_arguments(dict(node.kwargs), converted)
+            calls.append(OpCall(node.name, key, described, call_args, call_kwargs, refs, arg_names=arg_names))
         elif node.op == "output":
             user = [spec.kind == OutputKind.USER_OUTPUT for spec in signature.output_specs]
             values = list(node.args[0])
             for is_user, item in zip(user, values):
                 if is_user:
-                    outputs.extend(tensors_in(convert(item)))
+                    outputs.extend(tensors_in(convert_arguments(item, converted)))
     for name, tensor in tensors.items():
         if name not in state:
             state[name] = TensorRef(f"state:{name}", tuple(tensor.shape), state_name=name, floating=tensor.is_floating_point())

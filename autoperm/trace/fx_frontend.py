@@ -18,8 +18,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from autoperm.errors import InputMismatchError, TraceError
-from autoperm.trace.common import bind_inputs, first_lines, refs_for_value, state_aliases
-from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
+from autoperm.trace.common import bind_inputs, convert_arguments, first_lines, refs_for_value, state_aliases
+from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, tensors_in
 
 __all__ = ["trace_fx", "symbolic_trace", "LeafTracer"]
 
@@ -199,16 +199,6 @@ def trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is
                                          floating=tensor.is_floating_point())
         return state[canonical]
 
-    def convert(value: Any) -> Any:
-        if isinstance(value, fx.Node):
-            return converted.get(value.name)
-        if isinstance(value, (list, tuple)):
-            return type(value)(convert(v) for v in value) if not hasattr(value, "_fields") else tuple(convert(v) for v in value)
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, slice):
-            return slice(convert(value.start), convert(value.stop), convert(value.step))
-        return value
 
     for node in gm.graph.nodes:
         value = values.get(node.name)
@@ -228,8 +218,8 @@ def trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is
         elif node.op in ("call_function", "call_method", "call_module"):
             refs = refs_for_value(node.name, value)
             converted[node.name] = _structure(value, refs)
-            call_args = convert(node.args)
-            call_kwargs = convert(dict(node.kwargs))
+            call_args = convert_arguments(node.args, converted)
+            call_kwargs = convert_arguments(dict(node.kwargs), converted)
             if node.op == "call_module":
                 module = gm.get_submodule(node.target)
                 local_state = module.state_dict(keep_vars=True)
@@ -242,9 +232,7 @@ def trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is
             else:
                 calls.append(OpCall(node.name, node.target, _describe_target(node.target), call_args, call_kwargs, refs))
         elif node.op == "output":
-            from autoperm.trace.graph import tensors_in
-
-            outputs.extend(tensors_in(convert(node.args)))
+            outputs.extend(tensors_in(convert_arguments(node.args, converted)))
     return TracedGraph(calls, inputs, outputs, state, aliases, "fx", constants)
 
 
