@@ -148,3 +148,31 @@ def test_planted_recovery_llama_gqa_rope():
     spec = _hf_planted(transformers.LlamaForCausalLM, config, torch.randint(0, 50, (1, 8)))
     heads = [g for g in spec.active_groups if any(f.per == g.name for f in spec.active_groups)]
     assert [g.size for g in heads] == [2]  # key/value heads; query heads within each are fibred
+
+
+class MaskedEncoder(nn.Module):
+    """nn.MultiheadAttention with a causal mask, and a head split written as (N, H*d) -> (N*H, d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 2)
+        self.register_buffer("causal", torch.triu(torch.ones(5, 5, dtype=torch.bool), 1), persistent=False)
+
+    def forward(self, x):
+        x = self.inp(x)
+        return self.out(x + self.attn(x, x, x, need_weights=False, attn_mask=self.causal)[0])
+
+
+def test_masked_attention_module_under_both_front_ends():
+    model = perturb_(MaskedEncoder().eval(), seed=4)
+    x = torch.randn(2, 5, 3)
+    fx_spec = autoperm.infer_spec(model, x, tracer="fx")
+    assert sorted((g.size, g.per is not None) for g in fx_spec.active_groups) == [(2, False), (4, True), (4, True), (8, False)]
+    # torch.export decomposes the module: (L, N, E) -> (L, N*H, d) views are refined into N, H, d,
+    # and the stacked q/k/v projection keeps one within-head permutation shared by q, k and v.
+    export_spec = autoperm.infer_spec(model, x, tracer="export")
+    assert sorted(g.size for g in export_spec.active_groups) == [2, 4, 8]
+    for spec in (fx_spec, export_spec):
+        assert verify_spec(model, spec, x).passed

@@ -152,10 +152,35 @@ class RuleContext:
             elif len(run_dst) == 1:
                 self.define(target, run_dst[0], "product", [self.ax(source, d) for d in run_src])
             else:
-                for d in run_src:
-                    self.fix(source, d)
-                for d in run_dst:
-                    self.fix(target, d)
+                self._refine_reshape(source, run_src, target, run_dst)
+
+    def _refine_reshape(self, source: TensorRef, run_src: list[int], target: TensorRef, run_dst: list[int]) -> None:
+        """Several axes reshaped into several others, e.g. ``(N, H*d) -> (N*H, d)``.
+
+        Both sides are split into their common refinement (here ``N, H, d``), each axis declared
+        the product of its pieces. Without one (a boundary that does not divide), all are fixed.
+        """
+        sides = [(source, run_src), (target, run_dst)]
+        marks: list[list[int]] = []
+        for tensor, run in sides:
+            product, side_marks = 1, []
+            for d in run:
+                product *= tensor.shape[d]
+                side_marks.append(product)
+            marks.append(side_marks)
+        cuts = sorted(set(marks[0]) | set(marks[1]))
+        if any(cut % previous for previous, cut in zip([1] + cuts[:-1], cuts)):
+            for tensor, run in sides:
+                for d in run:
+                    self.fix(tensor, d)
+            return
+        pieces = [self.atom(cut // previous) for previous, cut in zip([1] + cuts[:-1], cuts)]
+        for (tensor, run), side_marks in zip(sides, marks):
+            start = 0
+            for d, end in zip(run, side_marks):
+                stop = cuts.index(end) + 1
+                self.define(tensor, d, "product", pieces[start:stop])
+                start = stop
 
     def split(self, source: TensorRef, parts: Sequence[TensorRef], dim: int) -> None:
         """``source`` along ``dim`` is the concatenation of ``parts`` (cat, split, chunk)."""

@@ -503,14 +503,21 @@ def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
     names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v",
              "out_proj.weight", "out_proj.bias")
     state = {n: ctx.state(n) for n in names}
-    mask = call.call.kwargs.get("key_padding_mask"), call.call.kwargs.get("attn_mask")
-    unsupported = state["bias_k"] is not None or getattr(module, "add_zero_attn", False) or any(isinstance(m, TensorRef) for m in mask)
+    positional = list(call.call.args)
+    padding_mask = call.call.kwargs.get("key_padding_mask", positional[3] if len(positional) > 3 else None)
+    attn_mask = call.call.kwargs.get("attn_mask", positional[5] if len(positional) > 5 else None)
+    unsupported = state["bias_k"] is not None or getattr(module, "add_zero_attn", False)
     if not isinstance(query, TensorRef) or out is None or unsupported:
         ctx.unknown(involved + [t for t in state.values() if t is not None])
         return
     heads, embed = module.num_heads, module.embed_dim
     head_dim = embed // heads
     atoms = {"heads": ctx.atom(heads), "qk": ctx.atom(head_dim), "v": ctx.atom(module.vdim // heads if not module._qkv_same_embed_dim else head_dim)}
+    for mask in (padding_mask, attn_mask):  # masks address tokens only; a 3-D attn_mask is per head
+        if isinstance(mask, TensorRef):
+            ctx.fix(mask)
+            if mask.ndim == 3:
+                ctx.fix_node(atoms["heads"])
 
     q_axis = ctx.atom(embed)
     k_axis = ctx.atom(embed)
