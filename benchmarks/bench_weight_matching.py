@@ -56,7 +56,8 @@ def reference_weight_matching(spec, sd_a, sd_b, seed=0, max_iter=100, device="cp
     rng = np.random.default_rng(seed)
     for sweep in range(1, max_iter + 1):
         progress = False
-        for index in rng.permutation(len(groups)):
+        order = rng.permutation(len(groups))
+        for index in order if sweep > 1 else range(len(groups)):  # autoperm's schedule: first sweep in graph order
             group = groups[index]
             cost = torch.zeros(group.size, group.size, dtype=torch.float64, device=device)
             for member in group.members:

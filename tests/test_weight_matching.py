@@ -93,9 +93,10 @@ def _reference_weight_matching(spec, sd_a, sd_b, seed: int, max_iter: int = 100)
     perms = {g.name: torch.arange(g.size) for g in spec.active_groups}
     groups = list(spec.active_groups)
     rng = np.random.default_rng(seed)
-    for _ in range(max_iter):
+    for sweep in range(max_iter):
         progress = False
-        for index in rng.permutation(len(groups)):
+        order = rng.permutation(len(groups))
+        for index in order if sweep else range(len(groups)):  # the first sweep from input to output
             group = groups[index]
             cost = torch.zeros(group.size, group.size, dtype=torch.float64)
             for member in group.members:

@@ -26,6 +26,7 @@ torchvision = pytest.importorskip("torchvision")
 from autoperm.infer import UnsupportedOpWarning, infer_spec  # noqa: E402
 from autoperm.spec import Member, PermutationGroup, PermutationSpec  # noqa: E402
 from autoperm.verify import verify_spec  # noqa: E402
+import autoperm  # noqa: E402
 
 EXPECTED_GROUPS: dict[str, int] = {
     # BasicBlock (expansion 1). layer1 keeps 64 channels at stride 1, so it has no downsample and
@@ -320,3 +321,17 @@ def test_vit_b_16_heads_and_fibred_head_dims(zoo: Zoo) -> None:
     assert sorted(g.size for g in within) == [64, 64] and {g.per for g in within} == {heads[0].name}
     value_dims = [g for g in group_of(spec, f"{prefix}.out_proj.weight", 1) if g.per is not None]
     assert len(value_dims) == 1 and member(value_dims[0], f"{prefix}.in_proj_weight", 0).offset == 1536
+
+
+def test_vit_b_16_planted_recovery_is_exact():
+    """A deep transformer: heads, per-head dims, MLPs and the stream recovered exactly (12 layers)."""
+    from tests.conftest import perturb_
+
+    model = perturb_(torchvision.models.vit_b_16(num_classes=10).eval(), scale=0.02)
+    spec = autoperm.infer_spec(model, torch.randn(1, 3, 224, 224))
+    state = model.state_dict()
+    planted = autoperm.random_permutation(spec, seed=3)
+    permuted = autoperm.apply_permutation(spec, planted, state)
+    result = autoperm.weight_matching(spec, state, permuted)
+    recovered = autoperm.apply_permutation(spec, result.perms, permuted)
+    assert all(torch.equal(recovered[k], state[k]) for k in state)
