@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from autoperm import PermutationSpec

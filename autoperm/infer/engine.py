@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from autoperm.infer import rules_core, rules_layers  # noqa: F401  (registers the rule table)
+from autoperm.infer import rules_attention, rules_core, rules_layers  # noqa: F401  (registers the rule table)
 from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
 from autoperm.infer.registry import bind, has_module_rule

@@ -375,59 +375,6 @@ def _glu(ctx: RuleContext, call: BoundCall) -> None:
     ctx.define(x, dim, "concat", [ctx.ax(out, dim), ctx.ax(out, dim)])
 
 
-# ---------------------------------------------------------------------------- attention
-def attention(ctx: RuleContext, q: TensorRef | None, k: TensorRef | None, v: TensorRef | None, out: TensorRef | None,
-              mask: TensorRef | None = None) -> None:
-    """Scaled dot-product attention on (..., heads, tokens, dim) tensors.
-
-    Queries and keys share their last axis, values and outputs theirs; query heads equal key
-    heads, or with grouped-query attention are ``key heads x queries per key head``.
-    """
-    if q is None or k is None or v is None or out is None:
-        ctx.unknown([t for t in (q, k, v, out, mask) if t is not None])
-        return
-    ctx.same(q, -1, k, -1)
-    ctx.same(v, -1, out, -1)
-    ctx.same(q, -2, out, -2)
-    ctx.same(k, -2, v, -2)
-    batch = q.ndim - 2
-    for d in range(batch):
-        ctx.same(q, d, out, d)
-        if k.ndim == q.ndim and k.shape[d] == q.shape[d]:
-            ctx.same(k, d, q, d)
-            ctx.same(v, d, q, d)
-        elif k.ndim == q.ndim and d == batch - 1 and k.shape[d] and q.shape[d] % k.shape[d] == 0:
-            # grouped-query attention: query head h uses key head h // (Hq / Hk)
-            ctx.define(q, d, "product", [ctx.ax(k, d), ctx.atom(q.shape[d] // k.shape[d])])
-            ctx.same(k, d, v, d)
-        else:
-            ctx.unknown([q, k, v, out])
-            return
-    if mask is not None:
-        offset = out.ndim - mask.ndim
-        for d in range(mask.ndim):
-            if mask.shape[d] == 1:
-                continue
-            target = d + offset
-            if target == out.ndim - 1:
-                ctx.same(mask, d, k, -2)
-            elif target >= 0:
-                ctx.same(mask, d, q if target < batch else out, target if target < batch else -2)
-
-
-@register_op_rule("scaled_dot_product_attention", aliases=[F.scaled_dot_product_attention, "aten._scaled_dot_product_flash_attention",
-                                                            "aten._scaled_dot_product_efficient_attention",
-                                                            "aten._scaled_dot_product_flash_attention_for_cpu",
-                                                            "aten._scaled_dot_product_cudnn_attention"],
-                  args=("query", "key", "value", "attn_mask"))
-def _sdpa(ctx: RuleContext, call: BoundCall) -> None:
-    outputs = call.call.output_tensors()
-    out = outputs[0] if outputs else None
-    attention(ctx, call.tensor("query"), call.tensor("key"), call.tensor("value"), out, call.tensor("attn_mask"))
-    for extra in outputs[1:]:  # log-sum-exp and friends of the fused kernels
-        ctx.fix(extra)
-
-
 # ---------------------------------------------------------------------------- modules
 def _module_linear(ctx: RuleContext, call: BoundCall) -> None:
     linear(ctx, call.input(0), ctx.state("weight"), ctx.state("bias"), call.out)
@@ -490,83 +437,6 @@ def _module_softmax(ctx: RuleContext, call: BoundCall) -> None:
         ctx.mixes(x, call.module.dim)
 
 
-def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
-    """nn.MultiheadAttention: heads move as units across Q, K, V and the output projection."""
-    module: nn.MultiheadAttention = call.module
-    args = list(call.call.args) + [call.call.kwargs.get(k) for k in ("query", "key", "value") if k in call.call.kwargs]
-    query, key, value = (args + [None, None, None])[:3]
-    key = key if isinstance(key, TensorRef) else query
-    value = value if isinstance(value, TensorRef) else key
-    outputs = call.call.outputs
-    out = outputs[0] if outputs else None
-    involved = [t for t in (query, key, value, *call.call.output_tensors()) if isinstance(t, TensorRef)]
-    names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v",
-             "out_proj.weight", "out_proj.bias")
-    state = {n: ctx.state(n) for n in names}
-    positional = list(call.call.args)
-    padding_mask = call.call.kwargs.get("key_padding_mask", positional[3] if len(positional) > 3 else None)
-    attn_mask = call.call.kwargs.get("attn_mask", positional[5] if len(positional) > 5 else None)
-    unsupported = state["bias_k"] is not None or getattr(module, "add_zero_attn", False)
-    if not isinstance(query, TensorRef) or out is None or unsupported:
-        ctx.unknown(involved + [t for t in state.values() if t is not None])
-        return
-    heads, embed = module.num_heads, module.embed_dim
-    head_dim = embed // heads
-    atoms = {"heads": ctx.atom(heads), "qk": ctx.atom(head_dim), "v": ctx.atom(module.vdim // heads if not module._qkv_same_embed_dim else head_dim)}
-    for mask in (padding_mask, attn_mask):  # masks address tokens only; a 3-D attn_mask is per head
-        if isinstance(mask, TensorRef):
-            ctx.fix(mask)
-            if mask.ndim == 3:
-                ctx.fix_node(atoms["heads"])
-
-    q_axis = ctx.atom(embed)
-    k_axis = ctx.atom(embed)
-    v_axis = ctx.atom(embed)
-    ctx.define_node(q_axis, "product", [atoms["heads"], atoms["qk"]])
-    ctx.define_node(k_axis, "product", [atoms["heads"], atoms["qk"]])
-    ctx.define_node(v_axis, "product", [atoms["heads"], atoms["v"]])
-    in_weight, in_bias = state["in_proj_weight"], state["in_proj_bias"]
-    if in_weight is not None:
-        ctx.define(in_weight, 0, "concat", [q_axis, k_axis, v_axis])
-        ctx.same(in_weight, 1, query, -1)
-        ctx.same(in_weight, 1, key, -1)
-        ctx.same(in_weight, 1, value, -1)
-        ctx.producer(in_weight, 0)
-    else:
-        for name, axis, source in (("q_proj_weight", q_axis, query), ("k_proj_weight", k_axis, key), ("v_proj_weight", v_axis, value)):
-            weight = state[name]
-            ctx.same_node(ctx.ax(weight, 0), axis)
-            ctx.same(weight, 1, source, -1)
-            ctx.producer(weight, 0)
-    if in_bias is not None:
-        ctx.define(in_bias, 0, "concat", [q_axis, k_axis, v_axis])
-    out_weight, out_bias = state["out_proj.weight"], state["out_proj.bias"]
-    ctx.define(out_weight, 1, "product", [atoms["heads"], atoms["v"]])
-    ctx.same(out_weight, 0, out, -1)
-    ctx.producer(out_weight, 0)
-    if out_bias is not None:
-        ctx.same(out_bias, 0, out, -1)
-    batch_first = module.batch_first
-    if query.ndim == 3:
-        token, batch = (1, 0) if batch_first else (0, 1)
-        ctx.same(query, token, out, token)
-        ctx.same(query, batch, out, batch)
-        ctx.same(key, batch, query, batch)
-        ctx.same(value, batch, query, batch)
-        ctx.same(key, token, value, token)
-    else:
-        ctx.same(query, 0, out, 0)
-        ctx.same(key, 0, value, 0)
-    if len(outputs) > 1 and outputs[1] is not None:  # averaged attention weights (N, L, S) or per head
-        weights = outputs[1]
-        if weights.ndim >= 2:
-            ctx.same(weights, -2, query, 1 if batch_first and query.ndim == 3 else 0)
-            ctx.same(weights, -1, key, 1 if batch_first and key.ndim == 3 else 0)
-        if weights.ndim == 4:
-            ctx.fix(weights, 1)
-            ctx.fix_node(atoms["heads"])
-
-
 register_module_rule(nn.Linear, _module_linear)
 for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
     register_module_rule(_type, _module_conv)
@@ -578,7 +448,6 @@ if hasattr(nn, "RMSNorm"):
     register_module_rule(nn.RMSNorm, _module_layer_norm)
 register_module_rule(nn.GroupNorm, _module_group_norm)
 register_module_rule(nn.Embedding, _module_embedding)
-register_module_rule(nn.MultiheadAttention, _module_mha)
 for _type in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
               nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
               nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,

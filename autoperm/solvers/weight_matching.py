@@ -33,7 +33,7 @@ from autoperm.spec import (
     layout_positions,
     member_matrix,
 )
-from autoperm.spec.apply import _axis_index
+from autoperm.spec.apply import axis_index
 
 __all__ = ["weight_matching"]
 
@@ -360,7 +360,7 @@ class _CoordinateDescent:
         for g, m in pairs:
             if g.name in self.perms and (group is None or g.name != group.name) and g.name != also_skip:
                 by_axis.setdefault(m.axis, []).append((g, m))
-        indices = {axis: _axis_index(self.spec, found, self.perms, shape[axis]) for axis, found in by_axis.items()}
+        indices = {axis: axis_index(self.spec, found, self.perms, shape[axis]) for axis, found in by_axis.items()}
         if group is not None and group.per is None:
             for g, other in pairs:
                 if g.name != group.name or other is member:

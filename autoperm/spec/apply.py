@@ -22,6 +22,7 @@ __all__ = [
     "invert_permutation",
     "compose_permutations",
     "check_permutations",
+    "axis_index",
     "layout_positions",
     "member_matrix",
 ]
@@ -128,12 +129,17 @@ def layout_positions(layout: Layout, size: int) -> torch.Tensor:
     return positions
 
 
-def _axis_index(
+def axis_index(
     spec: PermutationSpec,
     pairs: Iterable[tuple[PermutationGroup, Layout]],
     perms: Mapping[str, torch.Tensor],
     axis_size: int,
 ) -> torch.Tensor | None:
+    """The gather index of one tensor axis under the (group, layout) pairs that touch it.
+
+    ``tensor.index_select(axis, index)`` applies them all (fibred groups after the groups they
+    are fibred over, as ``pairs`` lists them). Returns ``None`` when no pair has a permutation.
+    """
     index: torch.Tensor | None = None
     for group, layout in pairs:
         p = perms.get(group.name)
@@ -180,7 +186,7 @@ def permute_tensor(
             by_axis.setdefault(member.axis, []).append((group, member))
     result = tensor
     for axis, pairs in by_axis.items():
-        index = _axis_index(spec, pairs, perms, tensor.shape[axis])
+        index = axis_index(spec, pairs, perms, tensor.shape[axis])
         if index is not None:
             result = result.index_select(axis, index.to(result.device))
     return result
