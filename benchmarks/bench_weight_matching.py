@@ -52,13 +52,16 @@ def reference_weight_matching(spec, sd_a, sd_b, seed=0, max_iter=100, device="cp
     b = {k: v.to(device) for k, v in sd_b.items()}
     rng = np.random.default_rng(seed)
     for sweep in range(1, max_iter + 1):
-        progress = False
+        progress = sweep == 1
         order = rng.permutation(len(groups))
-        for index in order if sweep > 1 else range(len(groups)):  # autoperm's schedule: first sweep in graph order
+        pending = {g.name for g in groups} if sweep == 1 else set()
+        for index in order if sweep > 1 else range(len(groups)):  # autoperm's schedule: informed first sweep
             group = groups[index]
             cost = torch.zeros(group.size, group.size, dtype=torch.float64, device=device)
             for member in group.members:
                 if not is_cost_tensor(member.param, a[member.param]):
+                    continue
+                if ({g.name for g, _ in spec.members_by_param[member.param]} - {group.name}) & pending:
                     continue
                 permuted = permute_tensor(spec, perms, member.param, b[member.param], skip={group.name})
                 cost += (member_matrix(a[member.param], member, group.size)
@@ -70,6 +73,7 @@ def reference_weight_matching(spec, sd_a, sd_b, seed=0, max_iter=100, device="cp
             if new - old > 1e-12 * max(1.0, abs(old)):
                 perms[group.name] = torch.as_tensor(columns)
                 progress = True
+            pending.discard(group.name)
         if not progress:
             break
     return perms, sweep

@@ -43,7 +43,8 @@ def test_ste_lowers_the_midpoint_loss_below_weight_matching(trained_pair) -> Non
     wm = weight_matching(spec, sd_a, sd_b)
     wm_loss = midpoint_loss(spec, model_a, sd_a, sd_b, wm.perms, data)
 
-    result = ste_matching(spec, model_a, sd_a, sd_b, data, epochs=4, lr=0.1, batch_size=256)
+    # lr 1: on this small pair the weight-matching start is already good; 0.1 does not move it
+    result = ste_matching(spec, model_a, sd_a, sd_b, data, epochs=4, lr=1.0, batch_size=256)
 
     assert result.history[0] == pytest.approx(wm_loss, rel=1e-5)
     assert result.loss < 0.95 * wm_loss

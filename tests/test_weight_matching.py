@@ -94,13 +94,17 @@ def _reference_weight_matching(spec, sd_a, sd_b, seed: int, max_iter: int = 100)
     groups = list(spec.active_groups)
     rng = np.random.default_rng(seed)
     for sweep in range(max_iter):
-        progress = False
+        progress = sweep == 0
         order = rng.permutation(len(groups))
+        pending = {g.name for g in groups} if sweep == 0 else set()
         for index in order if sweep else range(len(groups)):  # the first sweep from input to output
             group = groups[index]
             cost = torch.zeros(group.size, group.size, dtype=torch.float64)
             for member in group.members:
                 if "running" in member.param:
+                    continue
+                others = {g.name for g, _ in spec.members_by_param[member.param]} - {group.name}
+                if others & pending:  # first sweep: terms of groups not visited yet wait
                     continue
                 b = permute_tensor(spec, perms, member.param, sd_b[member.param], skip={group.name})
                 a_mat = sd_a[member.param].movedim(member.axis, 0).reshape(group.size, -1)
@@ -112,6 +116,7 @@ def _reference_weight_matching(spec, sd_a, sd_b, seed: int, max_iter: int = 100)
             if new - old > 1e-12 * max(1.0, abs(float(old))):
                 perms[group.name] = torch.as_tensor(columns)
                 progress = True
+            pending.discard(group.name)
         if not progress:
             break
     return perms

@@ -335,3 +335,19 @@ def test_vit_b_16_planted_recovery_is_exact():
     result = autoperm.weight_matching(spec, state, permuted)
     recovered = autoperm.apply_permutation(spec, result.perms, permuted)
     assert all(torch.equal(recovered[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+                                  "resnext50_32x4d", "regnet_y_400mf", "squeezenet1_0", "googlenet"])
+def test_planted_recovery_is_exact(name):
+    """Weight matching returns a planted permutation of a zoo model exactly (BN statistics included)."""
+    from tests.conftest import perturb_
+
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    model = perturb_(getattr(torchvision.models, name)(num_classes=10, **kwargs).eval(), scale=0.05)
+    spec = autoperm.infer_spec(model, torch.randn(1, 3, 64, 64))
+    state = model.state_dict()
+    permuted = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=5), state)
+    result = autoperm.weight_matching(spec, state, permuted)
+    recovered = autoperm.apply_permutation(spec, result.perms, permuted)
+    assert all(torch.equal(recovered[k], state[k]) for k in state)

@@ -89,13 +89,16 @@ def weight_matching(
         tol: relative improvement below which a sweep counts as no progress.
         callback: called after each sweep with ``(sweep, objective)`` (progress bars).
         groups: solve only these groups; the others stay at ``init_perms`` (default: all).
-        first_sweep: ``"graph"`` (default) visits the groups of the first sweep in the order of
-            the spec, from the input towards the output, so that each group is first solved with
-            the groups feeding it already aligned; later sweeps use a fresh random order.
-            ``"random"`` randomises the first sweep too, exactly as Git Re-Basin. From the
-            identity, a random first sweep can lock deep models into a poor local optimum: on
-            ViT-B/16 it recovers none of 49 groups of a planted permutation, the graph order
-            all of them.
+        first_sweep: ``"graph"`` (default) makes the first sweep an informed initialisation:
+            it visits the groups in the order of the spec, from the input towards the output,
+            and each group's cost leaves out the terms that depend on groups not visited yet
+            (while those are at the identity their terms are noise; with ``init_perms`` the
+            first sweep uses every term, in graph order). Later sweeps use every
+            term in a fresh random order. ``"random"`` is Git Re-Basin's schedule from the
+            first sweep on. From the identity, a random first sweep can lock models into poor
+            local optima: on a planted permutation of ViT-B/16 it recovered none of 49 groups,
+            on MobileNetV3 and EfficientNet-B0 a large share stayed wrong; the informed first
+            sweep recovers all of them.
 
     Returns:
         A :class:`MatchingResult`; ``history[0]`` is the objective at the start.
@@ -124,17 +127,26 @@ def weight_matching(
     history = [solver.objective()]
     converged = False
     sweep = 0
+    informed = first_sweep == "graph" and init_perms is None  # a given start is not the identity
+    if informed:
+        solver.pending = {g.name for g in to_solve}
     for sweep in range(1, max_iter + 1):
         gain = 0.0
         improved = False
         order = generator.permutation(len(to_solve))
-        if sweep == 1 and first_sweep == "graph":
+        if sweep == 1 and informed:
             order = np.arange(len(to_solve))
         for index in order:
             group_gain = solver.solve_group(to_solve[index], tol)
+            solver.pending.discard(to_solve[index].name)
             improved |= group_gain > 0
             gain += group_gain
-        history.append(history[-1] + gain)
+        if sweep == 1 and informed:  # its costs left terms out: measure, and always sweep again
+            solver.solved_at.clear()
+            history.append(solver.objective())
+            improved = True
+        else:
+            history.append(history[-1] + gain)
         logger.debug("weight matching sweep %d: objective %.6g", sweep, history[-1])
         if callback is not None:
             callback(sweep, history[-1])
@@ -191,6 +203,7 @@ class _CoordinateDescent:
         self.products: dict[tuple[str, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
         # Cached n x n products may not outgrow the cost tensors themselves (models with wide
         # groups and few weights, such as MobileNetV2): past this budget products are recomputed.
+        self.pending: set[str] = set()  # groups not visited yet in an informed first sweep
         self.cache_budget = sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
         self.cache_bytes = 0
         self.constants: dict[str, torch.Tensor | None] = {}
@@ -228,6 +241,8 @@ class _CoordinateDescent:
             return 0.0
         self.solved_at[group.name] = stamp
         cost = self._cost(group)
+        if cost is None:  # every term waits for groups not visited yet
+            return 0.0
         current = self.perms[group.name]
         if group.per is None:
             new, old_value, new_value = _assign(cost, current)
@@ -258,9 +273,11 @@ class _CoordinateDescent:
                 self.versions[name] += 1
         return new_value - old_value
 
-    def _cost(self, group: PermutationGroup) -> np.ndarray:
+    def _cost(self, group: PermutationGroup) -> np.ndarray | None:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
+        if self.pending:
+            return self._informed_cost(group, fibred)
         if group.name in self.constants:
             constant = self.constants[group.name]
             total = None if constant is None else constant.clone()
@@ -287,6 +304,16 @@ class _CoordinateDescent:
             total = product.clone() if total is None else total.add_(product)
         assert total is not None
         return total.cpu().numpy()
+
+    def _informed_cost(self, group: PermutationGroup, fibred: bool) -> np.ndarray | None:
+        """The cost from the terms whose other groups are all visited (first sweep; not cached)."""
+        total = None
+        for term in self.terms[group.name]:
+            if self.pending.intersection(term.depends_on) - {group.name}:
+                continue
+            product = self._product(term, fibred)
+            total = product if total is None else total.add_(product)
+        return None if total is None else total.cpu().numpy()
 
     def _refresh(self, term: _Term, seen: dict[str, torch.Tensor], product: torch.Tensor) -> torch.Tensor:
         """Bring a cached product up to date with the permutations that changed since it was made.
