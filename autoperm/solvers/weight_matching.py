@@ -142,7 +142,6 @@ def weight_matching(
             improved |= group_gain > 0
             gain += group_gain
         if sweep == 1 and informed:  # its costs left terms out: measure, and always sweep again
-            solver.solved_at.clear()
             history.append(solver.objective())
             improved = True
         else:
@@ -254,7 +253,8 @@ class _CoordinateDescent:
             return 0.0
         self.perms[group.name] = new
         self.versions[group.name] += 1
-        if group.name not in self.dependencies[group.name]:  # its own cost did not change
+        complete = group.name in self.solved_at  # _cost drops the stamp of a partial cost
+        if complete and group.name not in self.dependencies[group.name]:  # its own cost did not change
             self.solved_at[group.name] = self._stamp(group)
         return new_value - old_value
 
@@ -276,8 +276,9 @@ class _CoordinateDescent:
     def _cost(self, group: PermutationGroup) -> np.ndarray | None:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
-        if self.pending:
-            return self._informed_cost(group, fibred)
+        waiting = {i for i, t in enumerate(self.terms[group.name]) if self.pending.intersection(t.depends_on) - {group.name}}
+        if waiting:  # an informed first sweep: solve again once every term can enter
+            self.solved_at.pop(group.name, None)
         if group.name in self.constants:
             constant = self.constants[group.name]
             total = None if constant is None else constant.clone()
@@ -292,7 +293,7 @@ class _CoordinateDescent:
                 self.constants[group.name] = None if total is None else total.clone()
                 self.cache_bytes += size
         for index, term in enumerate(self.terms[group.name]):
-            if not term.depends_on:
+            if not term.depends_on or index in waiting:
                 continue
             key = (group.name, index)
             cached = self.products.get(key)
@@ -302,17 +303,6 @@ class _CoordinateDescent:
                 self.cache_bytes += 0 if cached is not None else size
                 self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
             total = product.clone() if total is None else total.add_(product)
-        assert total is not None
-        return total.cpu().numpy()
-
-    def _informed_cost(self, group: PermutationGroup, fibred: bool) -> np.ndarray | None:
-        """The cost from the terms whose other groups are all visited (first sweep; not cached)."""
-        total = None
-        for term in self.terms[group.name]:
-            if self.pending.intersection(term.depends_on) - {group.name}:
-                continue
-            product = self._product(term, fibred)
-            total = product if total is None else total.add_(product)
         return None if total is None else total.cpu().numpy()
 
     def _refresh(self, term: _Term, seen: dict[str, torch.Tensor], product: torch.Tensor) -> torch.Tensor:
