@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from autoperm.spec import PermutationGroup, PermutationSpec
+
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -30,3 +32,15 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch
 @pytest.fixture
 def perturb():
     return perturb_
+
+
+def group_of(spec: PermutationSpec, param: str, axis: int) -> list[PermutationGroup]:
+    """The active groups with a member on ``param``'s ``axis``."""
+    return [g for g in spec.active_groups if any(m.param == param and m.axis == axis for m in g.members)]
+
+
+def only_group(spec: PermutationSpec, param: str, axis: int) -> PermutationGroup:
+    """The one active group on ``param``'s ``axis`` (fails the test if there are none or several)."""
+    groups = group_of(spec, param, axis)
+    assert len(groups) == 1, f"{param} axis {axis}: expected one group, got {[g.name for g in groups]}"
+    return groups[0]

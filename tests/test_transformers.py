@@ -32,6 +32,7 @@ transformers = pytest.importorskip("transformers")
 from autoperm.infer import infer_spec  # noqa: E402
 from autoperm.spec import PermutationGroup, PermutationSpec, apply_permutation, random_permutation  # noqa: E402
 from autoperm.verify import verify_spec  # noqa: E402
+from tests.conftest import group_of, only_group  # noqa: E402
 
 HIDDEN, HEADS, HEAD_DIM, MLP, LAYERS, VOCAB = 64, 4, 16, 128, 2, 100
 KV_HEADS = 2  # LLaMA's grouped-query attention: 2 query heads per key/value head
@@ -155,17 +156,6 @@ class Models:
 @pytest.fixture(scope="module")
 def models() -> Iterator[Models]:
     yield Models()
-
-
-def group_of(spec: PermutationSpec, param: str, axis: int) -> list[PermutationGroup]:
-    """The active groups with a member on ``param``'s ``axis``."""
-    return [g for g in spec.active_groups if any(m.param == param and m.axis == axis for m in g.members)]
-
-
-def only_group(spec: PermutationSpec, param: str, axis: int) -> PermutationGroup:
-    groups = group_of(spec, param, axis)
-    assert len(groups) == 1, f"{param} axis {axis}: expected one group, got {[g.name for g in groups]}"
-    return groups[0]
 
 
 def has(group: PermutationGroup, param: str, axis: int) -> bool:

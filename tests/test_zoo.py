@@ -26,6 +26,7 @@ torchvision = pytest.importorskip("torchvision")
 from autoperm.infer import UnsupportedOpWarning, infer_spec  # noqa: E402
 from autoperm.spec import Member, PermutationGroup, PermutationSpec  # noqa: E402
 from autoperm.verify import verify_spec  # noqa: E402
+from tests.conftest import group_of, only_group  # noqa: E402
 import autoperm  # noqa: E402
 
 EXPECTED_GROUPS: dict[str, int] = {
@@ -159,17 +160,6 @@ def zoo() -> Iterator[Zoo]:
     torch.set_num_threads(1)
     yield Zoo()
     torch.set_num_threads(threads)
-
-
-def group_of(spec: PermutationSpec, param: str, axis: int) -> list[PermutationGroup]:
-    """The active groups with a member on ``param``'s ``axis``."""
-    return [g for g in spec.active_groups if any(m.param == param and m.axis == axis for m in g.members)]
-
-
-def only_group(spec: PermutationSpec, param: str, axis: int) -> PermutationGroup:
-    groups = group_of(spec, param, axis)
-    assert len(groups) == 1, f"{param} axis {axis}: expected one group, got {[g.name for g in groups]}"
-    return groups[0]
 
 
 def member(group: PermutationGroup, param: str, axis: int) -> Member:
