@@ -16,16 +16,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from autoperm.cli import spec_cmds
+    from autoperm.cli import eval_cmds, solve_cmds, spec_cmds
 
-    spec_cmds.register(cli)
-    for module_name in ("solve_cmds", "eval_cmds"):
-        try:
-            module = __import__(f"autoperm.cli.{module_name}", fromlist=["register"])
-        except ModuleNotFoundError as error:
-            if error.name != f"autoperm.cli.{module_name}":
-                raise
-            continue
+    for module in (spec_cmds, solve_cmds, eval_cmds):
         module.register(cli)
 
 

@@ -21,7 +21,8 @@ __all__ = ["infer_spec", "UnsupportedOpWarning", "build_context"]
 
 logger = logging.getLogger(__name__)
 
-_ACTIVATION_OPS = set(rules_core.UNARY[:60]) | {
+# Canonical op names (and module class names) whose outputs are preferred activation sites.
+_ACTIVATION_OPS = set(rules_core.ACTIVATIONS) | {
     "ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyReLU", "ELU",
     "SELU", "CELU", "Softplus", "Mish", "PReLU",
 }
@@ -179,11 +180,7 @@ def infer_spec(
     for canonical, ref in traced.state.items():
         names = names_of.get(canonical) or [canonical]
         for dim in range(ref.ndim):
-            node = (ref.id, dim)
-            if node not in sizes:
-                continue
-            placements = _placements(resolved, sizes, node)
-            for placement in placements:
+            for placement in _placements(resolved, sizes, (ref.id, dim)):
                 for name in names:
                     members.setdefault(placement.component, []).append(
                         Member.model_construct(param=name, axis=dim, offset=placement.offset, inner=placement.inner, outer=placement.outer)
@@ -214,13 +211,9 @@ def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hasha
         out = call.outputs[0] if len(call.outputs) == 1 else None
         if out is None:
             continue
-        rank = 0 if (call.target in _ACTIVATION_OPS or str(call.key).split(".")[-1].removeprefix("method:") in _ACTIVATION_OPS) else 1
+        rank = 0 if bind(call)[0].op in _ACTIVATION_OPS else 1
         for dim in range(out.ndim):
-            node = (out.id, dim)
-            if node not in sizes:
-                continue
-            placements = _placements(resolved, sizes, node)
-            for placement in placements:
+            for placement in _placements(resolved, sizes, (out.id, dim)):
                 if placement.component not in wanted:
                     continue
                 score = rank * 2 + (0 if placement.offset == 0 and placement.inner == 1 and not placement.outer else 1)

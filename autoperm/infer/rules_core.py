@@ -14,14 +14,16 @@ from autoperm.trace.graph import TensorRef, tensors_in
 # ----------------------------------------------------------------------------- elementwise
 # Unary ops: only the first tensor argument is coupled to the output (``x.to(y)`` and
 # ``x.type_as(y)`` take y for its dtype alone).
-UNARY = [
+ACTIVATIONS = [
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
     "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "softsign", "tanhshrink", "logsigmoid",
     "hardshrink", "softshrink", "rrelu", "threshold",
+    "sigmoid_", "relu_", "silu_", "gelu_", "tanh_", "hardswish_", "hardtanh_", "leaky_relu_", "elu_",
+]
+UNARY = ACTIVATIONS + [
     "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "neg", "abs", "sin",
     "cos", "tan", "erf", "erfc", "reciprocal", "square", "sign", "sgn", "floor", "ceil", "round",
     "trunc", "frac", "logical_not", "bitwise_not", "isnan", "isinf", "isfinite", "nan_to_num",
-    "sigmoid_", "relu_", "silu_", "gelu_", "tanh_", "hardswish_", "hardtanh_", "leaky_relu_", "elu_",
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
     "feature_dropout", "native_dropout",
     "contiguous", "clone", "detach", "detach_", "to", "_to_copy", "float", "half", "double", "bfloat16",
