@@ -1,16 +1,23 @@
 """Joint matching of attention heads and the within-head dimensions fibred over them.
 
-For a head group ``H`` and the groups ``F`` fibred over it (query/key dims, value/output dims),
-every pair of heads ``(a, b)`` is scored by the best within-head assignment of each ``F``
-(one small LAP per pair and per ``F``) plus the head-level cost of ``H``'s members that no
-``F`` member refines; one more LAP over those scores assigns the heads, and each head keeps the
-within-head assignment of its pair. Planted head and within-head permutations are recovered
-exactly, which alternating the two kinds of group one at a time does not guarantee.
+For a head group ``H`` and a set ``S`` of groups fibred over it (query/key dims, value/output
+dims), every pair of heads ``(a, b)`` is scored by the best within-head assignment of each
+fibre in ``S`` (one small LAP per pair and per fibre) plus the head-level cost of ``H``'s members
+that no fibre of ``S`` refines; one more LAP over those scores assigns the heads, and each head
+keeps the within-head assignment of its pair. Planted head and within-head permutations are
+recovered exactly, which alternating the two kinds of group one at a time does not guarantee.
+
+The scores are exact (they are the objective's change) when no two fibres of ``S`` share a
+tensor: fibres that do (grouped-query attention, where the query heads inside a key/value head
+and the value dims both reach ``o_proj``; the nested channel multipliers of grouped convs) are
+put in different parts by :func:`fibre_parts` and solved one part at a time, the fibres outside
+the part *attached* to model B's heads: head ``j`` of B keeps its within-head permutation
+wherever the head assignment moves it (:func:`attach_fibres`, :func:`carry_fibres`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, member_matrix, permute_tensor
 
-__all__ = ["fibred_over", "solve_heads"]
+__all__ = ["attach_fibres", "carry_fibres", "fibre_parts", "fibred_over", "solve_heads"]
 
 
 def fibred_over(spec: PermutationSpec, group: PermutationGroup) -> list[PermutationGroup]:
@@ -26,40 +33,91 @@ def fibred_over(spec: PermutationSpec, group: PermutationGroup) -> list[Permutat
     return [g for g in spec.active_groups if g.per == group.name]
 
 
+def fibre_parts(spec: PermutationSpec, group: PermutationGroup) -> list[list[PermutationGroup]]:
+    """Split the fibres of ``group`` into parts whose fibres touch pairwise disjoint tensors.
+
+    Within one part the per-pair within-head LAPs are independent, so their summed values are
+    the exact objective of each head pairing. Greedy colouring in spec order.
+    """
+    parts: list[tuple[list[PermutationGroup], set[str]]] = []
+    for fibre in fibred_over(spec, group):
+        params = {m.param for m in fibre.members}
+        for part, used in parts:
+            if not params & used:
+                part.append(fibre)
+                used |= params
+                break
+        else:
+            parts.append(([fibre], set(params)))
+    return [part for part, _ in parts]
+
+
+def attach_fibres(
+    perms: Mapping[str, torch.Tensor], group: PermutationGroup, fibres: Sequence[PermutationGroup]
+) -> dict[str, torch.Tensor]:
+    """``perms`` with each fibre's rows indexed by model B's head instead of A's.
+
+    With ``p = perms[group]``, B's head ``p[i]`` sits at position ``i`` and is permuted inside by
+    row ``i`` of a fibre; attached, that row belongs to head ``p[i]`` of B, so gathering B with
+    ``group`` skipped applies every head's own within-head permutation in B's head order.
+    """
+    inverse = torch.argsort(perms[group.name])
+    attached = dict(perms)
+    for fibre in fibres:
+        attached[fibre.name] = perms[fibre.name][inverse]
+    return attached
+
+
+def carry_fibres(
+    perms: Mapping[str, torch.Tensor], group: PermutationGroup, fibres: Sequence[PermutationGroup], heads: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """New rows of ``fibres`` when ``group`` moves to ``heads``: each B head keeps its row."""
+    inverse = torch.argsort(perms[group.name])
+    return {fibre.name: perms[fibre.name][inverse[heads]] for fibre in fibres}
+
+
 def _covered(head_member: Member, fibres: list[tuple[PermutationGroup, Member]]) -> bool:
-    """Whether a head member's positions are refined by a fibred member (same blocks)."""
-    return any(
-        m.param == head_member.param and m.axis == head_member.axis and m.offset == head_member.offset
-        and m.outer and m.outer[0][1] == head_member.inner
-        for _, m in fibres
-    )
+    """Whether a fibre member refines all of a head member's positions (same blocks)."""
+    for fibre, m in fibres:
+        if not (m.param == head_member.param and m.axis == head_member.axis and m.offset == head_member.offset
+                and m.outer and m.outer[0][1] == head_member.inner):
+            continue
+        span = fibre.size * m.inner
+        for count, _ in m.outer[1:]:
+            span *= count
+        if span == head_member.inner:
+            return True
+    return False
 
 
 def solve_heads(
     spec: PermutationSpec,
     group: PermutationGroup,
+    part: Sequence[PermutationGroup],
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
-    perms: dict[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], float, float]:
-    """Re-solve head group ``group`` together with its fibred groups, the others held fixed.
+    """Re-solve head group ``group`` together with the fibres in ``part``, the others held fixed.
 
     Args:
         spec: the spec.
         group: a group other groups are fibred over.
+        part: fibres of ``group`` that touch pairwise disjoint tensors (see :func:`fibre_parts`).
         a, b: cost tensors of models A and B (on the device the matmuls should run on).
-        perms: current permutations (not modified).
+        perms: current permutations, with the fibres outside ``part`` attached to B's heads
+            (:func:`attach_fibres`); not modified.
 
     Returns:
-        ``(new permutations of group and its fibres, old objective part, new objective part)``.
+        ``(new permutations of group and the fibres of part, old objective part, new objective
+        part)``; the two values are in the same terms, so their difference is the gain.
 
     Complexity:
         ``O(H^2 (d^3 + d^2 k))`` for ``H`` heads of ``d`` dims and ``k`` other entries per dim.
     """
-    fibres = fibred_over(spec, group)
-    skip = {group.name, *(f.name for f in fibres)}
+    skip = {group.name, *(f.name for f in part)}
     heads = group.size
-    fibre_members = [(f, m) for f in fibres for m in f.members if m.param in a]
+    fibre_members = [(f, m) for f in part for m in f.members if m.param in a]
     head_scores = np.zeros((heads, heads))
     for member in group.members:
         if member.param not in a or _covered(member, fibre_members):
@@ -67,7 +125,7 @@ def solve_heads(
         b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
         head_scores += (member_matrix(a[member.param], member, heads) @ member_matrix(b_other, member, heads).T).double().cpu().numpy()
     pair_costs: dict[str, np.ndarray] = {}
-    for fibre in fibres:
+    for fibre in part:
         total = None
         for f, member in fibre_members:
             if f is not fibre:
@@ -90,10 +148,10 @@ def solve_heads(
                 assignment[i, j] = columns
                 scores[i, j] += cost[i, j][rows, columns].sum()
         best[name] = assignment
-    old_value = _value(head_scores, pair_costs, perms, group, fibres)
+    old_value = _value(head_scores, pair_costs, perms, group, part)
     _, head_assignment = linear_sum_assignment(scores, maximize=True)
     new_perms = {group.name: torch.as_tensor(head_assignment, dtype=torch.long)}
-    for fibre in fibres:
+    for fibre in part:
         if fibre.name in best:
             rows = best[fibre.name][np.arange(heads), head_assignment]
             new_perms[fibre.name] = torch.as_tensor(rows, dtype=torch.long)
@@ -102,7 +160,7 @@ def solve_heads(
 
 
 def _value(head_scores: np.ndarray, pair_costs: dict[str, np.ndarray], perms: Mapping[str, torch.Tensor],
-           group: PermutationGroup, fibres: list[PermutationGroup]) -> float:
+           group: PermutationGroup, fibres: Sequence[PermutationGroup]) -> float:
     """The objective part of the current permutations, in the same terms as the scores."""
     assignment = perms[group.name].cpu().numpy()
     index = np.arange(group.size)

@@ -25,8 +25,8 @@ class MatchingResult:
             scale/shift; not BatchNorm running statistics) at ``perms``.
         n_iter: sweeps (weight matching) or epochs (STE) run.
         converged: whether the solver stopped on its own criterion before its iteration limit.
-        history: weight matching: the objective at the start and after every sweep (tracked
-            from the LAP gains; the first and last entries are recomputed exactly); STE: the
+        history: weight matching: the exact objective at the start and after every sweep
+            (every move is measured on the tensors it touches); STE: the
             midpoint loss of the weight-matching start and of the projection after every epoch.
         loss: the midpoint loss of ``perms`` (data-driven solvers only).
         fallback_groups: groups solved by weight matching because no activation shows them

@@ -12,6 +12,7 @@ counters of those groups and recomputed only when one of them has changed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from autoperm.errors import SolverError
-from autoperm.solvers.heads import solve_heads
+from autoperm.solvers.heads import attach_fibres, carry_fibres, fibre_parts, fibred_over, solve_heads
 from autoperm.solvers.result import MatchingResult, check_state_dicts, is_cost_tensor
 from autoperm.spec import (
     Member,
@@ -124,35 +125,30 @@ def weight_matching(
     solver = _CoordinateDescent(spec, state_dict_a, state_dict_b, perms, torch.device(device))
     to_solve = [g for g in spec.active_groups if groups is None or g.name in groups]
     generator = np.random.default_rng(seed)
-    history = [solver.objective()]
+    history = [solver.value]
     converged = False
     sweep = 0
     informed = first_sweep == "graph" and init_perms is None  # a given start is not the identity
     if informed:
         solver.pending = {g.name for g in to_solve}
     for sweep in range(1, max_iter + 1):
-        gain = 0.0
         improved = False
         order = generator.permutation(len(to_solve))
-        if sweep == 1 and informed:
+        solver.informed = sweep == 1 and informed
+        if solver.informed:
             order = np.arange(len(to_solve))
         for index in order:
-            group_gain = solver.solve_group(to_solve[index], tol)
+            improved |= solver.solve_group(to_solve[index], tol)
             solver.pending.discard(to_solve[index].name)
-            improved |= group_gain > 0
-            gain += group_gain
-        if sweep == 1 and informed:  # its costs left terms out: measure, and always sweep again
-            history.append(solver.objective())
+        history.append(solver.value)
+        if solver.informed:  # its costs left terms out: always sweep again with every term
             improved = True
-        else:
-            history.append(history[-1] + gain)
         logger.debug("weight matching sweep %d: objective %.6g", sweep, history[-1])
         if callback is not None:
             callback(sweep, history[-1])
         if not improved:
             converged = True
             break
-    history[-1] = solver.objective()
     logger.info(
         "weight matching: objective %.6g -> %.6g in %d sweep(s)%s",
         history[0], history[-1], sweep, "" if converged else " (not converged)",
@@ -186,6 +182,7 @@ class _CoordinateDescent:
         self.a = {name: state_dict_a[name].detach().to(device) for name in self.cost_params}
         self.b = {name: state_dict_b[name].detach().to(device) for name in self.cost_params}
         self.versions = {name: 0 for name in perms}
+        self.version_ids = itertools.count(1)  # every change gets a fresh id, so a reverted id is never reused
         self.terms: dict[str, list[_Term]] = {}
         for name in self.cost_params:
             pairs = spec.members_by_param[name]
@@ -208,40 +205,79 @@ class _CoordinateDescent:
         self.constants: dict[str, torch.Tensor | None] = {}
         self.solved_at: dict[str, tuple[int, ...]] = {}
         self.inner_products: dict[str, tuple[tuple[int, ...], float]] = {}
+        self.params_of: dict[str, tuple[str, ...]] = {}
+        for name in self.cost_params:
+            for group, _ in spec.members_by_param[name]:
+                if name not in self.params_of.setdefault(group.name, ()):
+                    self.params_of[group.name] += (name,)
+        self.fibres = {g.name: fibred_over(spec, g) for g in spec.active_groups}
+        self.parts = {name: fibre_parts(spec, spec[name]) for name, fibres in self.fibres.items() if fibres}
+        self.informed = False  # an informed first sweep: moves are taken on partial costs
+        self.value = self.objective()
 
     # ------------------------------------------------------------------ objective
     def objective(self) -> float:
         """``sum <A, pi(B)>`` over the cost tensors, recomputing only tensors whose perms changed."""
-        total = 0.0
-        for name in self.cost_params:
-            groups = [g.name for g, _ in self.spec.members_by_param[name]]
-            key = tuple(self.versions.get(g, 0) for g in groups)
-            cached = self.inner_products.get(name)
-            if cached is None or cached[0] != key:
-                cached = (key, _inner_product(self.a[name], self.b[name], self._indices(name)))
-                self.inner_products[name] = cached
-            total += cached[1]
-        return total
+        return sum(self._inner(name) for name in self.cost_params)
+
+    def _inner(self, name: str) -> float:
+        """``<A, pi(B)>`` of one cost tensor, cached by the versions of the groups touching it."""
+        key = tuple(self.versions.get(g.name, 0) for g, _ in self.spec.members_by_param[name])
+        cached = self.inner_products.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, _inner_product(self.a[name], self.b[name], self._indices(name)))
+            self.inner_products[name] = cached
+        return cached[1]
+
+    def _commit(self, new: Mapping[str, torch.Tensor], tol: float) -> bool:
+        """Move to the permutations ``new``, measuring the objective's exact change.
+
+        The LAP values that propose a move are exact for most groups but not all (a group that
+        permutes two axes of one tensor makes the objective quadratic in it), so the change is
+        measured on the tensors the move touches. A move that does not improve the objective by
+        more than ``tol`` is taken back, except during an informed first sweep, whose partial
+        costs may trade objective now for a better start. Keeps ``value`` the true objective.
+
+        Returns:
+            whether the move was kept.
+        """
+        changed = {name: p for name, p in new.items() if not torch.equal(p, self.perms[name])}
+        if not changed:
+            return False
+        touched = {param for name in changed for param in self.params_of.get(name, ())}
+        before = sum(self._inner(param) for param in touched)
+        saved = {name: (self.perms[name], self.versions[name]) for name in changed}
+        for name, permutation in changed.items():
+            self.perms[name] = permutation
+            self.versions[name] = next(self.version_ids)
+        gain = sum(self._inner(param) for param in touched) - before
+        if not self.informed and gain <= tol * max(1.0, abs(self.value)):
+            for name, (permutation, version) in saved.items():
+                self.perms[name], self.versions[name] = permutation, version
+            return False
+        self.value += gain
+        return True
 
     # ---------------------------------------------------------------------- solve
-    def solve_group(self, group: PermutationGroup, tol: float) -> float:
-        """Re-solve one group with the others fixed; return its gain (0 unless beyond ``tol``).
+    def solve_group(self, group: PermutationGroup, tol: float) -> bool:
+        """Re-solve one group with the others fixed; return whether its permutation changed.
 
         A group is skipped when neither its cost nor its permutation has changed since its last
         solve (by another group's update, or by the head solver): the LAP would return the
-        current permutation's value again, a gain of 0, so the result is the same.
+        current permutation again. Groups that others are fibred over are solved jointly with
+        their fibres (:mod:`autoperm.solvers.heads`).
         """
-        if any(g.per == group.name for g in self.spec.active_groups):
+        if group.name in self.parts:
             return self._solve_heads(group, tol)
         if group.name not in self.terms:
-            return 0.0
+            return False
         stamp = self._stamp(group)
         if self.solved_at.get(group.name) == stamp:
-            return 0.0
+            return False
         self.solved_at[group.name] = stamp
         cost = self._cost(group)
         if cost is None:  # every term waits for groups not visited yet
-            return 0.0
+            return False
         current = self.perms[group.name]
         if group.per is None:
             new, old_value, new_value = _assign(cost, current)
@@ -249,29 +285,34 @@ class _CoordinateDescent:
             rows = [_assign(cost[k], current[k]) for k in range(cost.shape[0])]
             new = torch.stack([r[0] for r in rows])
             old_value, new_value = sum(r[1] for r in rows), sum(r[2] for r in rows)
-        if new_value - old_value <= tol * max(1.0, abs(old_value)):
-            return 0.0
-        self.perms[group.name] = new
-        self.versions[group.name] += 1
+        if new_value - old_value <= tol * max(1.0, abs(old_value)) or not self._commit({group.name: new}, tol):
+            return False
         complete = group.name in self.solved_at  # _cost drops the stamp of a partial cost
         if complete and group.name not in self.dependencies[group.name]:  # its own cost did not change
             self.solved_at[group.name] = self._stamp(group)
-        return new_value - old_value
+        return True
 
     def _stamp(self, group: PermutationGroup) -> tuple[int, ...]:
         """Versions of the group and of every group its cost depends on."""
-        return (self.versions[group.name], *(self.versions[g] for g in self.dependencies[group.name]))
+        return (self.versions[group.name], *(self.versions[g] for g in self.dependencies.get(group.name, ())))
 
-    def _solve_heads(self, group: PermutationGroup, tol: float) -> float:
-        """Heads and their fibred within-head groups in one step (see :mod:`autoperm.solvers.heads`)."""
-        new, old_value, new_value = solve_heads(self.spec, group, self.a, self.b, self.perms)
-        if new_value - old_value <= tol * max(1.0, abs(old_value)):
-            return 0.0
-        for name, permutation in new.items():
-            if not torch.equal(permutation, self.perms[name]):
-                self.perms[name] = permutation
-                self.versions[name] += 1
-        return new_value - old_value
+    def _solve_heads(self, group: PermutationGroup, tol: float) -> bool:
+        """Heads and their fibred within-head groups, one part of non-overlapping fibres at a time."""
+        names = [group.name, *(f.name for f in self.fibres[group.name])]
+        stamp = tuple(v for name in names for v in self._stamp(self.spec[name]))
+        if self.solved_at.get(group.name) == stamp:
+            return False
+        moved = False
+        for part in self.parts[group.name]:
+            others = [f for f in self.fibres[group.name] if f not in part]
+            attached = attach_fibres(self.perms, group, others)
+            new, old_value, new_value = solve_heads(self.spec, group, part, self.a, self.b, attached)
+            if new_value - old_value <= tol * max(1.0, abs(old_value)):
+                continue
+            new.update(carry_fibres(self.perms, group, others, new[group.name]))
+            moved |= self._commit(new, tol)
+        self.solved_at[group.name] = tuple(v for name in names for v in self._stamp(self.spec[name]))
+        return moved
 
     def _cost(self, group: PermutationGroup) -> np.ndarray | None:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
