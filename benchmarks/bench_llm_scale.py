@@ -92,6 +92,12 @@ def create_checkpoints(spec, workdir: Path, dtype: torch.dtype, noise: float) ->
     return paths
 
 
+def _status_gib(field: str) -> float:
+    """A memory figure of this process from ``/proc/self/status`` (Linux), in GiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 2**20
+
+
 def run_one(args: argparse.Namespace) -> None:
     """Child process: memory-map one pair, run weight matching, print one JSON line."""
     import importlib
@@ -106,6 +112,7 @@ def run_one(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     spec = PermutationSpec.from_yaml(args.spec)
+    baseline_gib = _status_gib("VmRSS")  # interpreter, torch, scipy: not the run's own memory
     sd_a = mmap_safetensors(args.a)
     sd_b = mmap_safetensors(args.b)
     spent = {"lap": 0.0, "products": 0.0, "lap_calls": 0, "lap_max_n": 0}
@@ -160,8 +167,8 @@ def run_one(args: argparse.Namespace) -> None:
         wrong = [name for name in spec.members_by_param
                  if not torch.equal(permute_tensor(spec, result.perms, name, permute_tensor(spec, planted, name, sd_a[name])), sd_a[name])]
         report["planted_tensors_wrong"] = len(wrong)
-    with open("/proc/self/status") as status:
-        report["peak_rss_gib"] = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 2**20
+    report["peak_rss_gib"] = _status_gib("VmHWM")
+    report["baseline_rss_gib"] = baseline_gib
     if args.device.startswith("cuda"):
         report["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(report), flush=True)
@@ -218,7 +225,9 @@ def main() -> None:
                           params_m=round(params / 1e6), weights_gib=weights_gib)
             sweeps = report["sweep_s"]
             per_sweep = f"{sweeps[0]:.1f} s first, {sorted(sweeps[1:])[len(sweeps[1:]) // 2]:.1f} s median later" if len(sweeps) > 1 else f"{sweeps[0]:.1f} s"
-            memory = f"peak RSS {report['peak_rss_gib']:.2f} GiB ({report['peak_rss_gib'] / weights_gib:.2f}x the pair)"
+            grown = report["peak_rss_gib"] - report["baseline_rss_gib"]
+            memory = (f"peak RSS {report['peak_rss_gib']:.2f} GiB ({report['peak_rss_gib'] / weights_gib:.2f}x the pair; "
+                      f"{grown:.2f} GiB = {grown / weights_gib:.2f}x above the {report['baseline_rss_gib']:.2f} GiB after imports)"
             if "peak_cuda_gib" in report:
                 memory += f", peak CUDA {report['peak_cuda_gib']:.2f} GiB"
             recovery = f", planted: {report['planted_groups_recovered']} groups, {report['planted_tensors_wrong']} tensors wrong" if pair == "planted" else ""

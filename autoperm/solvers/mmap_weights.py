@@ -147,7 +147,7 @@ def write_safetensors(
                         f"{path}: tensor {name!r} was produced with shape {list(tensor.shape)} and dtype {tensor.dtype}, "
                         f"announced {list(shape)} and {dtype}"
                     )
-                data = tensor.detach().cpu().contiguous()
+                data = tensor.detach().cpu().contiguous().reshape(-1)
                 out.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
         os.replace(temporary, path)
     except BaseException:
