@@ -106,3 +106,11 @@ def test_cuda_auction_matches_scipy() -> None:
     assert result.method == "auction"
     rows, columns = linear_sum_assignment(cost, maximize=True)
     assert result.value == pytest.approx(cost[rows, columns].sum(), abs=1e-8 * np.abs(cost).max())
+
+
+def test_auto_picks_lapx_for_planted_like_costs_and_scipy_otherwise() -> None:
+    costs = _costs(300, seed=1)
+    planted = linear_assignment(costs["planted"]).method
+    assert planted == ("lapx" if "lapx" in available_methods() else "scipy")
+    assert linear_assignment(costs["random"]).method == "scipy"
+    assert linear_assignment(costs["planted"][:8, :8]).method == "scipy"  # tiny: no dispatch overhead
