@@ -63,8 +63,8 @@ def _init(name: str, shape: list[int], dtype: torch.dtype, seed: int) -> torch.T
     return (0.02 * torch.randn(shape, generator=generator)).to(dtype)
 
 
-def create_checkpoints(spec, workdir: Path, dtype: torch.dtype, noise: float) -> dict[str, Path]:
-    """Write ``a``, ``planted`` and ``independent`` (skipping files that exist) and the planted perms."""
+def create_checkpoints(spec, workdir: Path, dtype: torch.dtype, noise: float, pairs: list[str]) -> dict[str, Path]:
+    """Write ``a`` and the B models of ``pairs`` (skipping files that exist) and the planted perms."""
     import autoperm
     from autoperm.solvers.mmap_weights import mmap_safetensors, write_safetensors
     from autoperm.spec import permute_tensor
@@ -76,9 +76,9 @@ def create_checkpoints(spec, workdir: Path, dtype: torch.dtype, noise: float) ->
     torch.save(perms, workdir / "planted_perms.pt")
     if not paths["a"].exists():
         write_safetensors(paths["a"], layout, lambda name: _init(name, layout[name][0], dtype, seed=0))
-    if not paths["independent"].exists():
+    if "independent" in pairs and not paths["independent"].exists():
         write_safetensors(paths["independent"], layout, lambda name: _init(name, layout[name][0], dtype, seed=1))
-    if not paths["planted"].exists():
+    if "planted" in pairs and not paths["planted"].exists():
         a = mmap_safetensors(paths["a"])
 
         def planted(name: str) -> torch.Tensor:
@@ -117,13 +117,22 @@ def run_one(args: argparse.Namespace) -> None:
     sd_b = mmap_safetensors(args.b)
     spent = {"lap": 0.0, "products": 0.0, "lap_calls": 0, "lap_max_n": 0}
 
-    def timed_lap(cost, maximize=False):  # scipy's signature, as weight matching calls it
-        start = time.perf_counter()
-        result = linear_assignment(cost, maximize=maximize, method=args.lap)
+    def count_lap(start: float, n: int) -> None:
         spent["lap"] += time.perf_counter() - start
         spent["lap_calls"] += 1
-        spent["lap_max_n"] = max(spent["lap_max_n"], cost.shape[0])
+        spent["lap_max_n"] = max(spent["lap_max_n"], n)
+
+    def timed_scipy(cost, maximize=False):  # scipy's signature (the head solver's small LAPs)
+        start = time.perf_counter()
+        result = linear_assignment(cost, maximize=maximize, method="scipy")
+        count_lap(start, cost.shape[0])
         return torch.arange(cost.shape[0]).numpy(), result.columns
+
+    def timed_assignment(cost, maximize=True, method="auto", **options):
+        start = time.perf_counter()
+        result = linear_assignment(cost, maximize=maximize, method=method, **options)
+        count_lap(start, cost.shape[0])
+        return result
 
     def timed(function):
         def wrapper(*a, **k):
@@ -137,8 +146,15 @@ def run_one(args: argparse.Namespace) -> None:
             return out
         return wrapper
 
-    wm.linear_sum_assignment = timed_lap
-    heads_module.linear_sum_assignment = timed_lap
+    heads_module.linear_sum_assignment = timed_scipy
+    options = {}
+    if hasattr(wm, "linear_assignment"):  # weight matching with the LAP dispatcher
+        wm.linear_assignment = timed_assignment
+        options["lap"] = args.lap
+    else:
+        wm.linear_sum_assignment = lambda cost, maximize=False: (None, timed_assignment(cost, maximize, args.lap).columns)
+    if args.cache_gib is not None:
+        options["cache_bytes"] = int(args.cache_gib * 2**30)
     wm._CoordinateDescent._product = timed(wm._CoordinateDescent._product)
     wm._CoordinateDescent._refresh = timed(wm._CoordinateDescent._refresh)
     sweep_times: list[float] = []
@@ -151,7 +167,7 @@ def run_one(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     last[0] = start
-    result = autoperm.weight_matching(spec, sd_a, sd_b, max_iter=args.max_iter, seed=0, device=args.device, callback=callback)
+    result = autoperm.weight_matching(spec, sd_a, sd_b, max_iter=args.max_iter, seed=0, device=args.device, callback=callback, **options)
     total = time.perf_counter() - start
     report = {
         "total_s": total, "sweeps": result.n_iter, "converged": result.converged,
@@ -182,6 +198,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lap", default="auto", choices=["auto", "scipy", "lapx", "auction"])
     parser.add_argument("--max-iter", type=int, default=100)
+    parser.add_argument("--cache-gib", type=float, help="weight matching's cache for cost products (default: its own)")
     parser.add_argument("--noise", type=float, default=0.1, help="planted noise, as a fraction of the init std")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--workdir", default="llm-scale-checkpoints")
@@ -204,7 +221,7 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         spec.to_yaml(workdir / "spec.yaml")
         start = time.perf_counter()
-        paths = create_checkpoints(spec, workdir, DTYPES[args.dtype], args.noise)
+        paths = create_checkpoints(spec, workdir, DTYPES[args.dtype], args.noise, args.pairs.split(","))
         params = sum(torch.Size(s).numel() for s in spec.shapes.values())
         weights_gib = 2 * params * torch.empty((), dtype=DTYPES[args.dtype]).element_size() / 2**30
         print(f"{shape}: {params / 1e6:.0f}M parameters, {weights_gib:.2f} GiB for the pair ({args.dtype}); "
@@ -212,7 +229,7 @@ def main() -> None:
         for pair in args.pairs.split(","):
             command = [sys.executable, __file__, "--run-one", "--spec", str(workdir / "spec.yaml"), "--a", str(paths["a"]),
                        "--b", str(paths[pair]), "--device", args.device, "--lap", args.lap, "--max-iter", str(args.max_iter),
-                       "--threads", str(args.threads)]
+                       "--threads", str(args.threads)] + ([] if args.cache_gib is None else ["--cache-gib", str(args.cache_gib)])
             if pair == "planted":
                 command += ["--planted-perms", str(workdir / "planted_perms.pt")]
             completed = subprocess.run(command, capture_output=True, text=True)
@@ -227,7 +244,7 @@ def main() -> None:
             per_sweep = f"{sweeps[0]:.1f} s first, {sorted(sweeps[1:])[len(sweeps[1:]) // 2]:.1f} s median later" if len(sweeps) > 1 else f"{sweeps[0]:.1f} s"
             grown = report["peak_rss_gib"] - report["baseline_rss_gib"]
             memory = (f"peak RSS {report['peak_rss_gib']:.2f} GiB ({report['peak_rss_gib'] / weights_gib:.2f}x the pair; "
-                      f"{grown:.2f} GiB = {grown / weights_gib:.2f}x above the {report['baseline_rss_gib']:.2f} GiB after imports)"
+                      f"{grown:.2f} GiB = {grown / weights_gib:.2f}x above the {report['baseline_rss_gib']:.2f} GiB after imports)")
             if "peak_cuda_gib" in report:
                 memory += f", peak CUDA {report['peak_cuda_gib']:.2f} GiB"
             recovery = f", planted: {report['planted_groups_recovered']} groups, {report['planted_tensors_wrong']} tensors wrong" if pair == "planted" else ""
