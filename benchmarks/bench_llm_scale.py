@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--workdir", default="llm-scale-checkpoints")
     parser.add_argument("--json", help="append one JSON line per run here")
+    parser.add_argument("--create-only", action="store_true", help="write the checkpoints and stop")
     # child-process mode
     parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -226,7 +227,7 @@ def main() -> None:
         weights_gib = 2 * params * torch.empty((), dtype=DTYPES[args.dtype]).element_size() / 2**30
         print(f"{shape}: {params / 1e6:.0f}M parameters, {weights_gib:.2f} GiB for the pair ({args.dtype}); "
               f"spec {spec_time:.1f} s ({len(spec.groups)} groups), checkpoints {time.perf_counter() - start:.1f} s", flush=True)
-        for pair in args.pairs.split(","):
+        for pair in [] if args.create_only else args.pairs.split(","):
             command = [sys.executable, __file__, "--run-one", "--spec", str(workdir / "spec.yaml"), "--a", str(paths["a"]),
                        "--b", str(paths[pair]), "--device", args.device, "--lap", args.lap, "--max-iter", str(args.max_iter),
                        "--threads", str(args.threads)] + ([] if args.cache_gib is None else ["--cache-gib", str(args.cache_gib)])
