@@ -11,7 +11,7 @@ assignment (LAP) and in cost products (matmuls), peak RSS (``VmHWM``) or peak CU
 sweeps, convergence, and for the planted pair whether every tensor of the matched model equals
 the original exactly once the noise is left out (planted recovery).
 
-    python benchmarks/bench_llm_scale.py --shapes llama-107m --pairs planted,independent
+    python benchmarks/bench_llm_scale.py --shapes llama-156m --pairs planted,independent
     python benchmarks/bench_llm_scale.py --shapes tinyllama-1.1b --pairs planted --lap lapx
     python benchmarks/bench_llm_scale.py --shapes llama-7b --dtype bfloat16 --device cuda
 
@@ -34,7 +34,7 @@ import torch
 
 SHAPES: dict[str, dict[str, int]] = {
     "llama-tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, vocab_size=1024),
-    "llama-107m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
+    "llama-156m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000),
     "llama-340m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=24, num_key_value_heads=4, vocab_size=32000),
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -73,7 +73,6 @@ def create_checkpoints(spec, workdir: Path, dtype: torch.dtype, noise: float, pa
     layout = {name: (list(shape), dtype) for name, shape in spec.shapes.items()}
     paths = {kind: workdir / f"{kind}.safetensors" for kind in ("a", "planted", "independent")}
     perms = autoperm.random_permutation(spec, seed=123)
-    torch.save(perms, workdir / "planted_perms.pt")
     if not paths["a"].exists():
         write_safetensors(paths["a"], layout, lambda name: _init(name, layout[name][0], dtype, seed=0))
     if "independent" in pairs and not paths["independent"].exists():
@@ -89,6 +88,7 @@ def create_checkpoints(spec, workdir: Path, dtype: torch.dtype, noise: float, pa
             return (moved.float() + noise * 0.02 * torch.randn(moved.shape, generator=generator)).to(dtype)
 
         write_safetensors(paths["planted"], layout, planted)
+        torch.save(perms, workdir / "planted_perms.pt")  # the permutation the file was made with
     return paths
 
 
@@ -115,7 +115,7 @@ def run_one(args: argparse.Namespace) -> None:
     baseline_gib = _status_gib("VmRSS")  # interpreter, torch, scipy: not the run's own memory
     sd_a = mmap_safetensors(args.a)
     sd_b = mmap_safetensors(args.b)
-    spent = {"lap": 0.0, "products": 0.0, "lap_calls": 0, "lap_max_n": 0}
+    spent: dict = {"lap": 0.0, "products": 0.0, "lap_calls": 0, "lap_max_n": 0, "lap_methods": {}}
 
     def count_lap(start: float, n: int) -> None:
         spent["lap"] += time.perf_counter() - start
@@ -132,6 +132,7 @@ def run_one(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         result = linear_assignment(cost, maximize=maximize, method=method, **options)
         count_lap(start, cost.shape[0])
+        spent["lap_methods"][result.method] = spent["lap_methods"].get(result.method, 0) + 1
         return result
 
     def timed(function):
@@ -171,7 +172,7 @@ def run_one(args: argparse.Namespace) -> None:
     total = time.perf_counter() - start
     report = {
         "total_s": total, "sweeps": result.n_iter, "converged": result.converged,
-        "sweep_s": sweep_times, "lap_s": spent["lap"], "lap_calls": spent["lap_calls"], "lap_max_n": spent["lap_max_n"],
+        "sweep_s": sweep_times, "lap_s": spent["lap"], "lap_calls": spent["lap_calls"], "lap_max_n": spent["lap_max_n"], "lap_methods": spent["lap_methods"],
         "products_s": spent["products"], "objective_start": result.history[0], "objective": result.objective,
     }
     if args.planted_perms:
@@ -192,7 +193,7 @@ def run_one(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="llama-107m")
+    parser.add_argument("--shapes", default="llama-156m")
     parser.add_argument("--pairs", default="planted,independent")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
@@ -250,7 +251,7 @@ def main() -> None:
                 memory += f", peak CUDA {report['peak_cuda_gib']:.2f} GiB"
             recovery = f", planted: {report['planted_groups_recovered']} groups, {report['planted_tensors_wrong']} tensors wrong" if pair == "planted" else ""
             print(f"  {pair}: {report['total_s']:.1f} s, {report['sweeps']} sweeps ({'converged' if report['converged'] else 'NOT converged'}; "
-                  f"{per_sweep}), LAP {report['lap_s']:.1f} s ({report['lap_calls']} calls, n <= {report['lap_max_n']}), "
+                  f"{per_sweep}), LAP {report['lap_s']:.1f} s ({report['lap_calls']} calls, n <= {report['lap_max_n']}, {report['lap_methods']}), "
                   f"products {report['products_s']:.1f} s, {memory}{recovery}", flush=True)
             if args.json:
                 with open(args.json, "a") as out:
