@@ -104,8 +104,9 @@ def weight_matching(
             on MobileNetV3 and EfficientNet-B0 a large share stayed wrong; the informed first
             sweep recovers all of them.
         lap: the linear assignment backend (:func:`autoperm.solvers.lap.linear_assignment`):
-            ``"auto"`` (lapx on planted-like costs when installed, else scipy; the auction for
-            large costs on a GPU), ``"scipy"``, ``"lapx"`` or ``"auction"``.
+            ``"auto"`` (each row's best column when those are distinct, an exact ``O(n^2)``
+            shortcut; else lapx on planted-like costs when installed, else scipy), ``"scipy"``,
+            ``"lapx"`` or ``"auction"`` (torch; within a certified gap of the optimum).
         distributed: run on every rank of the initialised ``torch.distributed`` process group,
             each rank passing its shard of both state dicts (the same tensor names in A and B);
             every rank returns the same result, equal to one process's on the whole models
