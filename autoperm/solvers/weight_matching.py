@@ -92,8 +92,9 @@ def weight_matching(
         groups: solve only these groups; the others stay at ``init_perms`` (default: all).
         first_sweep: ``"graph"`` (default) makes the first sweep an informed initialisation:
             it visits the groups in the order of the spec, from the input towards the output,
-            and each group's cost leaves out the terms that depend on groups not visited yet
-            (while those are at the identity their terms are noise; with ``init_perms`` the
+            and each group's cost leaves out the terms that depend on groups not visited yet,
+            itself on another axis of the same tensor included (while those are at the identity
+            their terms are noise; with ``init_perms`` the
             first sweep uses every term, in graph order). Later sweeps use every
             term in a fresh random order. ``"random"`` is Git Re-Basin's schedule from the
             first sweep on. From the identity, a random first sweep can lock models into poor
@@ -317,7 +318,7 @@ class _CoordinateDescent:
     def _cost(self, group: PermutationGroup) -> np.ndarray | None:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
-        waiting = {i for i, t in enumerate(self.terms[group.name]) if self.pending.intersection(t.depends_on) - {group.name}}
+        waiting = {i for i, t in enumerate(self.terms[group.name]) if self.pending.intersection(t.depends_on)}
         if waiting:  # an informed first sweep: solve again once every term can enter
             self.solved_at.pop(group.name, None)
         if group.name in self.constants:
