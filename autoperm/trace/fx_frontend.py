@@ -101,6 +101,8 @@ class _ValueRecorder(fx.Interpreter):
             module = self.fetch_attr(target)
             if isinstance(module, _SHAPE_PRESERVING) and type(module).__module__.startswith("torch.nn."):
                 return torch.empty_like(args[0])
+            if type(module) in (nn.LSTM, nn.GRU, nn.RNN):  # on meta tensors their decomposition takes seconds
+                return _recurrent_shapes(module, args[0])
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -123,6 +125,19 @@ class _ValueRecorder(fx.Interpreter):
         if self._keep is None or n.name in self._keep:
             self.values[n.name] = result
         return result
+
+
+def _recurrent_shapes(module: nn.RNNBase, x: torch.Tensor) -> Any:
+    """Empty outputs of the right shapes for ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on input ``x``."""
+    directions = 2 if module.bidirectional else 1
+    hidden = module.proj_size or module.hidden_size
+    out = torch.empty((*x.shape[:-1], directions * hidden), dtype=x.dtype, device=x.device)
+    batch = () if x.ndim == 2 else (x.shape[0] if module.batch_first else x.shape[1],)
+    h_n = torch.empty((directions * module.num_layers, *batch, hidden), dtype=x.dtype, device=x.device)
+    if isinstance(module, nn.LSTM):
+        c_n = torch.empty((directions * module.num_layers, *batch, module.hidden_size), dtype=x.dtype, device=x.device)
+        return out, (h_n, c_n)
+    return out, h_n
 
 
 class _Runner(nn.Module):
