@@ -531,6 +531,36 @@ def _flip(ctx: RuleContext, call: BoundCall) -> None:
     _ordered_along(ctx, call.tensor("input"), call.out, dims)
 
 
+@register_op_rule("repeat", aliases=[torch.Tensor.repeat, "method:repeat", "aten.repeat"], args=("input", "repeats"))
+def _repeat(ctx: RuleContext, call: BoundCall) -> None:
+    """``x.repeat(*reps)``: each tiled axis is the concatenation of ``reps[d]`` copies of ``x``'s.
+
+    Every copy carries the same permutation; new leading axes hold copies and are free.
+    """
+    x, out = call.tensor("input"), call.out
+    reps = call.get("repeats")
+    if reps is None:
+        reps = list(call.varargs)
+    elif not isinstance(reps, (list, tuple)):
+        reps = [reps, *call.varargs]
+    if len(reps) == 1 and isinstance(reps[0], (list, tuple)):
+        reps = list(reps[0])
+    if x is None or out is None or not all(isinstance(r, int) for r in reps) or len(reps) < x.ndim:
+        ctx.unknown([t for t in (x, out) if t is not None])
+        return
+    lead = len(reps) - x.ndim
+    for d in range(lead):
+        ctx.free(out, d)
+    for d in range(x.ndim):
+        count = reps[lead + d]
+        if count == 1:
+            ctx.same(x, d, out, lead + d)
+        elif x.shape[d] == 1:
+            ctx.free(out, lead + d)
+        else:
+            ctx.define(out, lead + d, "concat", [ctx.ax(x, d)] * count)
+
+
 @register_op_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))
 def _roll(ctx: RuleContext, call: BoundCall) -> None:
     _ordered_along(ctx, call.tensor("input"), call.out, call.get("dims"))
