@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "TracedGraph",
     "trace_model",
     "record_activations",
+    "stream_activations",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,17 +90,20 @@ def trace_model(
     )
 
 
-def record_activations(
+def stream_activations(
     model: nn.Module,
     nodes: Sequence[str],
     batches: Iterable[Any],
     tracer: Literal["fx", "export"] = "fx",
     state_dict: dict[str, torch.Tensor] | None = None,
     is_leaf: Callable[[nn.Module], bool] | None = None,
-) -> dict[str, list[torch.Tensor]]:
-    """Run the traced graph of ``model`` on each batch and keep the outputs of ``nodes``.
+    edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the traced graph of ``model`` on each batch and yield the outputs of ``nodes``.
 
     Node names are those of the graph the spec was inferred from (``ActivationSite.node``).
+    The model runs in eval mode without gradients; every module's training flag is restored
+    once the generator is exhausted or closed.
 
     Args:
         model: the model (its own weights are used unless ``state_dict`` is given).
@@ -108,16 +112,21 @@ def record_activations(
         tracer: the front-end the spec was made with (``spec.tracer``).
         state_dict: weights to run with instead of the model's own.
         is_leaf: leaf predicate used at inference (defaults to the rule registry's).
+        edit: ``edit(node, output)`` returns the tensor that replaces that node's output for the
+            rest of the forward pass (REPAIR renormalises channels this way); the yielded
+            values are the outputs before the edit.
 
-    Returns:
-        ``{node name: [activation of each batch]}`` (detached).
+    Yields:
+        ``{node name: activation}`` (detached) for each batch.
+
+    Raises:
+        TraceError: a node is not in the traced graph, or does not produce a single tensor.
     """
     if is_leaf is None:
         from autoperm.infer.registry import has_module_rule
 
         is_leaf = has_module_rule
     wanted = set(nodes)
-    recorded: dict[str, list[torch.Tensor]] = {name: [] for name in nodes}
     graph_module = None
     with _EvalMode(model), torch.no_grad():
         for batch in batches:
@@ -131,10 +140,33 @@ def record_activations(
                 missing = wanted - {n.name for n in graph_module.graph.nodes}
                 if missing:
                     raise TraceError(f"the traced graph has no node(s) {sorted(missing)[:5]}; was the spec made for this model?")
-            values = run_graph(graph_module, list(args) + list(kwargs.values()), state_dict, keep=wanted)
+            values = run_graph(graph_module, list(args) + list(kwargs.values()), state_dict, keep=wanted, edit=edit)
+            recorded: dict[str, torch.Tensor] = {}
             for name in nodes:
                 value = values[name]
                 if not isinstance(value, torch.Tensor):
                     raise TraceError(f"node {name!r} does not produce a single tensor")
-                recorded[name].append(value.detach())
+                recorded[name] = value.detach()
+            yield recorded
+
+
+def record_activations(
+    model: nn.Module,
+    nodes: Sequence[str],
+    batches: Iterable[Any],
+    tracer: Literal["fx", "export"] = "fx",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    is_leaf: Callable[[nn.Module], bool] | None = None,
+) -> dict[str, list[torch.Tensor]]:
+    """Run the traced graph of ``model`` on each batch and keep the outputs of ``nodes``.
+
+    See :func:`stream_activations` for the arguments.
+
+    Returns:
+        ``{node name: [activation of each batch]}`` (detached).
+    """
+    recorded: dict[str, list[torch.Tensor]] = {name: [] for name in nodes}
+    for values in stream_activations(model, nodes, batches, tracer, state_dict, is_leaf):
+        for name in nodes:
+            recorded[name].append(values[name])
     return recorded
