@@ -337,6 +337,14 @@ class Repairer:
         self.sites = tuple(sites) if sites is not None else repair_sites(spec, model, self.batches[0][:1] if isinstance(self.batches[0], torch.Tensor) else self.batches[0])
         if not self.sites:
             logger.warning("REPAIR: no layer with a per-channel affine writes a permuted channel; nothing to correct")
+        from autoperm.trace.common import state_aliases
+
+        self._aliases = state_aliases(model)[0]
+        self._graphs: dict[Any, Any] = {}
+        self._by_shape: dict[Any, list[Any]] = {}
+        for batch in self.batches:
+            key = tuple(batch.shape) if isinstance(batch, torch.Tensor) and self.spec.tracer == "export" else None
+            self._by_shape.setdefault(key, []).append(batch)
         self._channels = {site.node: torch.tensor(site.channels, dtype=torch.long) for site in self.sites}
         self.state_dict_a = dict(state_dict_a)
         self.state_dict_b = dict(state_dict_b)
@@ -344,12 +352,18 @@ class Repairer:
 
     # ------------------------------------------------------------------ passes
     def _stream(self, state_dict: Mapping[str, torch.Tensor], edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
-        from autoperm.trace import stream_activations
+        """Site outputs of every batch; one traced graph per input shape (torch.export graphs are shape-specialised)."""
+        from autoperm.trace import runnable_graph, stream_activations
 
-        state = {name: tensor.to(self.device) for name, tensor in state_dict.items()}
-        return stream_activations(
-            self.model, [site.node for site in self.sites], self.batches, tracer=self.spec.tracer, state_dict=state, edit=edit,
-        )
+        # tied weights (shared embeddings) go in once, under their canonical name
+        state = {name: tensor.to(self.device) for name, tensor in state_dict.items() if self._aliases.get(name, name) == name}
+        nodes = [site.node for site in self.sites]
+        for key, batches in self._by_shape.items():
+            if key not in self._graphs:
+                self._graphs[key] = runnable_graph(self.model, batches[0], self.spec.tracer)
+            yield from stream_activations(
+                self.model, nodes, batches, tracer=self.spec.tracer, state_dict=state, edit=edit, graph=self._graphs[key],
+            )
 
     def _moments(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, _Moments]:
         moments = {site.node: _Moments() for site in self.sites}

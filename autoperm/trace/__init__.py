@@ -22,6 +22,7 @@ __all__ = [
     "trace_model",
     "record_activations",
     "stream_activations",
+    "runnable_graph",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,28 @@ def trace_model(
     )
 
 
+def runnable_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    tracer: Literal["fx", "export"] = "fx",
+    is_leaf: Callable[[nn.Module], bool] | None = None,
+) -> torch.fx.GraphModule:
+    """The graph module that :func:`stream_activations` runs, built once for repeated passes.
+
+    Its node names are those of :func:`trace_model` with the same front-end (and so of
+    ``ActivationSite.node``).
+    """
+    if is_leaf is None:
+        from autoperm.infer.registry import has_module_rule
+
+        is_leaf = has_module_rule
+    args, kwargs = normalise_inputs(example_inputs)
+    with _EvalMode(model), torch.no_grad():
+        if tracer == "fx":
+            return symbolic_trace(model, args, kwargs, is_leaf)[0]
+        return export_program(model, args, kwargs).module()
+
+
 def stream_activations(
     model: nn.Module,
     nodes: Sequence[str],
@@ -98,6 +121,7 @@ def stream_activations(
     state_dict: dict[str, torch.Tensor] | None = None,
     is_leaf: Callable[[nn.Module], bool] | None = None,
     edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    graph: torch.fx.GraphModule | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Run the traced graph of ``model`` on each batch and yield the outputs of ``nodes``.
 
@@ -115,6 +139,7 @@ def stream_activations(
         edit: ``edit(node, output)`` returns the tensor that replaces that node's output for the
             rest of the forward pass (REPAIR renormalises channels this way); the yielded
             values are the outputs before the edit.
+        graph: the graph to run, from :func:`runnable_graph` (by default traced on the first batch).
 
     Yields:
         ``{node name: activation}`` (detached) for each batch.
@@ -122,21 +147,17 @@ def stream_activations(
     Raises:
         TraceError: a node is not in the traced graph, or does not produce a single tensor.
     """
-    if is_leaf is None:
-        from autoperm.infer.registry import has_module_rule
-
-        is_leaf = has_module_rule
     wanted = set(nodes)
-    graph_module = None
+    graph_module = graph
+    checked = False
     with _EvalMode(model), torch.no_grad():
         for batch in batches:
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             args, kwargs = normalise_inputs(inputs)
             if graph_module is None:
-                if tracer == "fx":
-                    graph_module, _ = symbolic_trace(model, args, kwargs, is_leaf)
-                else:
-                    graph_module = export_program(model, args, kwargs).module()
+                graph_module = runnable_graph(model, inputs, tracer, is_leaf)
+            if not checked:
+                checked = True
                 missing = wanted - {n.name for n in graph_module.graph.nodes}
                 if missing:
                     raise TraceError(f"the traced graph has no node(s) {sorted(missing)[:5]}; was the spec made for this model?")
