@@ -156,6 +156,11 @@ def digits(flat: bool) -> dict[str, Split]:
     return {split: (x.reshape(shape), y) for split, (x, y) in data.splits().items()}
 
 
+def digits_images() -> dict[str, Split]:
+    """Digits as 1x8x8 images, for the CLI: ``--data benchmarks.lmc_families:digits_images``."""
+    return digits(flat=False)
+
+
 def stdlib_text(context: int, train_windows: int, test_windows: int, max_bytes: int = 3_000_000) -> dict[str, Any]:
     """Byte tokens of the standard library's ``.py`` files (every 10th file held out for test)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -304,7 +309,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
     started = time.perf_counter()
     splits: dict[str, Any]
     if family.data == "text":
-        splits = stdlib_text(context=64, train_windows=512, test_windows=256)
+        splits = stdlib_text(context=64, train_windows=256, test_windows=128)
         eval_splits = {"train": splits["train"], "test": splits["test"]}
         example = splits["train"][0][:1]
     else:
@@ -347,6 +352,11 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
                 tick = time.perf_counter()
                 curves[key] = context.curve(sd_a, sd, repaired, bar)
                 rows[key] = {"barrier": _barriers(curves[key]), "seconds": time.perf_counter() - tick}
+    # variance collapse at the midpoint (plain interpolation), per REPAIR site; BatchNorm
+    # networks are left out (their interpolated running statistics are reset before evaluating)
+    for method in ("wm", "ste") if not bn else ():
+        repairer = Repairer(spec, model, sd_a, aligned[method], train_data, batch_size=512)
+        rows[method]["variance_ratio"] = repairer.variance_ratio(0.5)
     for method, sd in aligned.items():
         distance = autoperm.l2_distance(sd_a, sd)
         rows[method]["l2"] = distance.absolute

@@ -15,6 +15,8 @@ Properties checked:
 from __future__ import annotations
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -219,3 +221,29 @@ def test_repair_hugging_face_gpt2_through_torch_export():
 
     curve = autoperm.interpolation_curve(model, sd_a, sd_b, evaluate, num_points=3, transform=repairer)
     assert torch.isfinite(torch.tensor(autoperm.loss_barrier(curve)))
+
+
+def test_cli_barrier_repair_writes_both_curves(tmp_path):
+    from click.testing import CliRunner
+
+    from autoperm.cli import cli
+
+    paths = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save(MLP(64, hidden=16, depth=2).state_dict(), paths[name])
+    common = ["barrier", "autoperm.models:MLP", "--kwargs", "in_features=64", "--kwargs", "hidden=16", "--kwargs", "depth=2",
+              "--a", str(paths["a"]), "--b", str(paths["b"]), "--data", "digits", "--points", "3", "--repair"]
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(cli, [*common, "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "with REPAIR" in result.output and "REPAIR: 2 layer(s), 32 channels corrected" in result.output
+    data = json.loads(report.read_text())
+    assert set(data["repair"]["barriers"]) == set(data["barriers"])
+    assert [site["weight"] for site in data["repair"]["sites"]] == ["layers.0.weight", "layers.1.weight"]
+    assert all(math.isfinite(v) for v in data["repair"]["curve"]["test_loss"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups: 3\n")
+    result = CliRunner().invoke(cli, [*common, "--spec", str(bad)])
+    assert result.exit_code != 0 and isinstance(result.exception, SpecError) and "bad.yaml" in str(result.exception)

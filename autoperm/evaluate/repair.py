@@ -235,19 +235,21 @@ def repair_sites(spec: PermutationSpec, model: nn.Module, example_inputs: Any) -
 
 # -------------------------------------------------------------------------- statistics
 class _Moments:
-    """Per-channel count, sum and sum of squares in float64."""
+    """Per-channel count, sum and sum of squares (accumulated in float64)."""
 
     def __init__(self) -> None:
         self.count = 0
         self.total: torch.Tensor | None = None
         self.squares: torch.Tensor | None = None
 
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.double()
-        total, squares = rows.sum(0), (rows * rows).sum(0)
+    def add(self, rows: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Add ``(samples, channels)`` rows; returns this batch's ``(count, sum, sum of squares)``."""
+        total = rows.sum(0, dtype=torch.float64)
+        squares = (rows * rows).sum(0, dtype=torch.float64)
         self.count += rows.shape[0]
         self.total = total if self.total is None else self.total + total
         self.squares = squares if self.squares is None else self.squares + squares
+        return rows.shape[0], total, squares
 
     def mean(self) -> torch.Tensor:
         assert self.total is not None and self.count > 0
@@ -261,10 +263,24 @@ class _Moments:
         return (self.second() - self.mean() ** 2).clamp_min(0).sqrt()
 
 
-def _rows(value: torch.Tensor, site: RepairSite, channels: torch.Tensor) -> torch.Tensor:
-    """The site's channels of one output as ``(samples, channels)``."""
+def _rows(value: torch.Tensor, site: RepairSite, channels: torch.Tensor | None) -> torch.Tensor:
+    """The site's channels of one output as ``(samples, channels)``; ``channels=None``: all of them."""
     moved = value.movedim(site.channel_axis, -1)
-    return moved.index_select(-1, channels.to(moved.device)).reshape(-1, channels.numel())
+    if channels is not None:
+        moved = moved.index_select(-1, channels.to(moved.device))
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _affine(value: torch.Tensor, site: RepairSite, channels: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``value`` with its channels ``c`` mapped to ``scale_c * y + shift_c`` (other channels unchanged)."""
+    size = value.shape[site.channel_axis]
+    factor = torch.ones(size, dtype=torch.float64, device=value.device)
+    offset = torch.zeros(size, dtype=torch.float64, device=value.device)
+    factor[channels.to(value.device)] = scale.to(value.device)
+    offset[channels.to(value.device)] = shift.to(value.device)
+    view = [1] * value.dim()
+    view[site.channel_axis] = size
+    return value * factor.to(value.dtype).view(view) + offset.to(value.dtype).view(view)
 
 
 def _batches(data: Data, batch_size: int, max_batches: int | None) -> list[Any]:
@@ -346,6 +362,11 @@ class Repairer:
             key = tuple(batch.shape) if isinstance(batch, torch.Tensor) and self.spec.tracer == "export" else None
             self._by_shape.setdefault(key, []).append(batch)
         self._channels = {site.node: torch.tensor(site.channels, dtype=torch.long) for site in self.sites}
+        # None where a site corrects every channel of its output (no gather needed)
+        self._selection = {
+            site.node: None if site.channels == tuple(range(_channel_count(spec, site))) else self._channels[site.node]
+            for site in self.sites
+        }
         self.state_dict_a = dict(state_dict_a)
         self.state_dict_b = dict(state_dict_b)
         self.endpoint_moments = [self._moments(state_dict) for state_dict in (self.state_dict_a, self.state_dict_b)]
@@ -371,7 +392,7 @@ class Repairer:
             return moments
         for values in self._stream(state_dict):
             for site in self.sites:
-                moments[site.node].add(_rows(values[site.node], site, self._channels[site.node]))
+                moments[site.node].add(_rows(values[site.node], site, self._selection[site.node]))
         return moments
 
     def goal(self, t: float) -> dict[str, _Goal]:
@@ -385,6 +406,20 @@ class Repairer:
                 rms=(1 - t) * a.second().sqrt() + t * b.second().sqrt(),
             )
         return goals
+
+    def variance_ratio(self, t: float = 0.5) -> dict[str, float]:
+        """Variance collapse of the plain interpolated network at ``t``, per site.
+
+        Returns:
+            Site node -> mean over its channels of ``std of theta(t)`` over the goal
+            ``(1 - t) s_A + t s_B`` (1: no collapse; Jordan et al. report about 0.5 and less in
+            the deep layers of plain-interpolated aligned networks without BatchNorm).
+        """
+        from autoperm.evaluate.barrier import interpolate_state_dicts
+
+        moments = self._moments(interpolate_state_dicts(self.state_dict_a, self.state_dict_b, t))
+        goals = self.goal(t)
+        return {node: float((m.std() / goals[node].std.clamp_min(1e-12)).mean()) for node, m in moments.items()}
 
     def __call__(self, state_dict: Mapping[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
         """The repaired version of ``state_dict``, the interpolated model at ``t``."""
@@ -417,22 +452,21 @@ class Repairer:
         moments = {site.node: _Moments() for site in self.sites}
 
         def renormalise(node: str, value: torch.Tensor) -> torch.Tensor:
-            site, goal, channels = by_node[node], goals[node], self._channels[node].to(value.device)
-            moved = value.movedim(site.channel_axis, -1)
-            part = moved.index_select(-1, channels).double()
-            flat = part.reshape(-1, channels.numel())
+            site, goal = by_node[node], goals[node]
+            count, total, squares = moments[node].add(_rows(value, site, self._selection[node]))
             if site.bias is None:
-                scale = goal.rms.to(value.device) / (flat.pow(2).mean(0) + self.eps).sqrt()
-                fixed = part * scale
+                scale = goal.rms.to(total.device) / (squares / count + self.eps).sqrt()
+                shift = torch.zeros_like(scale)
             else:
-                mean, var = flat.mean(0), flat.var(0, unbiased=False)
-                fixed = (part - mean) / (var + self.eps).sqrt() * goal.std.to(value.device) + goal.mean.to(value.device)
-            return moved.index_copy(-1, channels, fixed.to(value.dtype)).movedim(-1, site.channel_axis)
+                mean = total / count
+                var = (squares / count - mean**2).clamp_min(0)
+                scale = goal.std.to(total.device) / (var + self.eps).sqrt()
+                shift = goal.mean.to(total.device) - scale * mean
+            return _affine(value, site, self._channels[node], scale, shift)
 
         if self.sites:
-            for values in self._stream(state_dict, edit=renormalise):
-                for site in self.sites:
-                    moments[site.node].add(_rows(values[site.node], site, self._channels[site.node]))
+            for _ in self._stream(state_dict, edit=renormalise):
+                pass
         result = {name: tensor.clone() for name, tensor in state_dict.items()}
         scales, shifts, ratios = {}, {}, {}
         for site in self.sites:
@@ -448,6 +482,10 @@ class Repairer:
             scales[site.node], shifts[site.node] = scale.float(), shift.float()
         logger.info("REPAIR at t=%.3f: %d site(s) corrected", t, len(self.sites))
         return RepairResult(state_dict=result, t=t, sites=self.sites, scale=scales, shift=shifts, std_ratio=ratios)
+
+
+def _channel_count(spec: PermutationSpec, site: RepairSite) -> int:
+    return spec.shapes[site.weight][site.weight_axis] if site.weight in spec.shapes else -1
 
 
 def _fold(state: dict[str, torch.Tensor], site: RepairSite, channels: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
