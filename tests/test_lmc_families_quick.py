@@ -43,7 +43,7 @@ def _numbers(value):
 
 
 def test_quick_run_reports_finite_barriers_and_wm_below_naive(lmc, tmp_path):
-    report = lmc.run(["mlp", "vgg"], tmp_path, quick_run=True, points=5, widths=(16, 32))
+    report = lmc.run(["mlp", "vgg"], tmp_path, quick_run=True, points=3, widths=(16,))
     assert json.loads((tmp_path / "report.json").read_text())["families"].keys() == {"mlp", "vgg"}
     for name, part in report["families"].items():
         assert all(math.isfinite(v) for v in _numbers(part)), name
@@ -53,7 +53,7 @@ def test_quick_run_reports_finite_barriers_and_wm_below_naive(lmc, tmp_path):
         assert set(part["anchor"]) == {"wm", "wm+repair", "ste", "ste+repair"}
         assert (tmp_path / f"{name}_barrier.png").read_bytes()[:4] == b"\x89PNG"
         assert (tmp_path / f"{name}_R_layers.png").exists()
-    assert set(report["families"]["mlp"]["width_trend"]) == {"16", "32"}
+    assert set(report["families"]["mlp"]["width_trend"]) == {"16"}
     table = lmc.format_tables(report)
     assert "| mlp | wm |" in table and "| vgg | naive |" in table
 
