@@ -381,7 +381,10 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
 
     trend: dict[str, Any] = {}
     for width in widths:
-        trend[str(width)] = width_point(family, width, splits, eval_splits, example, points, seed)
+        if width == family.width:  # the same seeds train the same pair: reuse it
+            trend[str(width)] = {key: rows[key]["barrier"]["test_loss"] for key in ("naive", "wm", "wm+repair")}
+        else:
+            trend[str(width)] = width_point(family, width, splits, eval_splits, example, points, seed)
 
     return {
         "family": family.name, "width": family.width, "parameters": sum(p.numel() for p in model.parameters()),
