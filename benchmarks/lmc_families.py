@@ -489,6 +489,7 @@ def run(families: Sequence[str], out: str | Path, quick_run: bool = False, point
         trend = widths if name == trend_family else ()
         report["families"][name] = run_family(family, points, trend, seed)
         logger.info("%s done in %.0f s", name, report["families"][name]["seconds"])
+        write_text_atomic(out / "report.json", json.dumps(report, indent=1))  # kept after every family
     report["seconds"] = time.perf_counter() - started
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     write_plots(report, out)
