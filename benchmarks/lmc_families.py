@@ -21,7 +21,7 @@ Run from the repository root::
 
     python benchmarks/lmc_families.py                     # every family, default sizes
     python benchmarks/lmc_families.py --families mlp vgg --quick
-    python benchmarks/lmc_families.py --out lmc-report --widths 64 256 1024
+    python benchmarks/lmc_families.py --out lmc-report --widths 64 256 1024   # a wider trend (slower)
 
 Writes ``report.json`` and plots (barrier curves per family, R per layer) into ``--out`` and
 prints the tables.
@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="lmc-families", help="folder for report.json and the plots")
     parser.add_argument("--quick", action="store_true", help="narrow models, few epochs (seconds per family)")
     parser.add_argument("--points", type=int, default=13, help="points along each path")
-    parser.add_argument("--widths", type=int, nargs="*", default=[64, 256, 1024], help="widths of the trend family")
+    parser.add_argument("--widths", type=int, nargs="*", default=[64, 128, 256], help="widths of the trend family")
     parser.add_argument("--trend-family", default="mlp", choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
