@@ -18,6 +18,7 @@ from autoperm.evaluate.barrier import (
     reset_bn_stats,
 )
 from autoperm.evaluate.distance import Distance, l2_distance
+from autoperm.evaluate.repair import RepairResult, RepairSite, Repairer, repair, repair_sites
 from autoperm.evaluate.singular import (
     LayerAlignment,
     SingularAnalysis,
@@ -31,6 +32,9 @@ __all__ = [
     "Evaluator",
     "InterpolationCurve",
     "LayerAlignment",
+    "RepairResult",
+    "RepairSite",
+    "Repairer",
     "SingularAnalysis",
     "accuracy_barrier",
     "barrier_summary",
@@ -39,6 +43,8 @@ __all__ = [
     "interpolation_curve",
     "l2_distance",
     "loss_barrier",
+    "repair",
+    "repair_sites",
     "reset_bn_stats",
     "singular_analysis",
     "singular_value_change",

@@ -26,6 +26,7 @@ __all__ = ["trace_fx", "symbolic_trace", "LeafTracer"]
 logger = logging.getLogger(__name__)
 
 LeafPredicate = Callable[[nn.Module], bool]
+EditHook = Callable[[str, Any], Any]
 
 
 class LeafTracer(fx.Tracer):
@@ -90,11 +91,13 @@ class _ValueRecorder(fx.Interpreter):
     at all: meta BatchNorm alone costs half a millisecond a call.
     """
 
-    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False):
+    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False,
+                 edit: EditHook | None = None):
         super().__init__(gm)
         self.values: dict[str, Any] = {}
         self._keep = keep
         self._shapes_only = shapes_only
+        self._edit = edit
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._shapes_only and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
@@ -124,6 +127,8 @@ class _ValueRecorder(fx.Interpreter):
             raise _NodeError(n, error) from error
         if self._keep is None or n.name in self._keep:
             self.values[n.name] = result
+            if self._edit is not None:
+                result = self._edit(n.name, result)
         return result
 
 
@@ -143,15 +148,17 @@ def _recurrent_shapes(module: nn.RNNBase, x: torch.Tensor) -> Any:
 class _Runner(nn.Module):
     """Holds a GraphModule so that functional_call can swap its state for meta tensors."""
 
-    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False):
+    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False,
+                 edit: EditHook | None = None):
         super().__init__()
         self.gm = gm
         self.keep = keep
         self.shapes_only = shapes_only
+        self.edit = edit
         self.recorder: _ValueRecorder | None = None
 
     def forward(self, *inputs: Any) -> Any:
-        self.recorder = _ValueRecorder(self.gm, self.keep, self.shapes_only)
+        self.recorder = _ValueRecorder(self.gm, self.keep, self.shapes_only, self.edit)
         return self.recorder.run(*inputs)
 
 
@@ -161,9 +168,15 @@ def run_graph(
     state: dict[str, torch.Tensor] | None = None,
     keep: set[str] | None = None,
     shapes_only: bool = False,
+    edit: EditHook | None = None,
 ) -> dict[str, Any]:
-    """Run ``gm`` on ``inputs`` (optionally with ``state`` swapped in); returns node values."""
-    runner = _Runner(gm, keep, shapes_only)
+    """Run ``gm`` on ``inputs`` (optionally with ``state`` swapped in); returns node values.
+
+    ``edit(name, value)``, when given, is called on the output of every node in ``keep`` and
+    its return value replaces that output for the rest of the forward pass (the returned
+    node values are the outputs before the edit).
+    """
+    runner = _Runner(gm, keep, shapes_only, edit)
     if state is None:
         runner(*inputs)
     else:
