@@ -21,6 +21,7 @@ from autoperm.evaluate.distance import Distance, l2_distance
 from autoperm.evaluate.singular import (
     LayerAlignment,
     SingularAnalysis,
+    singular_analyses,
     singular_analysis,
     singular_value_change,
     weight_matrices,
@@ -40,6 +41,7 @@ __all__ = [
     "l2_distance",
     "loss_barrier",
     "reset_bn_stats",
+    "singular_analyses",
     "singular_analysis",
     "singular_value_change",
     "weight_matrices",
