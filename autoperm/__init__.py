@@ -32,6 +32,7 @@ from autoperm.checkpoint import load_state_dict, save_state_dict
 from autoperm.solvers import (
     MatchingResult,
     MergeResult,
+    SteResult,
     activation_matching,
     merge_many,
     ste_matching,
@@ -48,6 +49,7 @@ from autoperm.evaluate import (
     l2_distance,
     loss_barrier,
     reset_bn_stats,
+    singular_analyses,
     singular_analysis,
 )
 
@@ -56,6 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MatchingResult",
     "MergeResult",
+    "SteResult",
     "activation_matching",
     "merge_many",
     "ste_matching",
@@ -73,6 +76,7 @@ __all__ = [
     "load_digits",
     "loss_barrier",
     "reset_bn_stats",
+    "singular_analyses",
     "singular_analysis",
     "ActivationSite",
     "AutopermError",
