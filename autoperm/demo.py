@@ -330,7 +330,7 @@ def run_experiment(
     _say(progress, f"aligning B to A by STE ({config.ste_steps} {config.ste_optimizer} steps, lr {config.ste_lr:g})")
     ste_b = ste(sd_a, sd_b, wm.perms, "B->A")
     seconds["ste"] = ste_b.seconds
-    _say(progress, f"  {ste_b.steps} steps in {ste_b.seconds:.1f} s ({ste_b.steps_per_second:.0f} steps/s)")
+    _say(progress, f"  STE B->A: {ste_b.steps} steps in {ste_b.seconds:.1f} s ({ste_b.steps_per_second:.0f} steps/s)")
     perms = {"weight_matching": wm.perms, "activation_matching": am.perms, "ste": ste_b.perms}
     aligned_b = {"naive": sd_b, **{m: apply_permutation(spec, p, sd_b) for m, p in perms.items()}}
     _say(progress, "interpolating A -> B and measuring distances and singular vectors")
@@ -380,6 +380,7 @@ def run_experiment(
     _say(progress, "aligning C to anchor A (weight matching, STE)")
     wm_c = weight_matching(spec, sd_a, sd_c, device=device)
     ste_c = ste(sd_a, sd_c, wm_c.perms, "C->A")
+    _say(progress, f"  STE C->A: {ste_c.steps} steps in {ste_c.seconds:.1f} s ({ste_c.steps_per_second:.0f} steps/s)")
     anchored = {
         "naive": (sd_b, sd_c),
         "weight_matching": (aligned_b["weight_matching"], apply_permutation(spec, wm_c.perms, sd_c)),
