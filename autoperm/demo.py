@@ -48,6 +48,7 @@ from autoperm.evaluate import (
 )
 from autoperm.infer import infer_spec
 from autoperm.models import MLP
+from autoperm.solvers.ste import SteResult
 from autoperm.spec import PermutationSpec, apply_permutation
 from autoperm.spec.schema import write_text_atomic
 
@@ -297,10 +298,12 @@ def run_experiment(
             template, first, second, splits, num_points=config.num_points, reset_bn=reset_bn, device=device
         )
 
-    def analyse(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], check: bool = False):
+    def analyse(
+        first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor], check: bool = False
+    ) -> dict[float, SingularAnalysis]:
         return singular_analyses(spec if check else None, first, second, gammas=config.gammas)
 
-    def ste(anchor: StateDict, other: StateDict, start: Mapping[str, torch.Tensor], name: str):
+    def ste(anchor: StateDict, other: StateDict, start: Mapping[str, torch.Tensor], name: str) -> SteResult:
         def on_epoch(epoch: int, loss: float) -> None:
             if epoch % every == 0:
                 _say(progress, f"  STE {name}: epoch {epoch}, mean midpoint batch loss {loss:.4f}")
@@ -446,7 +449,7 @@ def run_experiment(
     return report
 
 
-def _ste_summary(result: Any, wm_perms: Mapping[str, torch.Tensor], config: DemoConfig) -> dict[str, Any]:
+def _ste_summary(result: SteResult, wm_perms: Mapping[str, torch.Tensor], config: DemoConfig) -> dict[str, Any]:
     """How an STE run went: steps, speed, loss trajectory, and how far it moved from WM."""
     moved = sum(int((result.perms[g] != wm_perms[g]).sum()) for g in wm_perms)
     total = sum(int(p.numel()) for p in wm_perms.values())

@@ -152,11 +152,16 @@ class WarmProjection:
         old_value = float(np.trace(cost))
         new_value = float(cost[rows, columns].sum())
         if new_value - old_value <= self.tol * max(1.0, abs(old_value)):
+            # optimal after all: settle the potentials so that the next step's check starts from them
+            settled = _certify(cost, self.potentials[group.name], self.tol, passes=group.size)
+            if settled is not None:
+                self.potentials[group.name] = settled
             return False
         self.statistics.changes += 1
         relative = torch.as_tensor(columns, dtype=torch.long)
         self.perms[group.name] = self.perms[group.name][relative]
-        self.potentials[group.name] = self.potentials[group.name][columns]
+        settled = _certify(cost[:, columns], self.potentials[group.name][columns], self.tol, passes=group.size)
+        self.potentials[group.name] = settled if settled is not None else self.potentials[group.name][columns]
         for name in {m.param for m in group.members}:
             self.permuted[name] = permute_tensor(self.spec, self.perms, name, self.b[name])
         return True
@@ -185,7 +190,7 @@ class WarmProjection:
         return {name: p.clone() for name, p in self.perms.items()}
 
 
-def _certify(cost: np.ndarray, start: np.ndarray, tol: float) -> np.ndarray | None:
+def _certify(cost: np.ndarray, start: np.ndarray, tol: float, passes: int = _CHECK_PASSES) -> np.ndarray | None:
     """Potentials proving the identity optimal for ``max sum_i cost[i, p(i)]``, or ``None``.
 
     The identity is optimal iff some ``v`` has ``v_j >= v_k + cost[k, j] - cost[k, k]`` for all
@@ -193,8 +198,11 @@ def _certify(cost: np.ndarray, start: np.ndarray, tol: float) -> np.ndarray | No
     objective). A swap of two assignments that gains rejects at once; otherwise Bellman-Ford
     passes from ``start`` raise ``v`` until every constraint holds;
     they settle in a few passes when the previous step's potentials were nearly right, and never
-    when the identity is not optimal (a positive cycle), so after :data:`_CHECK_PASSES` passes
-    the caller solves the LAP. ``tol`` (relative to the largest ``|cost|``) absorbs rounding.
+    when the identity is not optimal (a positive cycle), so after ``passes`` passes (default
+    :data:`_CHECK_PASSES`) the caller solves the LAP. After a LAP the caller settles the
+    potentials of the optimal assignment with up to ``n`` passes (enough without a positive
+    cycle), the warm start of the next step's check. ``tol`` (relative to the largest
+    ``|cost|``) absorbs rounding.
     """
     diagonal = np.diag(cost)
     slack = cost - diagonal[:, None]  # slack[k, j] = cost[k, j] - cost[k, k]
@@ -202,7 +210,7 @@ def _certify(cost: np.ndarray, start: np.ndarray, tol: float) -> np.ndarray | No
     if float((slack + slack.T).max()) > margin:  # swapping two assignments gains: not optimal
         return None
     potentials = start.copy()
-    for _ in range(_CHECK_PASSES):
+    for _ in range(passes):
         needed = (potentials[:, None] + slack).max(axis=0)
         if np.all(needed <= potentials + margin):
             return potentials
