@@ -65,14 +65,21 @@ def findings(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         f"WM {_r(r_wm, low):.3f}, AM {_r(r_am, low):.3f} (paper, MLP: about 0.8 at gamma=0.3 after WM; AM like WM)."
     )
 
-    anchor_wm = anchor["barriers_b_to_c"]["weight_matching"]["test_loss"]["mean"]
-    anchor_ste = anchor["barriers_b_to_c"]["ste"]["test_loss"]["mean"]
+    anchor_barriers = anchor["barriers_b_to_c"]
+    anchor_wm = anchor_barriers["weight_matching"]["test_loss"]["mean"]
+    anchor_ste = anchor_barriers["ste"]["test_loss"]["mean"]
     first, second = _r(r_ste, high) <= _r(r_wm, high) - 0.05, anchor_wm <= 0.9 * anchor_ste
     status3 = "reproduced" if first and second else "partly reproduced" if first or second else "not reproduced"
     evidence3 = (
         f"R(A, pi(B)) at {high}: STE {_r(r_ste, high):.3f} vs WM {_r(r_wm, high):.3f} "
         f"(at {low}: {_r(r_ste, low):.3f} vs {_r(r_wm, low):.3f}; paper: STE near 0). Anchor scheme, "
-        f"B-C test loss barrier: WM {anchor_wm:.4f}, STE {anchor_ste:.4f}; R(B, C) at {high}: "
+        f"B-C test loss barrier: WM {anchor_wm:.4f}, STE {anchor_ste:.4f} (linear: "
+        f"{anchor_barriers['weight_matching']['test_loss']['linear']:.4f}, "
+        f"{anchor_barriers['ste']['test_loss']['linear']:.4f}; train loss: "
+        f"{anchor_barriers['weight_matching']['train_loss']['mean']:.4f}, "
+        f"{anchor_barriers['ste']['train_loss']['mean']:.4f}; test accuracy drop: "
+        f"{100 * anchor_barriers['weight_matching']['test_accuracy']['mean']:.2f}%, "
+        f"{100 * anchor_barriers['ste']['test_accuracy']['mean']:.2f}%); R(B, C) at {high}: "
         f"WM {_r(anchor['alignment_b_to_c']['weight_matching'], high):.3f}, "
         f"STE {_r(anchor['alignment_b_to_c']['ste'], high):.3f}. STE ran {ste['steps']} steps and moved "
         f"{100 * ste['units_moved_from_weight_matching']:.1f}% of B's units away from WM's assignment; its "
