@@ -185,8 +185,8 @@ def ste_matching(
             perms = projection.project(theta)
             t = float(torch.rand((), generator=generator)) if interpolation == "random" else 0.5
             parameters = _interpolate(a, projection.permuted, t)
-            for name, value in theta.items():
-                straight_through = projection.permuted[name] + (value - value.detach())
+            for name, learned in theta.items():
+                straight_through = projection.permuted[name] + (learned - learned.detach())
                 parameters[name] = (1 - t) * a[name] + t * straight_through
             outputs = functional_call(model, parameters, (inputs.to(device),))
             loss = loss_fn(outputs, targets.to(device))
