@@ -32,6 +32,7 @@ from autoperm.checkpoint import load_state_dict, save_state_dict
 from autoperm.solvers import (
     MatchingResult,
     MergeResult,
+    SteResult,
     activation_matching,
     merge_many,
     ste_matching,
@@ -52,6 +53,7 @@ from autoperm.evaluate import (
     repair,
     repair_sites,
     reset_bn_stats,
+    singular_analyses,
     singular_analysis,
 )
 
@@ -60,6 +62,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MatchingResult",
     "MergeResult",
+    "SteResult",
     "activation_matching",
     "merge_many",
     "ste_matching",
@@ -81,6 +84,7 @@ __all__ = [
     "repair",
     "repair_sites",
     "reset_bn_stats",
+    "singular_analyses",
     "singular_analysis",
     "ActivationSite",
     "AutopermError",
