@@ -95,8 +95,9 @@ def weight_matching(
         groups: solve only these groups; the others stay at ``init_perms`` (default: all).
         first_sweep: ``"graph"`` (default) makes the first sweep an informed initialisation:
             it visits the groups in the order of the spec, from the input towards the output,
-            and each group's cost leaves out the terms that depend on groups not visited yet
-            (while those are at the identity their terms are noise; with ``init_perms`` the
+            and each group's cost leaves out the terms that depend on groups not visited yet,
+            itself on another axis of the same tensor included (while those are at the identity
+            their terms are noise; with ``init_perms`` the
             first sweep uses every term, in graph order). Later sweeps use every
             term in a fresh random order. ``"random"`` is Git Re-Basin's schedule from the
             first sweep on. From the identity, a random first sweep can lock models into poor
@@ -356,8 +357,8 @@ class _CoordinateDescent:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
         terms = self.terms.get(group.name, [])
-        waiting = {i for i, t in enumerate(terms) if self.pending.intersection(t.depends_on) - {group.name}}
-        if any(self.pending.intersection(t.depends_on) - {group.name} for t in self.all_terms[group.name]):
+        waiting = {i for i, t in enumerate(terms) if self.pending.intersection(t.depends_on)}
+        if any(self.pending.intersection(t.depends_on) for t in self.all_terms[group.name]):
             self.solved_at.pop(group.name, None)  # an informed first sweep: solve again once every term can enter
         if group.name in self.constants:
             constant = self.constants[group.name]
