@@ -3,7 +3,7 @@
 # the cache-free reference) with --device cuda, the LAP backends on the GPU (the torch auction
 # against scipy / lapx on the host), and a LLaMA-7B-shaped planted pair in bfloat16
 # (benchmarks/bench_llm_scale.py; needs transformers for the spec and about 45 GB of disk in
-# $LLM_WORKDIR, default /tmp/llm-scale). Run from anywhere:
+# $LLM_WORKDIR, default ./llm-scale-checkpoints). Run from anywhere:
 #   bash benchmarks/device_check.sh
 # Output goes to stdout and to $OUT/device_check.txt when $OUT is set.
 # Needs python with a CUDA build of torch, scipy, numpy, pydantic, pyyaml and pytest already
@@ -35,5 +35,5 @@ timeout 120 python benchmarks/bench_lap.py --device cuda --sizes 1024,4096,11008
 
 echo "== LLaMA-7B-shaped planted pair, bfloat16, on cuda"
 timeout 330 python benchmarks/bench_llm_scale.py --shapes llama-7b --pairs planted --dtype bfloat16 \
-    --device cuda --max-iter 10 --workdir "${LLM_WORKDIR:-/tmp/llm-scale}" || status=1
+    --device cuda --max-iter 10 --workdir "${LLM_WORKDIR:-llm-scale-checkpoints}" || status=1
 exit $status
