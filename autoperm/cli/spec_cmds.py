@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from autoperm.cli.common import build_model, model_options
+from autoperm.cli.common import ModelArgs, model_options
 from autoperm.errors import SpecError
 
 __all__ = ["register"]
@@ -27,11 +27,12 @@ def _group_table(spec) -> str:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML spec here (default: stdout).")
 @click.option("--tracer", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True)
 def spec_command(model: str, kwargs, input_shape, dtype: str, output: str | None, tracer: str) -> None:
-    """Infer the permutation groups of MODEL (package.module:attr) and write them as YAML."""
+    """Infer the permutation groups of MODEL (package.module:attr or a model directory); write YAML."""
     from autoperm.infer import infer_spec
 
-    module, inputs = build_model(model, kwargs, input_shape, dtype)
-    spec = infer_spec(module, inputs, tracer=tracer, model_name=model)
+    args = ModelArgs(model, kwargs, input_shape, dtype)
+    module, inputs = args.build()
+    spec = infer_spec(module, inputs, tracer=tracer, model_name=args.name)
     if output:
         spec.to_yaml(output)
         click.echo(_group_table(spec), err=False)
@@ -48,12 +49,16 @@ def spec_command(model: str, kwargs, input_shape, dtype: str, output: str | None
 @click.option("--atol", default=1e-5, show_default=True)
 @click.option("--rtol", default=1e-4, show_default=True)
 def verify_command(model: str, kwargs, input_shape, dtype: str, spec_path: str | None, seed: int, atol: float, rtol: float) -> None:
-    """Check that a random permutation from the spec leaves MODEL's outputs unchanged."""
+    """Check that a random permutation from the spec leaves MODEL's outputs unchanged.
+
+    A model directory is run with its own weights (random ones if it has none).
+    """
     from autoperm.cli.common import load_spec_or_infer
     from autoperm.verify import verify_spec
 
-    module, inputs = build_model(model, kwargs, input_shape, dtype)
-    spec = load_spec_or_infer(spec_path, module, inputs, model)
+    args = ModelArgs(model, kwargs, input_shape, dtype)
+    module, inputs = args.build(weights=True)
+    spec = load_spec_or_infer(spec_path, module, inputs, args.name)
     report = verify_spec(module, spec, inputs, seed=seed, atol=atol, rtol=rtol)
     click.echo(f"groups permuted:      {report.groups}")
     click.echo(f"tensors moved:        {report.permuted_tensors}")
