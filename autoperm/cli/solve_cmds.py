@@ -15,7 +15,7 @@ from tqdm import tqdm
 from autoperm.checkpoint import load_state_dict, save_state_dict
 from autoperm.cli.common import ModelArgs, load_spec_or_infer, model_settings
 from autoperm.errors import CheckpointError, ModelLoadError, SolverError
-from autoperm.pretrained import find_layout, is_checkpoint_directory, is_model_directory, save_directory, tied_names
+from autoperm.pretrained import check_names, find_layout, is_checkpoint_directory, is_model_directory, save_directory, tied_names
 from autoperm.solvers import (
     activation_matching,
     check_state_dicts,
@@ -79,6 +79,7 @@ def match(
     spec = load_spec_or_infer(spec_path, module, example, args.name)
     tied = tied_names(module)
     sd_a, sd_b = load_state_dict(path_a, tied=tied), load_state_dict(path_b, tied=tied)
+    _check_directory_names(module, args.name, [(path_a, sd_a), (path_b, sd_b)])
     check_state_dicts(spec, [module.state_dict(), sd_a, sd_b], names=[f"model {model!r}", path_a, path_b])
     data = _load_data(data_source, method)
     with _progress(quiet, "epochs" if method == "ste" else "sweeps", epochs if method == "ste" else max_iter) as step:
@@ -134,6 +135,7 @@ def merge(
     spec = load_spec_or_infer(spec_path, module, example, args.name)
     tied = tied_names(module)
     state_dicts = [load_state_dict(path, tied=tied) for path in checkpoints]
+    _check_directory_names(module, args.name, list(zip(checkpoints, state_dicts)))
     check_state_dicts(spec, [module.state_dict(), *state_dicts], names=[f"model {model!r}", *checkpoints])
     data = _load_data(data_source, method)
     with _progress(quiet, "rounds", max_iter if method == "wm" else len(checkpoints) - 1) as step:
@@ -181,6 +183,13 @@ def _merge_paths(paths: Sequence[str]) -> tuple[str, list[str]]:
             f"{first!r} is a checkpoint file, not a model; give MODEL (package.module:attr or a model directory) first"
         )
     return first, list(paths[1:])
+
+
+def _check_directory_names(module: torch.nn.Module, name: str, loaded: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> None:
+    """Directory checkpoints must hold exactly the model's tensor names (see :func:`check_names`)."""
+    for path, state_dict in loaded:
+        if Path(path).is_dir():
+            check_names(state_dict, module, path, name)
 
 
 def _directory_output(output: str, reference: str) -> bool:

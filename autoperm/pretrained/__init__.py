@@ -9,6 +9,7 @@ written back in the same layout (:mod:`autoperm.pretrained.shards`).
 from autoperm.pretrained.directory import (
     ModelDirectory,
     build_from_directory,
+    check_names,
     default_inputs,
     is_model_directory,
     load_pretrained,
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointLayout",
     "ModelDirectory",
     "build_from_directory",
+    "check_names",
     "default_inputs",
     "find_layout",
     "is_checkpoint_directory",

@@ -9,7 +9,9 @@ checkpoint (``auto_map``) is never run.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,10 @@ __all__ = [
     "load_pretrained",
     "default_inputs",
     "tied_names",
+    "check_names",
 ]
+
+logger = logging.getLogger(__name__)
 
 SEQUENCE_LENGTH = 16
 
@@ -162,12 +167,36 @@ def load_pretrained(directory: ModelDirectory, checkpoint: str | os.PathLike[str
     model = build_from_directory(directory, device="cpu")
     source = checkpoint if checkpoint is not None else directory.path
     state_dict = load_state_dict(source, tied=tied_names(model))
+    if checkpoint is None and directory.library == "transformers" and state_dict.keys() != model.state_dict().keys():
+        # transformers renames some tensors when loading (fused mixture-of-experts weights in v5)
+        try:
+            return _model_class(directory).from_pretrained(str(directory.path)).float().eval()
+        except Exception as error:  # let the key listing below explain
+            logger.info("from_pretrained(%s) failed: %s", directory.path, error)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
         lines = " ".join(str(error).split())[:600]
         raise CheckpointError(f"the weights in {str(source)!r} do not fit {directory.name}: {lines}") from None
     return model
+
+
+def check_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module, where: str, model_name: str) -> None:
+    """Raise unless the checkpoint's tensor names are exactly the model's state-dict names.
+
+    Raises:
+        CheckpointError: naming the first missing and unexpected names, and the two usual causes.
+    """
+    expected = model.state_dict().keys()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {where!r} does not hold the tensors of {model_name}: missing {missing[:3]} "
+            f"({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all). Either it is "
+            "another architecture, or its library renames tensors when loading (transformers 5 fuses "
+            "mixture-of-experts weights), which autoperm does not do: it works on the names as stored"
+        )
 
 
 def default_inputs(model: nn.Module, directory: ModelDirectory, device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
