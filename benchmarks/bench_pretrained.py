@@ -11,8 +11,10 @@ the two models' weights, and checks that OUT holds A again for a planted pair.
     python benchmarks/bench_pretrained.py --workdir ./bench-qwen --max-iter 3
     python benchmarks/bench_pretrained.py --workdir ./bench-tiny --shape tiny     # seconds
 
-Peak RSS counts the memory-mapped weight pages the process touched (the files are read through
-the page cache, not copied), so "weights of A and B" is the floor for reading both models.
+Peak RSS (``ru_maxrss`` of the child alone, from ``wait4``) counts the memory-mapped weight pages
+the process touched (the files are read through the page cache, not copied), so "weights of A
+and B" is the floor for reading both models. The baseline is the same interpreter importing the
+same libraries and loading nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,18 @@ def create(workdir: Path, shape: str, pair: str, shard_size: str) -> tuple[Path,
     return a, b
 
 
+def run_measured(command: list[str], workdir: Path) -> tuple[float, int, int, str]:
+    """Run a child; returns (wall seconds, its own peak RSS in bytes, exit code, stderr)."""
+    log = workdir / "child.stderr"
+    with log.open("w") as stream:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stream,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+    return seconds, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), log.read_text()
+
+
 def weight_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir() if p.suffix == ".safetensors")
 
@@ -91,15 +104,12 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "autoperm", "match", str(a), str(b), "-o", str(out),
                "--max-iter", str(options.max_iter), "--quiet"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.perf_counter()
-    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
-    if run.returncode != 0:
-        sys.exit(f"autoperm match failed:\n{run.stderr}")
-    if peak <= before * 1024:
-        print("warning: an earlier child had a higher peak; the peak below may be that one's")
+    seconds, peak, code, stderr = run_measured(command, options.workdir)
+    if code != 0:
+        sys.exit(f"autoperm match failed:\n{stderr}")
+    # the same interpreter with the same imports and nothing loaded: what the weights add to
+    _, baseline, _, _ = run_measured([sys.executable, "-c", "import torch, transformers, autoperm.cli, autoperm.pretrained"],
+                                     options.workdir)
     weights = weight_bytes(a) + weight_bytes(b)
     recovered = None
     if options.pair == "planted":
@@ -111,8 +121,10 @@ def main() -> None:
         "shape": options.shape, "pair": options.pair, "max_iter": options.max_iter,
         "parameters": sum(t.numel() for t in load_weights_shapes(a)),
         "create_s": round(created, 1), "match_s": round(seconds, 1),
-        "peak_rss_gib": round(peak / 2**30, 3), "weights_a_plus_b_gib": round(weights / 2**30, 3),
-        "peak_over_weights": round(peak / weights, 2), "recovered": recovered,
+        "peak_rss_gib": round(peak / 2**30, 3), "baseline_rss_gib": round(baseline / 2**30, 3),
+        "weights_a_plus_b_gib": round(weights / 2**30, 3),
+        "peak_over_weights": round(peak / weights, 2), "peak_minus_baseline_over_weights": round((peak - baseline) / weights, 2),
+        "recovered": recovered,
         "command": " ".join(["python", "-m", "autoperm", *command[3:]]),
     }
     print(json.dumps(result, indent=2))
