@@ -196,7 +196,25 @@ class ModelArgs:
             )
         return model, make_inputs(model, self.shapes, self.dtype, self.seed)
 
-    def _build_directory(self, weights: bool) -> tuple[nn.Module, tuple[torch.Tensor, ...] | dict[str, Any]]:
+    def infer(self, model: nn.Module, inputs: Any, tracer: str = "auto"):
+        """``infer_spec`` on the built model; a directory model that does not trace on the meta
+        device (an op without a meta kernel) is built again on the CPU and traced there."""
+        from autoperm.errors import TraceError
+        from autoperm.infer import infer_spec
+
+        try:
+            return infer_spec(model, inputs, tracer=tracer, model_name=self.name)
+        except TraceError as error:
+            on_meta = any(t.is_meta for t in model.state_dict().values())
+            if self.directory is None or not on_meta:
+                raise
+            logging.getLogger(__name__).info("tracing on the meta device failed (%s); tracing on the CPU", error)
+        model, inputs = self._build_directory(weights=False, device="cpu")
+        return infer_spec(model, inputs, tracer=tracer, model_name=self.name)
+
+    def _build_directory(
+        self, weights: bool, device: str = "meta"
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...] | dict[str, Any]]:
         from autoperm.pretrained import build_from_directory, default_inputs, is_checkpoint_directory, load_pretrained
 
         directory = self.directory
@@ -204,7 +222,6 @@ class ModelArgs:
             device = "cpu"
             model = load_pretrained(directory) if is_checkpoint_directory(directory.path) else build_from_directory(directory, "cpu")
         else:
-            device = "meta"
             model = build_from_directory(directory, device)
         if self.shapes:
             return model, tuple(x.to(device) for x in make_inputs(model, self.shapes, self.dtype, self.seed))
@@ -237,7 +254,9 @@ def build_model(model: str, kwargs: Sequence[str], input_shape: Sequence[str], d
     return ModelArgs(model, kwargs, input_shape, dtype).build(weights)
 
 
-def load_spec_or_infer(spec_path: str | None, model: nn.Module, inputs: tuple[torch.Tensor, ...], model_path: str):
+def load_spec_or_infer(
+    spec_path: str | None, model: nn.Module, inputs: Any, model_path: str, args: ModelArgs | None = None
+):
     """The spec from ``--spec`` (checked against the model), or one inferred from the model."""
     from autoperm.infer import infer_spec
     from autoperm.spec import PermutationSpec
@@ -247,4 +266,6 @@ def load_spec_or_infer(spec_path: str | None, model: nn.Module, inputs: tuple[to
         spec = PermutationSpec.from_yaml(spec_path)
         spec.check_state_dict(state_dict, what=f"model {model_path!r}")
         return spec
+    if args is not None:
+        return args.infer(model, inputs)
     return infer_spec(model, inputs, model_name=model_path)

@@ -76,7 +76,7 @@ def match(
     as_directory = _directory_output(output, path_b)
     args = ModelArgs(model, kwargs, input_shape, dtype)
     module, example = args.build(weights=method != "wm")
-    spec = load_spec_or_infer(spec_path, module, example, args.name)
+    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
     tied = tied_names(module)
     sd_a, sd_b = load_state_dict(path_a, tied=tied), load_state_dict(path_b, tied=tied)
     _check_directory_names(module, args.name, [(path_a, sd_a), (path_b, sd_b)])
@@ -132,7 +132,7 @@ def merge(
     as_directory = _directory_output(output, checkpoints[0])
     args = ModelArgs(model, kwargs, input_shape, dtype)
     module, example = args.build(weights=method != "wm")
-    spec = load_spec_or_infer(spec_path, module, example, args.name)
+    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
     tied = tied_names(module)
     state_dicts = [load_state_dict(path, tied=tied) for path in checkpoints]
     _check_directory_names(module, args.name, list(zip(checkpoints, state_dicts)))

@@ -28,11 +28,10 @@ def _group_table(spec) -> str:
 @click.option("--tracer", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True)
 def spec_command(model: str, kwargs, input_shape, dtype: str, output: str | None, tracer: str) -> None:
     """Infer the permutation groups of MODEL (package.module:attr or a model directory); write YAML."""
-    from autoperm.infer import infer_spec
 
     args = ModelArgs(model, kwargs, input_shape, dtype)
     module, inputs = args.build()
-    spec = infer_spec(module, inputs, tracer=tracer, model_name=args.name)
+    spec = args.infer(module, inputs, tracer=tracer)
     if output:
         spec.to_yaml(output)
         click.echo(_group_table(spec), err=False)
@@ -58,7 +57,7 @@ def verify_command(model: str, kwargs, input_shape, dtype: str, spec_path: str |
 
     args = ModelArgs(model, kwargs, input_shape, dtype)
     module, inputs = args.build(weights=True)
-    spec = load_spec_or_infer(spec_path, module, inputs, args.name)
+    spec = load_spec_or_infer(spec_path, module, inputs, args.name, args)
     report = verify_spec(module, spec, inputs, seed=seed, atol=atol, rtol=rtol)
     click.echo(f"groups permuted:      {report.groups}")
     click.echo(f"tensors moved:        {report.permuted_tensors}")
