@@ -185,10 +185,13 @@ def test_match_directories_recovers_planted_permutation(directories: Directories
     sd_a, aligned = _weights(paths["a"]), _weights(out)
     assert aligned.keys() == sd_a.keys()
     assert all(torch.equal(aligned[k], sd_a[k]) for k in sd_a)
-    # it loads with from_pretrained and computes B's function (float64)
+    # it loads with from_pretrained and computes B's function (float64; LLaMA's RMSNorm and RoPE
+    # compute in float32 whatever the model's dtype, so a permuted stream reorders float32 sums)
     loaded, original = ARCHS[name].loader(str(out)), ARCHS[name].loader(str(paths["b"]))
     inputs = ARCHS[name].inputs()
-    assert torch.allclose(_outputs(loaded, inputs), _outputs(original, inputs), rtol=1e-9, atol=1e-9)
+    expected = _outputs(original, inputs)
+    tolerance = (1e-6 if name == "llama" else 1e-10) * expected.abs().max().item()
+    assert (_outputs(loaded, inputs) - expected).abs().max().item() <= tolerance
 
 
 def test_tied_weights_stay_tied_and_are_stored_once(directories: Directories, tmp_path: Path) -> None:
