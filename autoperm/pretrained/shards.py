@@ -33,7 +33,6 @@ __all__ = ["CheckpointLayout", "find_layout", "is_checkpoint_directory", "load_d
 
 logger = logging.getLogger(__name__)
 
-_STEMS = ("model", "diffusion_pytorch_model", "pytorch_model")
 # (weights file, its index, format), in the order they are looked for
 _CANDIDATES: tuple[tuple[str, str, str], ...] = (
     ("model.safetensors", "model.safetensors.index.json", "safetensors"),
