@@ -1,4 +1,4 @@
-"""Shared pieces of the CLI: model loading from `package.module:attr`, inputs, error handling."""
+"""Shared pieces of the CLI: model loading (`package.module:attr` or a model directory), inputs, errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,6 +25,7 @@ __all__ = [
     "parse_shape",
     "make_inputs",
     "model_options",
+    "model_settings",
     "build_model",
     "ModelArgs",
     "load_spec_or_infer",
@@ -154,7 +156,11 @@ def make_inputs(
 
 
 class ModelArgs:
-    """The model-related options every command shares, bundled."""
+    """The model-related options every command shares, bundled.
+
+    MODEL is ``package.module:attr`` or a model directory (``config.json`` written by
+    ``save_pretrained`` of transformers or diffusers; see :mod:`autoperm.pretrained`).
+    """
 
     def __init__(self, model: str, kwargs: Sequence[str], input_shape: Sequence[str], dtype: str, seed: int = 0):
         self.path = model
@@ -162,8 +168,27 @@ class ModelArgs:
         self.shapes = [parse_shape(s) for s in input_shape]
         self.dtype = dtype
         self.seed = seed
+        self.directory = None
+        self.name = model
+        if Path(model).is_dir():
+            from autoperm.pretrained import read_model_directory
 
-    def build(self) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+            self.directory = read_model_directory(model)
+            self.name = self.directory.name
+            if self.kwargs:
+                raise ModelLoadError(
+                    f"--kwargs cannot be applied to the model directory {model!r}; its config.json defines the model"
+                )
+
+    def build(self, weights: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...] | dict[str, Any]]:
+        """The model and its example inputs.
+
+        A model directory is built on the meta device (no weights allocated), with inputs on the
+        meta device too, unless ``weights`` asks for a real model: then its own weights are
+        loaded (random ones if the directory has none).
+        """
+        if self.directory is not None:
+            return self._build_directory(weights)
         model = load_model(self.path, self.kwargs)
         if not self.shapes:
             raise ModelLoadError(
@@ -171,29 +196,67 @@ class ModelArgs:
             )
         return model, make_inputs(model, self.shapes, self.dtype, self.seed)
 
+    def infer(self, model: nn.Module, inputs: Any, tracer: str = "auto"):
+        """``infer_spec`` on the built model; a directory model that does not trace on the meta
+        device (an op without a meta kernel) is built again on the CPU and traced there."""
+        from autoperm.errors import TraceError
+        from autoperm.infer import infer_spec
 
-def model_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a click command with MODEL, --kwargs, --input-shape and --dtype."""
+        try:
+            return infer_spec(model, inputs, tracer=tracer, model_name=self.name)
+        except TraceError as error:
+            on_meta = any(t.is_meta for t in model.state_dict().values())
+            if self.directory is None or not on_meta:
+                raise
+            logging.getLogger(__name__).info("tracing on the meta device failed (%s); tracing on the CPU", error)
+        model, inputs = self._build_directory(weights=False, device="cpu")
+        return infer_spec(model, inputs, tracer=tracer, model_name=self.name)
+
+    def _build_directory(
+        self, weights: bool, device: str = "meta"
+    ) -> tuple[nn.Module, tuple[torch.Tensor, ...] | dict[str, Any]]:
+        from autoperm.pretrained import build_from_directory, default_inputs, is_checkpoint_directory, load_pretrained
+
+        directory = self.directory
+        if weights:
+            device = "cpu"
+            model = load_pretrained(directory) if is_checkpoint_directory(directory.path) else build_from_directory(directory, "cpu")
+        else:
+            model = build_from_directory(directory, device)
+        if self.shapes:
+            return model, tuple(x.to(device) for x in make_inputs(model, self.shapes, self.dtype, self.seed))
+        return model, default_inputs(model, directory, device=device, seed=self.seed)
+
+
+def model_settings(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a click command with --kwargs, --input-shape and --dtype."""
     function = click.option(
         "--dtype", default="float32", show_default=True, help="dtype of the example inputs (use 'long' for token ids)."
     )(function)
     function = click.option(
         "--input-shape", "input_shape", multiple=True, metavar="SHAPE",
-        help="Example input shape such as 1,3,32,32; repeat for several inputs.",
+        help="Example input shape such as 1,3,32,32; repeat for several inputs (default for model directories: "
+        "token ids, pixel values or a UNet's latent, timestep and encoder states).",
     )(function)
-    function = click.option(
+    return click.option(
         "--kwargs", "kwargs", multiple=True, metavar="KEY=VALUE",
         help="Keyword argument for the model constructor (Python literal); repeatable.",
     )(function)
-    return click.argument("model")(function)
 
 
-def build_model(model: str, kwargs: Sequence[str], input_shape: Sequence[str], dtype: str):
-    """Load MODEL with its options; returns ``(module, example_inputs)``."""
-    return ModelArgs(model, kwargs, input_shape, dtype).build()
+def model_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a click command with MODEL (package.module:attr or a model directory) and :func:`model_settings`."""
+    return click.argument("model")(model_settings(function))
 
 
-def load_spec_or_infer(spec_path: str | None, model: nn.Module, inputs: tuple[torch.Tensor, ...], model_path: str):
+def build_model(model: str, kwargs: Sequence[str], input_shape: Sequence[str], dtype: str, weights: bool = False):
+    """Load MODEL with its options; returns ``(module, example_inputs)`` (see :meth:`ModelArgs.build`)."""
+    return ModelArgs(model, kwargs, input_shape, dtype).build(weights)
+
+
+def load_spec_or_infer(
+    spec_path: str | None, model: nn.Module, inputs: Any, model_path: str, args: ModelArgs | None = None
+):
     """The spec from ``--spec`` (checked against the model), or one inferred from the model."""
     from autoperm.infer import infer_spec
     from autoperm.spec import PermutationSpec
@@ -203,4 +266,6 @@ def load_spec_or_infer(spec_path: str | None, model: nn.Module, inputs: tuple[to
         spec = PermutationSpec.from_yaml(spec_path)
         spec.check_state_dict(state_dict, what=f"model {model_path!r}")
         return spec
-    return infer_spec(model, inputs)
+    if args is not None:
+        return args.infer(model, inputs)
+    return infer_spec(model, inputs, model_name=model_path)

@@ -13,8 +13,9 @@ import yaml
 from tqdm import tqdm
 
 from autoperm.checkpoint import load_state_dict, save_state_dict
-from autoperm.cli.common import build_model, load_spec_or_infer, model_options
-from autoperm.errors import CheckpointError, SolverError
+from autoperm.cli.common import ModelArgs, load_spec_or_infer, model_settings
+from autoperm.errors import CheckpointError, ModelLoadError, SolverError
+from autoperm.pretrained import check_names, find_layout, is_checkpoint_directory, is_model_directory, save_directory, tied_names
 from autoperm.solvers import (
     activation_matching,
     check_state_dicts,
@@ -23,6 +24,7 @@ from autoperm.solvers import (
     weight_matching,
 )
 from autoperm.spec import apply_permutation
+from autoperm.spec.apply import permute_tensor
 from autoperm.spec.schema import write_text_atomic
 
 __all__ = ["register", "match", "merge"]
@@ -39,30 +41,45 @@ def _solver_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--epochs", default=10, show_default=True, help="STE epochs (passes over --data; STE-MM ran 10 of MNIST)."),
         click.option("--lr", default=1e-3, show_default=True, help="STE learning rate (Adam, as STE-MM)."),
         click.option("--quiet", is_flag=True, help="No progress bar or summary."),
-        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output checkpoint."),
+        click.option("-o", "--output", required=True, type=click.Path(),
+                     help="Output checkpoint: a file, or a directory when the inputs are model directories."),
     ]
     for option in reversed(options):
         function = option(function)
     return function
 
 
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
 @click.command("match")
-@model_options
-@click.option("--a", "path_a", required=True, type=click.Path(dir_okay=False), help="Reference checkpoint A.")
-@click.option("--b", "path_b", required=True, type=click.Path(dir_okay=False), help="Checkpoint B to align to A.")
+@click.argument("paths", nargs=-1, metavar="[MODEL] [A B]")
+@model_settings
+@click.option("--a", "path_a", type=click.Path(), help="Reference checkpoint A (file or directory).")
+@click.option("--b", "path_b", type=click.Path(), help="Checkpoint B to align to A (file or directory).")
 @click.option("--method", type=click.Choice(["wm", "ste", "act"]), default="wm", show_default=True)
 @_solver_options
 def match(
-    model: str, kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str, path_a: str, path_b: str,
-    method: str, spec_path: str | None, device: str, perms_out: str | None, seed: int, max_iter: int,
-    data_source: str | None, epochs: int, lr: float, quiet: bool, output: str,
+    paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str, path_a: str | None,
+    path_b: str | None, method: str, spec_path: str | None, device: str, perms_out: str | None, seed: int,
+    max_iter: int, data_source: str | None, epochs: int, lr: float, quiet: bool, output: str,
 ) -> None:
-    """Permute checkpoint B so that it aligns with checkpoint A; write the permuted B."""
+    """Permute checkpoint B so that it aligns with checkpoint A; write the permuted B.
+
+    Give MODEL A B, MODEL --a A --b B, or A B where A is a model directory (save_pretrained):
+    then MODEL is A's config.json, and when B is a directory the output is a directory in B's
+    layout (config and other files copied, same shards).
+    """
+    model, path_a, path_b = _match_paths(paths, path_a, path_b)
     inputs = [path_a, path_b] + ([spec_path] if spec_path else [])
     _refuse_overwrite([output, perms_out], inputs)
-    module, example = build_model(model, kwargs, input_shape, dtype)
-    spec = load_spec_or_infer(spec_path, module, example, model)
-    sd_a, sd_b = load_state_dict(path_a), load_state_dict(path_b)
+    as_directory = _directory_output(output, path_b)
+    args = ModelArgs(model, kwargs, input_shape, dtype)
+    module, example = args.build(weights=method != "wm")
+    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
+    tied = tied_names(module)
+    sd_a, sd_b = load_state_dict(path_a, tied=tied), load_state_dict(path_b, tied=tied)
+    _check_directory_names(module, args.name, [(path_a, sd_a), (path_b, sd_b)])
     check_state_dicts(spec, [module.state_dict(), sd_a, sd_b], names=[f"model {model!r}", path_a, path_b])
     data = _load_data(data_source, method)
     with _progress(quiet, "epochs" if method == "ste" else "sweeps", epochs if method == "ste" else max_iter) as step:
@@ -72,7 +89,15 @@ def match(
             result = ste_matching(spec, module, sd_a, sd_b, data, epochs=epochs, lr=lr, seed=seed, device=device, callback=step)
         else:
             result = activation_matching(spec, module, sd_a, sd_b, data, max_iter=max_iter, seed=seed, device=device)
-    save_state_dict(apply_permutation(spec, result.perms, sd_b), output, inputs=inputs)
+    if as_directory:
+        members = spec.members_by_param
+
+        def permute(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            return permute_tensor(spec, result.perms, name, tensor) if name in members else tensor
+
+        save_directory(sd_b, find_layout(path_b), output, inputs=inputs, transform=permute)
+    else:
+        save_state_dict(apply_permutation(spec, result.perms, sd_b), output, inputs=inputs)
     if perms_out:
         _write_perms(result.perms, perms_out)
     if not quiet:
@@ -83,24 +108,34 @@ def match(
 
 
 @click.command("merge")
-@model_options
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[MODEL] CHECKPOINTS...")
+@model_settings
 @click.option("--method", type=click.Choice(["wm", "ste"]), default="wm", show_default=True)
 @click.option("--scheme", type=click.Choice(["mergemany", "anchor"]), help="Default: mergemany (wm), anchor (ste).")
 @_solver_options
 def merge(
-    model: str, kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str, checkpoints: tuple[str, ...],
+    paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str,
     method: str, scheme: str | None, spec_path: str | None, device: str, perms_out: str | None, seed: int,
     max_iter: int, data_source: str | None, epochs: int, lr: float, quiet: bool, output: str,
 ) -> None:
-    """Align CHECKPOINTS (two or more) and write their mean, in the first one's frame."""
+    """Align CHECKPOINTS (two or more) and write their mean, in the first one's frame.
+
+    MODEL may be left out when the first checkpoint is a model directory with weights
+    (save_pretrained): its config.json gives the model, and the output is a directory in its
+    layout.
+    """
+    model, checkpoints = _merge_paths(paths)
     if len(checkpoints) < 2:
         raise SolverError(f"merge needs at least two checkpoints, got {len(checkpoints)}")
     inputs = list(checkpoints) + ([spec_path] if spec_path else [])
     _refuse_overwrite([output, perms_out], inputs)
-    module, example = build_model(model, kwargs, input_shape, dtype)
-    spec = load_spec_or_infer(spec_path, module, example, model)
-    state_dicts = [load_state_dict(path) for path in checkpoints]
+    as_directory = _directory_output(output, checkpoints[0])
+    args = ModelArgs(model, kwargs, input_shape, dtype)
+    module, example = args.build(weights=method != "wm")
+    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
+    tied = tied_names(module)
+    state_dicts = [load_state_dict(path, tied=tied) for path in checkpoints]
+    _check_directory_names(module, args.name, list(zip(checkpoints, state_dicts)))
     check_state_dicts(spec, [module.state_dict(), *state_dicts], names=[f"model {model!r}", *checkpoints])
     data = _load_data(data_source, method)
     with _progress(quiet, "rounds", max_iter if method == "wm" else len(checkpoints) - 1) as step:
@@ -108,11 +143,62 @@ def merge(
             spec, state_dicts, method=method, scheme=scheme, model=module, data=data, max_rounds=max_iter,
             seed=seed, device=device, callback=step, **({"epochs": epochs, "lr": lr} if method == "ste" else {}),
         )
-    save_state_dict(result.state_dict, output, inputs=inputs)
+    if as_directory:
+        save_directory(result.state_dict, find_layout(checkpoints[0]), output, inputs=inputs)
+    else:
+        save_state_dict(result.state_dict, output, inputs=inputs)
     if perms_out:
         _write_perms({f"{path}": perms for path, perms in zip(checkpoints, result.perms)}, perms_out)
     if not quiet:
         click.echo(f"merged {len(checkpoints)} models ({method}, {result.n_iter} round(s)); wrote {output}")
+
+
+def _match_paths(paths: Sequence[str], path_a: str | None, path_b: str | None) -> tuple[str, str, str]:
+    """``(MODEL, A, B)`` from ``MODEL --a A --b B``, ``MODEL A B`` or ``A B`` (MODEL = A's config)."""
+    if path_a or path_b:
+        if not (path_a and path_b):
+            raise click.UsageError("give both --a and --b (or A and B as arguments)")
+        if len(paths) != 1:
+            raise click.UsageError(f"with --a and --b, give exactly one MODEL argument (got {len(paths)})")
+        return paths[0], path_a, path_b
+    if len(paths) == 3:
+        return paths[0], paths[1], paths[2]
+    if len(paths) == 2:
+        if not is_model_directory(paths[0]):
+            raise ModelLoadError(
+                f"{paths[0]!r} is not a model directory with config.json, so MODEL cannot be taken from it; "
+                "give MODEL first: autoperm match MODEL A B"
+            )
+        return paths[0], paths[0], paths[1]
+    raise click.UsageError(f"expected MODEL A B, or A B for model directories (got {len(paths)} argument(s))")
+
+
+def _merge_paths(paths: Sequence[str]) -> tuple[str, list[str]]:
+    """``(MODEL, checkpoints)``: MODEL is the first argument unless it is a model directory with weights."""
+    first = paths[0]
+    if is_model_directory(first) and is_checkpoint_directory(first):
+        return first, list(paths)
+    if Path(first).is_file():
+        raise ModelLoadError(
+            f"{first!r} is a checkpoint file, not a model; give MODEL (package.module:attr or a model directory) first"
+        )
+    return first, list(paths[1:])
+
+
+def _check_directory_names(module: torch.nn.Module, name: str, loaded: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> None:
+    """Directory checkpoints must hold exactly the model's tensor names (see :func:`check_names`)."""
+    for path, state_dict in loaded:
+        if Path(path).is_dir():
+            check_names(state_dict, module, path, name)
+
+
+def _directory_output(output: str, reference: str) -> bool:
+    """Whether to write a directory: the reference checkpoint is one and OUTPUT has no file suffix."""
+    if not Path(reference).is_dir() or Path(output).suffix in _FILE_SUFFIXES:
+        return False
+    if Path(output).exists():
+        raise CheckpointError(f"output {output!r} already exists; remove it or choose another path")
+    return True
 
 
 def register(cli: click.Group) -> None:
@@ -124,8 +210,14 @@ def register(cli: click.Group) -> None:
 def _refuse_overwrite(outputs: Sequence[str | None], inputs: Sequence[str]) -> None:
     resolved = {Path(path).resolve() for path in inputs}
     for output in outputs:
-        if output and Path(output).resolve() in resolved:
+        if not output:
+            continue
+        target = Path(output).resolve()
+        if target in resolved:
             raise CheckpointError(f"refusing to overwrite input file {output!r}; choose another output path")
+        inside = [path for path in resolved if path in target.parents and path.is_dir()]
+        if inside:
+            raise CheckpointError(f"refusing to write {output!r} inside the input directory {str(inside[0])!r}")
 
 
 def _load_data(source: str | None, method: str) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from autoperm.cli.common import build_model, model_options
+from autoperm.cli.common import ModelArgs, model_options
 from autoperm.errors import SpecError
 
 __all__ = ["register"]
@@ -38,11 +38,11 @@ def _completeness_lines(spec, limit: int = 15) -> str:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML spec here (default: stdout).")
 @click.option("--tracer", type=click.Choice(["auto", "fx", "export"]), default="auto", show_default=True)
 def spec_command(model: str, kwargs, input_shape, dtype: str, output: str | None, tracer: str) -> None:
-    """Infer the permutation groups of MODEL (package.module:attr) and write them as YAML."""
-    from autoperm.infer import infer_spec
+    """Infer the permutation groups of MODEL (package.module:attr or a model directory); write YAML."""
 
-    module, inputs = build_model(model, kwargs, input_shape, dtype)
-    spec = infer_spec(module, inputs, tracer=tracer, model_name=model)
+    args = ModelArgs(model, kwargs, input_shape, dtype)
+    module, inputs = args.build()
+    spec = args.infer(module, inputs, tracer=tracer)
     if output:
         spec.to_yaml(output)
         click.echo(_group_table(spec), err=False)
@@ -63,12 +63,16 @@ def spec_command(model: str, kwargs, input_shape, dtype: str, output: str | None
 @click.option("--float32", "float32", is_flag=True, help="Compare in the model's own precision instead of float64.")
 def verify_command(model: str, kwargs, input_shape, dtype: str, spec_path: str | None, seed: int, atol: float | None,
                    rtol: float | None, float32: bool) -> None:
-    """Check that a random permutation from the spec leaves MODEL's outputs unchanged."""
+    """Check that a random permutation from the spec leaves MODEL's outputs unchanged.
+
+    A model directory is run with its own weights (random ones if it has none).
+    """
     from autoperm.cli.common import load_spec_or_infer
     from autoperm.verify import verify_spec
 
-    module, inputs = build_model(model, kwargs, input_shape, dtype)
-    spec = load_spec_or_infer(spec_path, module, inputs, model)
+    args = ModelArgs(model, kwargs, input_shape, dtype)
+    module, inputs = args.build(weights=True)
+    spec = load_spec_or_infer(spec_path, module, inputs, args.name, args)
     report = verify_spec(module, spec, inputs, seed=seed, atol=atol, rtol=rtol, precision="float32" if float32 else "float64")
     click.echo(f"groups permuted:      {report.groups}")
     click.echo(f"tensors moved:        {report.permuted_tensors}")

@@ -1,0 +1,345 @@
+"""Checkpoint directories as Hugging Face and diffusers write them: single files or shards.
+
+A ``save_pretrained`` directory holds its weights as one of
+
+* ``model.safetensors`` or shards listed in ``model.safetensors.index.json``;
+* ``diffusion_pytorch_model.safetensors`` (diffusers), possibly sharded the same way;
+* legacy ``pytorch_model.bin`` / ``diffusion_pytorch_model.bin``, possibly sharded
+  (``pytorch_model.bin.index.json``).
+
+Reading is lazy: safetensors tensors are memory-mapped views of the files, torch shards are
+loaded with ``torch.load(mmap=True, weights_only=True)``; nothing is copied until a tensor is
+used. Writing follows the source layout file by file (same shard names, same keys in each shard,
+so the same shard size), one shard in memory at a time, into a temporary directory that is
+renamed at the end; the other files of the directory (config, tokenizer, ...) are copied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from autoperm.errors import CheckpointError
+
+__all__ = ["CheckpointLayout", "find_layout", "is_checkpoint_directory", "load_directory", "save_directory"]
+
+logger = logging.getLogger(__name__)
+
+# (weights file, its index, format), in the order they are looked for
+_CANDIDATES: tuple[tuple[str, str, str], ...] = (
+    ("model.safetensors", "model.safetensors.index.json", "safetensors"),
+    ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json", "safetensors"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", "torch"),
+    ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json", "torch"),
+)
+
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where the weights of a checkpoint directory live.
+
+    Attributes:
+        directory: the checkpoint directory.
+        format: ``"safetensors"`` or ``"torch"``.
+        shards: ``{file name: [tensor names in that file]}``, in file order.
+        index: name of the index file (``None`` for a single unsharded file).
+        index_data: the parsed index (its ``metadata`` is kept when rewriting).
+    """
+
+    directory: Path
+    format: str
+    shards: dict[str, list[str]]
+    index: str | None = None
+    index_data: dict | None = None
+
+    @property
+    def weight_files(self) -> set[str]:
+        """File names that hold weights (shards and index)."""
+        return set(self.shards) | ({self.index} if self.index else set())
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for names in self.shards.values() for key in names]
+
+
+def is_checkpoint_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a directory holding weights in one of the known layouts."""
+    path = Path(path)
+    return path.is_dir() and any((path / f).is_file() or (path / i).is_file() for f, i, _ in _CANDIDATES)
+
+
+def find_layout(directory: str | os.PathLike[str]) -> CheckpointLayout:
+    """Find and check the weights of a ``save_pretrained`` directory.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        Its :class:`CheckpointLayout`; every shard the index lists exists and holds the tensors
+        the index assigns to it (checked from the safetensors headers, without reading data).
+
+    Raises:
+        CheckpointError: no known weights file, an unreadable index, or shards missing or
+            lacking tensors the index lists.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    for weights, index, kind in _CANDIDATES:
+        if (directory / index).is_file():
+            return _sharded_layout(directory, index, kind)
+        if (directory / weights).is_file():
+            return CheckpointLayout(directory, kind, {weights: _keys_of(directory / weights, kind)})
+    expected = ", ".join(f for f, _, _ in _CANDIDATES)
+    raise CheckpointError(
+        f"checkpoint directory {str(directory)!r} holds no weights: expected one of {expected} "
+        "or a sharded index (*.index.json) as save_pretrained writes them"
+    )
+
+
+def _sharded_layout(directory: Path, index: str, kind: str) -> CheckpointLayout:
+    where = str(directory / index)
+    try:
+        data = json.loads((directory / index).read_text())
+        weight_map = data["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"cannot read the shard index {where!r}: {type(error).__name__}: {error}") from error
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"shard index {where!r}: 'weight_map' must map tensor names to shard file names")
+    shards: dict[str, list[str]] = {}
+    for key, file in weight_map.items():
+        shards.setdefault(file, []).append(key)
+    missing = [file for file in shards if not (directory / file).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"shard index {where!r} lists {len(missing)} shard file(s) that are not in the directory: "
+            f"{missing[:3]}; the download or copy is incomplete"
+        )
+    if kind == "safetensors":
+        for file, keys in shards.items():
+            present = set(_keys_of(directory / file, kind))
+            absent = [key for key in keys if key not in present]
+            if absent:
+                raise CheckpointError(
+                    f"shard {str(directory / file)!r} lacks {len(absent)} tensor(s) that {index} assigns to it, "
+                    f"e.g. {absent[:3]}"
+                )
+    return CheckpointLayout(directory, kind, shards, index, data)
+
+
+def _keys_of(path: Path, kind: str) -> list[str]:
+    if kind != "safetensors":
+        return list(_load_torch_file(path))
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types on corrupt headers
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {error}") from error
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    from autoperm.checkpoint import read_torch_file
+
+    return read_torch_file(path)
+
+
+def load_directory(
+    directory: str | os.PathLike[str], tied: Iterable[Iterable[str]] = ()
+) -> dict[str, torch.Tensor]:
+    """Read the weights of a checkpoint directory lazily (memory-mapped, nothing copied).
+
+    Args:
+        directory: a ``save_pretrained`` directory (see the module docstring for layouts).
+        tied: groups of state-dict names that share one tensor in the model (tied embeddings);
+            a name missing from the files is filled in with its tied partner, as
+            ``save_pretrained`` stores a tied tensor once.
+
+    Returns:
+        ``{name: tensor}``; safetensors tensors are read-only memory maps of the files.
+
+    Raises:
+        CheckpointError: see :func:`find_layout`; or a file cannot be read.
+    """
+    layout = find_layout(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, keys in layout.shards.items():
+        path = layout.directory / file
+        if layout.format == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in keys:
+                        tensors[key] = handle.get_tensor(key)
+            except Exception as error:  # corrupt data section
+                raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {error}") from error
+        else:
+            loaded = _load_torch_file(path)
+            absent = [key for key in keys if key not in loaded]
+            if absent:
+                raise CheckpointError(f"shard {str(path)!r} lacks {len(absent)} tensor(s) its index lists, e.g. {absent[:3]}")
+            tensors.update({key: loaded[key] for key in keys})
+    for names in tied:
+        names = list(names)
+        present = [name for name in names if name in tensors]
+        if present:
+            for name in names:
+                if name not in tensors:
+                    tensors[name] = tensors[present[0]]
+    return tensors
+
+
+def save_directory(
+    state_dict: Mapping[str, torch.Tensor],
+    layout: CheckpointLayout,
+    output: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    transform: Transform | None = None,
+) -> None:
+    """Write ``state_dict`` as a directory in ``layout``'s format, atomically.
+
+    The other files of ``layout.directory`` (config, tokenizer, generation config, ...) are
+    copied; each shard gets the same tensors as in the source (cast to the source's dtype), so
+    shard sizes and the index stay the same, and a tensor stored once for tied weights is
+    written once. Shards are written one at a time, ``transform(name, tensor)`` being applied to
+    each tensor as its shard is written (so a permutation needs one shard of extra memory).
+
+    Args:
+        state_dict: ``{name: tensor}`` holding at least every tensor of the layout.
+        layout: the layout to follow (usually that of the checkpoint the output derives from).
+        output: the output directory; it must not exist yet.
+        inputs: paths the output must not replace.
+        transform: optional ``(name, tensor) -> tensor`` applied while writing.
+
+    Raises:
+        CheckpointError: ``output`` exists or is an input, a tensor is missing, or writing fails;
+            nothing is left behind.
+    """
+    output = Path(output)
+    resolved = output.resolve()
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if source_path == resolved or source_path in resolved.parents:
+            raise CheckpointError(f"refusing to write {str(output)!r}: it is (inside) the input {str(source)!r}")
+    if output.exists():
+        raise CheckpointError(f"output {str(output)!r} already exists; remove it or choose another path")
+    missing = [key for key in layout.keys if key not in state_dict]
+    if missing:
+        raise CheckpointError(f"cannot write {str(output)!r}: the state dict lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+    except OSError as error:
+        raise CheckpointError(f"cannot write {str(output)!r}: {error}") from error
+    try:
+        _copy_other_files(layout, temporary)
+        total = 0
+        for file, keys in layout.shards.items():
+            total += _write_shard(layout, file, keys, state_dict, transform, temporary / file)
+        if layout.index:
+            data = dict(layout.index_data or {})
+            metadata = dict(data.get("metadata") or {})
+            metadata["total_size"] = total
+            data["metadata"] = metadata
+            (temporary / layout.index).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _follow_umask(temporary, directory=True)
+        for child in temporary.rglob("*"):
+            _follow_umask(child, directory=child.is_dir())
+        os.rename(temporary, output)
+    except BaseException as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(f"cannot write {str(output)!r}: {error}") from error
+        raise
+    logger.info("wrote %s (%d file(s) of weights, %d bytes)", output, len(layout.shards), total)
+
+
+def _copy_other_files(layout: CheckpointLayout, target: Path) -> None:
+    skip = layout.weight_files
+    for child in layout.directory.iterdir():
+        if child.name in skip or child.name.startswith("."):
+            continue
+        if child.is_dir():
+            shutil.copytree(child, target / child.name)
+        elif child.is_file():
+            shutil.copy2(child, target / child.name)
+
+
+def _write_shard(
+    layout: CheckpointLayout,
+    file: str,
+    keys: list[str],
+    state_dict: Mapping[str, torch.Tensor],
+    transform: Transform | None,
+    path: Path,
+) -> int:
+    """Write one shard; returns its number of tensor bytes."""
+    source = _source_dtypes(layout, file, keys)
+    tensors: dict[str, torch.Tensor] = {}
+    for key in keys:
+        tensor = state_dict[key]
+        if transform is not None:
+            tensor = transform(key, tensor)
+        dtype = source.get(key, tensor.dtype)
+        tensors[key] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    if layout.format == "safetensors":
+        from safetensors.torch import save_file
+
+        # tensors sharing storage must be separate copies for safetensors
+        seen: set[int] = set()
+        for key, tensor in tensors.items():
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in seen:
+                tensors[key] = tensor.clone()
+            seen.add(pointer)
+        save_file(tensors, str(path), metadata=_metadata(layout, file))
+    else:
+        torch.save(tensors, path)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _source_dtypes(layout: CheckpointLayout, file: str, keys: list[str]) -> dict[str, torch.dtype]:
+    """The dtype each tensor has in the source shard (outputs keep it)."""
+    path = layout.directory / file
+    if layout.format != "safetensors":
+        loaded = _load_torch_file(path)
+        return {key: loaded[key].dtype for key in keys if key in loaded}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        names = {key: handle.get_slice(key).get_dtype() for key in keys}
+    return {key: _SAFETENSORS_DTYPES[name] for key, name in names.items() if name in _SAFETENSORS_DTYPES}
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _metadata(layout: CheckpointLayout, file: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(layout.directory / file), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    metadata.setdefault("format", "pt")  # transformers refuses safetensors files without it
+    return metadata
+
+
+def _follow_umask(path: Path, directory: bool = False) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
