@@ -26,7 +26,8 @@ Usage (from the repository root, timm installed)::
 
     python benchmarks/zoo_sweep.py --threads 2 --out zoo_results.jsonl
     python benchmarks/zoo_sweep.py --models resnet10t,deit_tiny_patch16_224 --timeout 120
-    python benchmarks/zoo_sweep.py --select            # rewrite zoo_models.txt (about a minute)
+    python benchmarks/zoo_sweep.py --report zoo_results.jsonl   # table and summary again
+    python benchmarks/zoo_sweep.py --select            # rewrite zoo_models.txt (minutes)
 
 Needs only the public API of ``autoperm`` (``infer_spec``, ``random_permutation``,
 ``apply_permutation``, ``weight_matching``), so it also runs against older checkouts via
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -289,38 +291,81 @@ def run_model(name: str, threads: int | None = None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- sweep
 def run_in_subprocess(name: str, timeout: float, threads: int | None) -> dict[str, Any]:
-    """:func:`run_model` in a fresh interpreter; a timeout or a crash becomes a status."""
+    """:func:`run_model` in a child process; a timeout or a crash becomes a status.
+
+    Where the platform can fork, the child is a fork of this process, which has imported torch,
+    timm and autoperm once (a fresh interpreter would spend seconds on imports per model);
+    elsewhere a fresh interpreter runs ``--worker``.
+    """
+    if "fork" in multiprocessing.get_all_start_methods():
+        return _run_forked(name, timeout, threads)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
     if threads:
         command += ["--threads", str(threads)]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"model": name, "family": family(name), "status": "timeout", "wall_s": time.perf_counter() - start}
     wall = time.perf_counter() - start
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
-            row = json.loads(line)
-            row["wall_s"] = wall
-            return row
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else f"exit code {done.returncode}"
-    return {"model": name, "family": family(name), "status": f"error: {last}", "wall_s": wall}
+            return {**json.loads(line), "wall_s": wall}
+    return {"model": name, "family": family(name), "status": f"error: {_last_line(done.stderr, done.returncode)}", "wall_s": wall}
 
 
-def worker(name: str, threads: int | None) -> None:
-    """Entry point of the subprocess: one JSON line on stdout (errors as a status, not a crash)."""
+def _last_line(stderr: str, returncode: int | None) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {returncode}"
+
+
+def _run_forked(name: str, timeout: float, threads: int | None) -> dict[str, Any]:
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        child = context.Process(target=_forked_worker, args=(name, threads, send, stderr.fileno()), daemon=True)
+        start = time.perf_counter()
+        child.start()
+        send.close()
+        row = None
+        if receive.poll(timeout):
+            try:
+                row = receive.recv()
+            except EOFError:  # the child died without an answer
+                pass
+        wall = time.perf_counter() - start
+        if row is None and child.is_alive():
+            child.kill()
+            child.join()
+            return {"model": name, "family": family(name), "status": "timeout", "wall_s": wall}
+        child.join()
+        if row is None:
+            stderr.seek(0)
+            row = {"model": name, "family": family(name), "status": f"error: {_last_line(stderr.read(), child.exitcode)}"}
+    receive.close()
+    return {**row, "wall_s": wall}
+
+
+def _forked_worker(name: str, threads: int | None, send: Any, stderr_fd: int) -> None:
+    os.dup2(stderr_fd, 2)
+    send.send(worker_row(name, threads))
+    send.close()
+
+
+def worker_row(name: str, threads: int | None) -> dict[str, Any]:
+    """:func:`run_model`'s row with a status (errors as a status, not a crash)."""
     try:
         row = run_model(name, threads)
         row["status"] = "ok"
     except Exception as error:  # noqa: BLE001 - every failure is a result of the sweep
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         row = {"model": name, "family": family(name), "status": f"error: {type(error).__name__}: {first}"[:300]}
-    print(json.dumps(row), flush=True)
+    return row
+
+
+def worker(name: str, threads: int | None) -> None:
+    """Entry point of ``--worker``: one JSON line on stdout."""
+    print(json.dumps(worker_row(name, threads)), flush=True)
 
 
 def problems(row: Mapping[str, Any], slow_infer: float = 10.0) -> list[str]:
@@ -331,7 +376,7 @@ def problems(row: Mapping[str, Any], slow_infer: float = 10.0) -> list[str]:
     if not row["sound"]:
         found.append(f"unsound ({row['max_rel_error']:.1e})")
     if not row["recovered"]:
-        found.append(f"not recovered ({row['wrong_tensors']} tensors wrong, objective {row['objective_ratio']:.4f} of optimum)")
+        found.append(f"not recovered ({row['wrong_tensors']} tensors wrong, objective {row['objective_ratio'] or 0:.4f} of optimum)")
     if not row["objective_ok"]:
         found.append(f"objective mismatch (reported {row['objective']:.6g}, true {row['true_objective']:.6g})")
     if row["infer_s"] > slow_infer:
@@ -383,11 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("zoo_results.jsonl"), help="JSON-lines output")
     parser.add_argument("--threads", type=int, help="torch threads per model (default: torch's own)")
     parser.add_argument("--select", action="store_true", help=f"regenerate {MODELS_FILE.name} and exit")
+    parser.add_argument("--report", type=Path, help="print the table and summary of an earlier --out file and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         worker(args.worker, args.threads)
+        return 0
+    if args.report:
+        rows = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
+        print(table(rows))
+        print(summary(rows))
         return 0
     if args.select:
         import timm
@@ -399,7 +450,16 @@ def main(argv: list[str] | None = None) -> int:
 
     names = args.models.split(",") if args.models else read_models()
     names = names[: args.limit] if args.limit else names
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import timm  # noqa: F401 - imported once here, inherited by every forked child
+    import torch  # noqa: F401
+    import tqdm as tqdm_module
     from tqdm import tqdm
+
+    import autoperm  # noqa: F401
+
+    tqdm_module.tqdm.monitor_interval = 0  # no monitor thread alive when children are forked
 
     rows: list[dict[str, Any]] = []
     progress = tqdm(names, unit="model")
