@@ -47,6 +47,7 @@ class Resolved:
     fixed: set[int]
     size: dict[int, int]
     order: dict[Node, int] = field(default_factory=dict)
+    why_fixed: dict[int, list[str]] = field(default_factory=dict)
 
     def is_group(self, index: int) -> bool:
         """A component is a permutation group: not fixed, not composite, more than one index."""
@@ -61,6 +62,8 @@ class AxisGraph:
         self.sizes: dict[Node, int] = {}
         self.definitions: dict[Node, list[Definition]] = {}
         self.fixed_nodes: set[Node] = set()
+        self.reasons: dict[Node, str] = {}  # why each fixed node is fixed (the first reason given)
+        self.reason = "kept fixed"  # what the caller is doing now; recorded with every fix
         self._atoms = 0
 
     # ------------------------------------------------------------------ building
@@ -80,16 +83,18 @@ class AxisGraph:
         size_a, size_b = self.sizes[a], self.sizes[b]
         if size_a != size_b:
             logger.debug("axes %s (%d) and %s (%d) differ in size; fixing both", a, size_a, b, size_b)
-            return self.fix(a) | self.fix(b)
+            return self.fix(a, f"{self.reason} (couples axes of different sizes)") | self.fix(b, f"{self.reason} (couples axes of different sizes)")
         if size_a == 1 or a == b or self.graph.has_edge(a, b):
             return False
         self.graph.add_edge(a, b)
         return True
 
-    def fix(self, node: Node) -> bool:
+    def fix(self, node: Node, reason: str | None = None) -> bool:
+        """Axis ``node`` is never permuted; ``reason`` (default: the current ``reason``) says why."""
         if node in self.fixed_nodes:
             return False
         self.fixed_nodes.add(node)
+        self.reasons[node] = reason or self.reason
         return True
 
     def define(self, node: Node, kind: str, children: Sequence[Node]) -> bool:
@@ -201,7 +206,7 @@ class AxisGraph:
     def _fix_all(self, nodes: Iterable[Node]) -> bool:
         changed = False
         for node in nodes:
-            changed |= self.fix(node)
+            changed |= self.fix(node, "two reshapes factorise this axis incompatibly")
         return changed
 
     def _order(self) -> dict[Node, int]:
@@ -217,7 +222,12 @@ class AxisGraph:
         for node, defs in self.definitions.items():
             definitions.setdefault(component[node], []).extend(defs)
         size = {index: self.sizes[nodes[0]] for index, nodes in enumerate(members)}
-        fixed = {component[node] for node in self.fixed_nodes}
+        why: dict[int, list[str]] = {}
+        for node in sorted(self.fixed_nodes, key=order.__getitem__):
+            reasons = why.setdefault(component[node], [])
+            if self.reasons.get(node, "kept fixed") not in reasons:
+                reasons.append(self.reasons.get(node, "kept fixed"))
+        fixed = set(why)
         stack = list(fixed)
         while stack:  # a fixed composite axis fixes its parts
             index = stack.pop()
@@ -226,5 +236,6 @@ class AxisGraph:
                     child_index = component[child]
                     if child_index not in fixed:
                         fixed.add(child_index)
+                        why[child_index] = why[index]
                         stack.append(child_index)
-        return Resolved(component, members, definitions, fixed, size, order)
+        return Resolved(component, members, definitions, fixed, size, order, why)

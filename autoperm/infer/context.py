@@ -23,11 +23,13 @@ class RuleContext:
         self.producers: list[tuple[str, int]] = []
         self.mixed: list[Hashable] = []
         self.module_name: str | None = None
+        self.touched: set[tuple[str, int]] = set()  # axes the current rule has spoken about
 
     # ------------------------------------------------------------------ axes
     def ax(self, tensor: TensorRef, dim: int) -> Hashable:
         """The axis-graph node of ``tensor``'s axis ``dim``."""
         dim = dim % tensor.ndim if tensor.ndim else 0
+        self.touched.add((tensor.id, dim))
         return self.axes.node((tensor.id, dim), tensor.shape[dim])
 
     def atom(self, size: int) -> Hashable:
@@ -53,6 +55,18 @@ class RuleContext:
         dims = range(tensor.ndim) if dim is None else [dim]
         for d in dims:
             self.axes.fix(self.ax(tensor, d))
+
+    def free(self, tensor: TensorRef | None, dim: int | None = None) -> None:
+        """Leave axis ``dim`` (or every axis) of ``tensor`` unconstrained, on purpose.
+
+        The engine fixes every axis of a call's tensors that its rule says nothing about, so a
+        rule that forgets an axis can never make a spec unsound; an axis that is truly free
+        (constant values, broadcast copies, a symmetric reduction) is declared with this.
+        """
+        if tensor is None:
+            return
+        for d in range(tensor.ndim) if dim is None else [dim % tensor.ndim]:
+            self.touched.add((tensor.id, d))
 
     def fix_node(self, node: Hashable) -> None:
         self.axes.fix(node)
@@ -92,6 +106,7 @@ class RuleContext:
         """Broadcasting elementwise op: right-aligned axes of equal size are coupled."""
         if out is None:
             return
+        self.free(out)  # axes every input broadcasts along hold copies
         for tensor in inputs:
             if tensor is None:
                 continue
@@ -202,7 +217,9 @@ class RuleContext:
         out_dim = 0
         for d in range(source.ndim):
             if d in reduced:
-                if not keep_reduced_free:
+                if keep_reduced_free:
+                    self.free(source, d)
+                else:
                     self.fix(source, d)
                 if keepdim:
                     out_dim += 1

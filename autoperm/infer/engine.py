@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ from torch import nn
 from autoperm.infer import rules_attention, rules_core, rules_layers  # noqa: F401  (registers the rule table)
 from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
+from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
 from autoperm.infer.registry import bind, has_module_rule
-from autoperm.spec.schema import ActivationSite, Member, PermutationGroup, PermutationSpec
+from autoperm.spec.schema import ActivationSite, FixedAxis, Member, PermutationGroup, PermutationSpec
 from autoperm.trace import TracedGraph, trace_model
+from autoperm.trace.graph import OpCall, TensorRef
 
 __all__ = ["infer_spec", "UnsupportedOpWarning", "build_context"]
 
@@ -43,7 +46,11 @@ class _Placement:
 def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
     """Run the rule of every op of ``traced``; returns the context and the unsupported op types."""
     ctx = RuleContext(traced)
-    for ref in traced.inputs + traced.constants:
+    ctx.axes.reason = "model input"
+    for ref in traced.inputs:
+        ctx.fix(ref)
+    ctx.axes.reason = "constant tensor (neither input nor state)"
+    for ref in traced.constants:
         ctx.fix(ref)
     unknown: dict[str, str] = {}
     for call in traced.calls:
@@ -58,18 +65,39 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
             involved += [ctx.state(name) for name in call.module_state]
         if rule is None:
             unknown.setdefault(call.target, call.describe())
+            ctx.axes.reason = f"unsupported op at {call.describe()}"
             ctx.unknown([t for t in involved if t is not None])
             continue
+        ctx.touched = set()
+        ctx.axes.reason = f"{call.describe()} keeps it fixed"
         try:
             rule(ctx, bound)
+            _fix_forgotten(ctx, call, involved)
         except Exception as error:  # a rule that cannot handle this use keeps its axes fixed
             logger.warning("rule for %s failed (%s: %s); keeping its axes fixed", call.describe(), type(error).__name__, error)
             unknown.setdefault(call.target, call.describe())
+            ctx.axes.reason = f"the rule for {call.describe()} failed ({type(error).__name__})"
             ctx.unknown([t for t in involved if t is not None])
     ctx.module_name = None
+    ctx.axes.reason = "model output"
     for ref in traced.outputs:
         ctx.fix(ref)
     return ctx, sorted(unknown)
+
+
+def _fix_forgotten(ctx: RuleContext, call: OpCall, tensors: list[TensorRef | None]) -> None:
+    """Fix every axis of the call's tensors that its rule neither coupled, fixed nor freed.
+
+    A rule that misreads its arguments (an unexpected call signature, a list it did not look
+    into) would otherwise leave an axis the op reads unconstrained, and the spec unsound.
+    """
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        for dim, size in enumerate(tensor.shape):
+            if size > 1 and (tensor.id, dim) not in ctx.touched:
+                logger.debug("%s: rule left axis %d of %s unspecified; keeping it fixed", call.describe(), dim, tensor.id)
+                ctx.axes.fix(ctx.ax(tensor, dim), f"the rule for {call.describe()} does not cover this axis")
 
 
 def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[int, int], ...], inner: int,
@@ -165,7 +193,7 @@ def infer_spec(
         >>> [g.name for g in spec.groups][:2]
         ['conv1', 'layer1.0.conv1']
     """
-    traced = trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer)
+    traced = split_fused_axes(trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer))
     ctx, unknown = build_context(traced)
     if unknown:
         message = "kept the axes fixed around ops autoperm does not understand: " + ", ".join(unknown)
@@ -200,8 +228,55 @@ def infer_spec(
         )
         for component, group_members in members.items()
     ]
+    hidden_units, kept_fixed = _completeness(ctx, traced, resolved, sizes, members)
     logger.info("inferred %d permutation groups (%s front-end)", len(groups), traced.tracer)
-    return PermutationSpec(model=model_name or type(model).__name__, tracer=traced.tracer, groups=tuple(groups), shapes=shapes)
+    return PermutationSpec(
+        model=model_name or type(model).__name__, tracer=traced.tracer, groups=tuple(groups),
+        hidden_units=hidden_units, kept_fixed=kept_fixed, shapes=shapes,
+    )
+
+
+def _completeness(ctx: RuleContext, traced: TracedGraph, resolved: Resolved, sizes: dict[Hashable, int],
+                  members: dict[int, list[Member]]) -> tuple[int, tuple[FixedAxis, ...]]:
+    """Hidden units (output units of conv / linear weights that are no model output), and each
+    such axis that no group fully covers, with why the rest is fixed."""
+    hidden = 0
+    report: list[FixedAxis] = []
+    for state_name, dim in dict.fromkeys(ctx.producers):
+        ref = traced.state.get(state_name)
+        if ref is None:
+            continue
+        size = ref.shape[dim]
+        covered = sum(
+            resolved.size[p.component] * p.inner * math.prod(c for c, _ in p.outer)
+            for p in _placements(resolved, sizes, (ref.id, dim)) if p.component in members
+        )
+        reasons = _fixed_reasons(resolved, resolved.component.get((ref.id, dim)))
+        name = next((n for n, canonical in traced.aliases.items() if canonical == state_name), state_name)
+        if "model output" in reasons and covered == 0:
+            report.append(FixedAxis(param=name, axis=dim, size=size, reason="model output"))
+            continue
+        hidden += size
+        if covered < size:
+            shown = "; ".join(reasons[:2]) + (f" (and {len(reasons) - 2} more)" if len(reasons) > 2 else "")
+            report.append(FixedAxis(param=name, axis=dim, size=size, permutable=covered, reason=shown or "kept fixed"))
+    return hidden, tuple(report)
+
+
+def _fixed_reasons(resolved: Resolved, component: int | None) -> list[str]:
+    """Why a component (or the fixed parts of a composite one) is fixed, first reasons first."""
+    if component is None:
+        return []
+    if component in resolved.fixed:
+        return list(resolved.why_fixed.get(component, ["kept fixed"]))
+    found: list[str] = []
+    for definition in resolved.definitions.get(component, ()):
+        for child in definition.children:
+            for reason in _fixed_reasons(resolved, resolved.component.get(child)):
+                if reason not in found:
+                    found.append(reason)
+        break
+    return found
 
 
 def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hashable, int], wanted: set[int]) -> dict[int, list[ActivationSite]]:
@@ -209,7 +284,7 @@ def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hasha
     best: dict[int, tuple[int, ActivationSite]] = {}
     for call in traced.calls:
         out = call.outputs[0] if len(call.outputs) == 1 else None
-        if out is None:
+        if out is None or call.node.startswith(SYNTHETIC_PREFIX):
             continue
         rank = 0 if bind(call)[0].op in _ACTIVATION_OPS else 1
         for dim in range(out.ndim):

@@ -28,7 +28,7 @@ UNARY = ACTIVATIONS + [
     "feature_dropout", "native_dropout",
     "contiguous", "clone", "detach", "detach_", "to", "_to_copy", "float", "half", "double", "bfloat16",
     "int", "long", "bool", "type", "type_as", "cpu", "cuda", "alias", "lift_fresh_copy", "requires_grad_",
-    "stochastic_depth", "zero_", "fill_", "ones_like", "zeros_like", "full_like", "empty_like", "positive", "_assert_tensor_metadata",
+    "stochastic_depth", "zero_", "fill_", "ones_like", "zeros_like", "full_like", "empty_like", "positive",
 ]
 # n-ary ops with broadcasting: every tensor argument is coupled to the output.
 NARY = [
@@ -110,6 +110,8 @@ POSITIONAL_FACTORIES = ["arange", "linspace", "logspace", "eye", "tensor", "as_t
 @register_op_rule("constant_factory", aliases=[a for n in CONSTANT_FACTORIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
 def _constant_factory(ctx: RuleContext, call: BoundCall) -> None:
     """Constant-valued tensors are unchanged by any permutation: no constraint on their axes."""
+    for tensor in (*call.call.tensors(), *call.call.output_tensors()):
+        ctx.free(tensor)
 
 
 @register_op_rule("positional_factory", aliases=[a for n in POSITIONAL_FACTORIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
@@ -274,10 +276,14 @@ def _unbind(ctx: RuleContext, call: BoundCall) -> None:
 @register_op_rule("getitem", aliases=[operator.getitem], args=("input", "index"))
 def _getitem(ctx: RuleContext, call: BoundCall) -> None:
     source, index, out = call.get("input"), call.get("index"), call.out
-    if out is None:
+    if out is None:  # an element that is no tensor (None, a size)
+        for tensor in tensors_in(source):
+            ctx.free(tensor)
         return
     if isinstance(source, (list, tuple)):  # element of a tuple output
         if isinstance(index, int) and -len(source) <= index < len(source) and isinstance(source[index], TensorRef):
+            for element in tensors_in(source):
+                ctx.free(element)  # the other elements are not read here
             ctx.same_all(source[index], out)
         else:
             ctx.unknown([*tensors_in(source), out])
@@ -292,7 +298,7 @@ def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef)
     """Basic indexing: full slices keep an axis, partial slices and integers fix it."""
     items = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, (TensorRef, list)) for i in items):
-        ctx.unknown([x, out, *tensors_in(items)])
+        _advanced_index(ctx, x, [slice(None) if _is_full(i) else i for i in items], out)
         return
     if any(i is Ellipsis for i in items):
         at = items.index(Ellipsis)
@@ -318,6 +324,48 @@ def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef)
         else:
             ctx.unknown([x, out])
             return
+
+
+def _is_full(item: object) -> bool:
+    return isinstance(item, slice) and item.start in (None, 0) and item.stop is None and item.step in (None, 1)
+
+
+@register_op_rule("index_tensor", aliases=["aten.index.Tensor", "aten.index", "aten._unsafe_index.Tensor", "aten._unsafe_index"],
+                  args=("input", "indices"))
+def _index_tensor(ctx: RuleContext, call: BoundCall) -> None:
+    """``x[..., idx, ...]`` with one index tensor (ATen lists ``None`` for the axes left whole)."""
+    x, indices, out = call.tensor("input"), call.get("indices"), call.out
+    if x is None or out is None or not isinstance(indices, (list, tuple)):
+        ctx.unknown([t for t in (x, out, *tensors_in(indices)) if t is not None])
+        return
+    _advanced_index(ctx, x, [slice(None) if i is None else i for i in indices], out)
+
+
+def _advanced_index(ctx: RuleContext, x: TensorRef, items: list[object], out: TensorRef) -> None:
+    """Indexing with one integer tensor ``idx`` at axis ``k``, every other axis taken whole.
+
+    The output is ``x``'s axes before ``k``, then ``idx``'s axes, then ``x``'s axes after ``k``:
+    those are coupled in order; axis ``k`` of ``x`` is fixed (which entries are read depends on
+    their positions), and ``idx``'s axes are coupled with the output axes they lay out. Anything
+    else (several index tensors, boolean masks, slices with steps) keeps every axis fixed.
+    """
+    tensors = [i for i in items if isinstance(i, TensorRef)]
+    rest_whole = all(isinstance(i, TensorRef) or _is_full(i) for i in items)
+    if len(tensors) != 1 or not rest_whole or len(items) > x.ndim or tensors[0].floating:
+        ctx.unknown([x, out, *tensors_in(items)])
+        return
+    idx = tensors[0]
+    k = next(position for position, item in enumerate(items) if isinstance(item, TensorRef))
+    if out.ndim != x.ndim - 1 + idx.ndim:
+        ctx.unknown([x, out, idx])
+        return
+    ctx.fix(x, k)
+    for d in range(k):
+        ctx.same(x, d, out, d)
+    for d in range(idx.ndim):
+        ctx.same(idx, d, out, k + d)
+    for d in range(k + 1, x.ndim):
+        ctx.same(x, d, out, d - 1 + idx.ndim)
 
 
 @register_op_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"))
@@ -400,13 +448,16 @@ def _position_reduction(ctx: RuleContext, call: BoundCall) -> None:
 # ------------------------------------------------------------------------ shape queries
 SHAPE_QUERIES = ["size", "dim", "numel", "nelement", "ndimension", "sym_size", "sym_numel", "sym_stride", "stride",
                  "is_contiguous", "get_device", "is_floating_point", "element_size", "_assert", "_assert_async",
-                 "_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size", "_check", "_check_is_size"]
+                 "_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size", "_check", "_check_is_size",
+                 "_assert_tensor_metadata"]
 
 
 @register_op_rule("shape_query", aliases=[a for n in SHAPE_QUERIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")]
                   + [len, torch._assert, "torch._check"], args=("input",))
 def _shape_query(ctx: RuleContext, call: BoundCall) -> None:
     """Reading a tensor's shape, dtype or device says nothing about the order of its entries."""
+    for tensor in (*call.call.tensors(), *call.call.output_tensors()):
+        ctx.free(tensor)
 
 
 _TENSOR_ATTRIBUTES = {"T": "t", "mT": "t"}
@@ -417,6 +468,7 @@ def _getattr(ctx: RuleContext, call: BoundCall) -> None:
     """``x.shape`` / ``x.dtype`` / ``x.device`` constrain nothing; ``x.T`` is a transpose."""
     x, out = call.tensor("input"), call.out
     if out is None or x is None:
+        ctx.free(x)  # .shape, .dtype, .device: no tensor comes out
         return
     if call.get("name") in _TENSOR_ATTRIBUTES and x.ndim == 2:
         ctx.same(x, 0, out, 1)

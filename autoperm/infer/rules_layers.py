@@ -96,7 +96,8 @@ def _addmm(ctx: RuleContext, call: BoundCall) -> None:
 def _einsum(ctx: RuleContext, call: BoundCall) -> None:
     """Every index letter is one axis: all axes carrying the same letter are coupled."""
     equation = str(call.get("equation", "")).replace(" ", "")
-    operands = [t for t in (call.get("operands") if isinstance(call.get("operands"), (list, tuple)) else [call.get("operands"), *call.varargs]) if isinstance(t, TensorRef)]
+    given = call.get("operands", call.get("tensors"))  # torch.einsum(eq, *operands); aten.einsum(eq, tensors)
+    operands = [t for t in (given if isinstance(given, (list, tuple)) else [given, *call.varargs]) if isinstance(t, TensorRef)]
     out = call.out
     if "->" not in equation or "." in equation or out is None:
         ctx.unknown([*operands, *call.call.output_tensors()])

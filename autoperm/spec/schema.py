@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from autoperm.errors import SpecError
 
-__all__ = ["Layout", "Member", "ActivationSite", "PermutationGroup", "PermutationSpec"]
+__all__ = ["Layout", "Member", "ActivationSite", "Completeness", "FixedAxis", "PermutationGroup", "PermutationSpec"]
 
 SPEC_VERSION = 1
 
@@ -107,8 +107,50 @@ class PermutationGroup(BaseModel):
         return not self.fixed and self.size > 1
 
 
+class FixedAxis(BaseModel):
+    """A hidden layer's output axis (weight rows of a conv / linear) that is not fully permutable.
+
+    Attributes:
+        param: the state-dict weight whose output units these are.
+        axis: its output axis.
+        size: the number of units on that axis.
+        permutable: how many of them some active group moves.
+        reason: why the others stay fixed: the op (graph node and module) that fixed them, and
+            how (``model output``, ``unsupported op at node ...``, ``node ... keeps it fixed``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    param: str
+    axis: int
+    size: int
+    permutable: int = 0
+    reason: str
+
+
+class Completeness(BaseModel):
+    """How much of a model's hidden width the spec can permute (see ``PermutationSpec.completeness``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hidden_units: int
+    permutable_units: int
+    output_units: int
+    fixed: tuple[FixedAxis, ...]
+
+    @property
+    def share(self) -> float:
+        """Permutable hidden units / hidden units (1.0 when there are none)."""
+        return self.permutable_units / self.hidden_units if self.hidden_units else 1.0
+
+
 class PermutationSpec(BaseModel):
-    """All permutation groups of a model, and the shapes of its state dict."""
+    """All permutation groups of a model, and the shapes of its state dict.
+
+    ``hidden_units`` counts the output units of every conv / linear weight that are not model
+    outputs, ``kept_fixed`` lists the hidden axes some of whose units no group moves, with the
+    reason (filled in by :func:`autoperm.infer_spec`; empty for hand-written specs).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -116,6 +158,8 @@ class PermutationSpec(BaseModel):
     model: str | None = None
     tracer: Literal["fx", "export"] = "fx"
     groups: tuple[PermutationGroup, ...]
+    hidden_units: int | None = None
+    kept_fixed: tuple[FixedAxis, ...] = ()
     shapes: dict[str, tuple[int, ...]] = {}
 
     @model_validator(mode="after")
@@ -155,6 +199,25 @@ class PermutationSpec(BaseModel):
                         f" outer loop of count {per_size} (the size of group {group.per!r})"
                     )
         return self
+
+    def completeness(self) -> Completeness:
+        """Permutable share of the hidden units, and every fixed hidden axis with its reason.
+
+        Raises:
+            SpecError: the spec does not record hidden units (written by hand, or by an older
+                version): regenerate it with ``autoperm spec``.
+        """
+        if self.hidden_units is None:
+            raise SpecError("this spec records no completeness report; regenerate it with `autoperm spec`")
+        hidden = [f for f in self.kept_fixed if f.reason != "model output"]
+        outputs = sum(f.size for f in self.kept_fixed if f.reason == "model output")
+        missing = sum(f.size - f.permutable for f in hidden)
+        return Completeness(
+            hidden_units=self.hidden_units,
+            permutable_units=self.hidden_units - missing,
+            output_units=outputs,
+            fixed=tuple(hidden),
+        )
 
     # ----------------------------------------------------------------- lookups
     @cached_property
@@ -230,6 +293,8 @@ class PermutationSpec(BaseModel):
         """
         dumped = self.model_dump(mode="json", exclude_defaults=True)
         data: dict[str, Any] = {"version": self.version, **dumped}
+        if "kept_fixed" in data:
+            data["kept_fixed"] = [_name_first(f, "param") for f in data["kept_fixed"]]
         for group in data["groups"]:
             group["members"] = [_name_first(m, "param") for m in group["members"]]
             if "activations" in group:
@@ -333,7 +398,7 @@ def _represent_list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.Node:
 
 
 def _represent_dict(dumper: yaml.SafeDumper, value: dict[str, Any]) -> yaml.Node:
-    flow = "param" in value or "node" in value  # one member / activation site per line
+    flow = ("param" in value and "reason" not in value) or "node" in value  # one member / activation site per line
     return dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=flow)
 
 

@@ -1,0 +1,141 @@
+"""Soundness by construction and the completeness report.
+
+A rule that says nothing about an axis of a tensor its op touches must not leave that axis free:
+the engine keeps it fixed, so a misread call can only cost symmetry, never soundness. The spec
+records how many hidden units are permutable and, for every hidden axis kept fixed, why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import autoperm
+from autoperm import apply_permutation, infer_spec, random_permutation
+from autoperm.infer.registry import _MODULE_RULES
+
+
+@torch.no_grad()
+def _relative_change(model: nn.Module, spec, inputs: tuple, seeds=(0, 1)) -> float:
+    model = model.double().eval()
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    state = model.state_dict()
+    reference = model(*inputs)
+    worst = 0.0
+    for seed in seeds:
+        model.load_state_dict(apply_permutation(spec, random_permutation(spec, seed=seed), state))
+        worst = max(worst, float((model(*inputs) - reference).abs().max() / reference.abs().max()))
+    model.load_state_dict(state)
+    return worst
+
+
+class Contract(nn.Module):
+    """``x @ W`` written as a module whose (deliberately empty) rule forgets every axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+class WithContract(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.contract = Contract()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.contract(torch.relu(self.inp(x)))))
+
+
+def test_axes_a_rule_forgets_are_kept_fixed_and_explained() -> None:
+    autoperm.register_module_rule(Contract, lambda ctx, call: None)
+    try:
+        torch.manual_seed(0)
+        model = WithContract()
+        spec = infer_spec(model, (torch.randn(2, 4),))
+    finally:
+        _MODULE_RULES.pop(Contract, None)
+    assert not spec.active_groups  # inp's units feed the contraction: nothing may move
+    assert _relative_change(model, spec, (torch.randn(2, 4),)) < 1e-12
+    report = spec.completeness()
+    reasons = {f.param: f.reason for f in report.fixed}
+    assert "does not cover this axis" in reasons["inp.weight"] and "contract" in reasons["inp.weight"]
+    assert report.permutable_units == 0 and report.hidden_units == 6
+    assert report.output_units == 3  # the classifier's units are outputs, not hidden units
+
+
+class RelativePositionAttention(nn.Module):
+    """Decomposed relative-position terms computed from q (MViTv2), added in place into a slice."""
+
+    def __init__(self, dim: int = 8, size: int = 3) -> None:
+        super().__init__()
+        self.size = size
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.rel_pos = nn.Parameter(torch.randn(2 * size - 1, dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        attn = q @ k.transpose(-2, -1)
+        positions = torch.arange(self.size)
+        distance = positions[:, None] - positions[None, :] + self.size - 1
+        table = self.rel_pos[distance]                      # an index tensor on axis 0
+        rel = torch.einsum("bqc,qkc->bqk", q[:, : self.size], table)
+        attn[:, : self.size, : self.size] = attn[:, : self.size, : self.size] + rel
+        return self.proj(attn.softmax(-1) @ v + q)
+
+
+def test_relative_position_terms_keep_the_spec_sound() -> None:
+    torch.manual_seed(0)
+    model = RelativePositionAttention()
+    inputs = (torch.randn(2, 5, 8),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(model, inputs)  # item assignment: torch.export
+    assert _relative_change(model, spec, inputs) < 1e-12
+    for group in spec.active_groups:  # whatever carries q's channels carries the table's too
+        params = {m.param for m in group.members}
+        if "qkv.weight" in params:
+            assert "rel_pos" in params
+
+
+def test_einsum_through_export_couples_its_operands() -> None:
+    class Bilinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(4, 6)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.einsum("nc,mc->nm", self.a(x), self.b(x))[:, :5])
+
+    torch.manual_seed(0)
+    model = Bilinear()
+    spec = infer_spec(model, (torch.randn(5, 4),), tracer="export")
+    shared = [g for g in spec.active_groups if {m.param for m in g.members} >= {"a.weight", "b.weight"}]
+    assert len(shared) == 1 and shared[0].size == 6
+    assert _relative_change(model, spec, (torch.randn(5, 4),)) < 1e-12
+
+
+def test_report_counts_hidden_units_and_yaml_round_trip() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    spec = infer_spec(model, (torch.randn(2, 4),))
+    report = spec.completeness()
+    assert (report.hidden_units, report.permutable_units, report.output_units) == (16, 16, 3)
+    assert report.share == 1.0 and not report.fixed
+    again = autoperm.PermutationSpec.from_yaml(spec.to_yaml())
+    assert again.completeness() == report
+
+
+def test_hand_written_spec_has_no_report() -> None:
+    spec = autoperm.PermutationSpec(groups=())
+    with pytest.raises(autoperm.SpecError, match="regenerate"):
+        spec.completeness()
