@@ -212,6 +212,27 @@ def coverage(model: Any, spec: Any) -> dict[str, Any]:
     }
 
 
+def spec_completeness(spec: Any) -> dict[str, Any]:
+    """The spec's own completeness report, where this version of autoperm has one.
+
+    Returns ``spec_coverage`` (permutable share of hidden units as autoperm counts them) and
+    ``fixed_reasons`` (reason -> hidden units kept fixed for it, largest first); empty otherwise.
+    """
+    report = getattr(spec, "completeness", None)
+    if not callable(report):
+        return {}
+    try:
+        found = report()
+    except Exception:  # noqa: BLE001 - a spec without a report is not a failure of the model
+        return {}
+    reasons: dict[str, int] = {}
+    for axis in found.fixed:
+        reason = re.sub(r"'[^']*'", "'...'", axis.reason)[:80]  # one entry per kind, not per node
+        reasons[reason] = reasons.get(reason, 0) + axis.size - axis.permutable
+    ordered = dict(sorted(reasons.items(), key=lambda item: -item[1]))
+    return {"spec_hidden_units": found.hidden_units, "spec_coverage": found.share, "fixed_reasons": ordered}
+
+
 def inner_product(spec: Any, a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
     """``sum <a, b>`` in float64 over the float tensors the spec moves (running stats left out)."""
     total = 0.0
@@ -247,8 +268,7 @@ def run_model(name: str, threads: int | None = None) -> dict[str, Any]:
     row["tracer"] = spec.tracer
     row["groups"] = len(spec.active_groups)
     row.update(coverage(model, spec))
-    completeness = getattr(autoperm, "completeness", None)
-    row["completeness_api"] = completeness is not None
+    row.update(spec_completeness(spec))
 
     # Soundness, float64.
     state32 = {k: v.clone() for k, v in model.state_dict().items()}
