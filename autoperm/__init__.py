@@ -32,6 +32,7 @@ from autoperm.checkpoint import load_state_dict, save_state_dict
 from autoperm.solvers import (
     MatchingResult,
     MergeResult,
+    SteResult,
     activation_matching,
     merge_many,
     ste_matching,
@@ -47,7 +48,12 @@ from autoperm.evaluate import (
     interpolation_curve,
     l2_distance,
     loss_barrier,
+    RepairResult,
+    Repairer,
+    repair,
+    repair_sites,
     reset_bn_stats,
+    singular_analyses,
     singular_analysis,
 )
 
@@ -56,6 +62,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MatchingResult",
     "MergeResult",
+    "SteResult",
     "activation_matching",
     "merge_many",
     "ste_matching",
@@ -72,7 +79,12 @@ __all__ = [
     "load_data",
     "load_digits",
     "loss_barrier",
+    "RepairResult",
+    "Repairer",
+    "repair",
+    "repair_sites",
     "reset_bn_stats",
+    "singular_analyses",
     "singular_analysis",
     "ActivationSite",
     "AutopermError",

@@ -58,8 +58,10 @@ def model_outputs(model: nn.Module, example_inputs: Any, state_dict: Mapping[str
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
 
 
-TOLERANCES = {"float64": (1e-10, 1e-9), "float32": (1e-5, 1e-4)}
-"""Default ``(atol, rtol)`` per precision: float32 rounding in deep random-init nets reaches 1e-2."""
+TOLERANCES = {"float64": (1e-8, 1e-6), "float32": (1e-5, 1e-4)}
+"""Default ``(atol, rtol)`` per precision. In float32, rounding in deep random-init nets reaches
+1e-2; in float64 an unsound group still shows at 1e-3 and more, while models that compute parts
+in float32 whatever their weights (Hugging Face's RMSNorm and rotary embeddings) stay near 1e-7."""
 
 
 def verify_spec(

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Weight matching on a CUDA machine, in under 3 minutes: the CUDA tests, then the benchmark
-# (autoperm vs the cache-free reference) with --device cuda. Run from anywhere:
+# Weight matching on a CUDA machine, in about 9 minutes: the CUDA tests, the benchmark (autoperm vs
+# the cache-free reference) with --device cuda, the LAP backends on the GPU (the torch auction
+# against scipy / lapx on the host), and a LLaMA-7B-shaped planted pair in bfloat16
+# (benchmarks/bench_llm_scale.py; needs transformers for the spec and about 45 GB of disk in
+# $LLM_WORKDIR, default ./llm-scale-checkpoints). Run from anywhere:
 #   bash benchmarks/device_check.sh
 # Output goes to stdout and to $OUT/device_check.txt when $OUT is set.
 # Needs python with a CUDA build of torch, scipy, numpy, pydantic, pyyaml and pytest already
@@ -25,4 +28,12 @@ timeout 90 python -m pytest -q tests -k cuda -p no:cacheprovider || status=1
 
 echo "== weight matching benchmark on cuda (torchvision models if installed, else autoperm's)"
 timeout 150 python benchmarks/bench_weight_matching.py --device cuda --repeats 3 --reference-repeats 1 || status=1
+
+echo "== LAP backends: auction on the GPU vs scipy / lapx on the host"
+timeout 120 python benchmarks/bench_lap.py --device cuda --sizes 1024,4096,11008 --kinds planted,random \
+    --methods scipy,lapx,auction,auction+warm --repeats 3 --max-seconds 20 || status=1
+
+echo "== LLaMA-7B-shaped planted pair, bfloat16, on cuda"
+timeout 330 python benchmarks/bench_llm_scale.py --shapes llama-7b --pairs planted --dtype bfloat16 \
+    --device cuda --max-iter 10 --workdir "${LLM_WORKDIR:-llm-scale-checkpoints}" || status=1
 exit $status

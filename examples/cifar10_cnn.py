@@ -1,22 +1,25 @@
-"""VGG11 or ResNet20 (with a width multiplier) on CIFAR-10: naive vs weight-matched barrier.
+"""VGG11 or ResNet20 (with a width multiplier) on CIFAR-10: the experiment of Ito et al.
 
-The CNN settings of Git Re-Basin (arXiv 2209.04836) and Ito et al. (arXiv 2402.04051). Needs
-torchvision. BatchNorm statistics of every interpolated model are recomputed on the training set.
-Wider models connect better; try ``--width 4`` or more on a GPU.
+The CNN settings of Git Re-Basin (arXiv 2209.04836) and Ito et al. (arXiv 2402.04051), with
+the report of ``autoperm demo`` (naive / weight matching / activation matching / STE; barriers,
+L2 distance, R at gamma 0 and 0.3, anchor scheme, MergeMany, the findings). BatchNorm
+statistics of every evaluated model are recomputed on the training set. One command per setting:
 
-    python examples/cifar10_cnn.py --arch resnet20 --width 4 --epochs 100 --root ~/data --out r20
+    python examples/cifar10_cnn.py --arch vgg11 --width 1 --root ~/data --out vgg11-w1
+    python examples/cifar10_cnn.py --arch resnet20 --width 4 --root ~/data --out resnet20-w4
+
+The data comes through torchvision from ``--root``; ``--download`` lets torchvision fetch it.
+Wider models connect better; use a GPU (``--device cuda``, the default when one is present).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import torch
-from torch.utils.data import DataLoader
 
-from lmc_common import add_common_arguments, run
+from lmc_common import add_common_arguments, run, torchvision_dataset, torchvision_transforms
 
 from autoperm.models import resnet20, vgg11
 
@@ -27,33 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet20")
     parser.add_argument("--width", type=int, default=1, help="width multiplier")
-    parser.add_argument("--root", default="data", help="torchvision download folder")
     add_common_arguments(parser)
-    parser.set_defaults(lr=0.1, epochs=50)
+    parser.set_defaults(lr=0.1, epochs=100, am_batches=4)
     return parser
-
-
-def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        sys.exit("this example needs torchvision (pip install torchvision)")
-    normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-    augment = transforms.Compose(
-        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
-    )
-    plain = transforms.Compose([transforms.ToTensor(), normalize])
-    train = datasets.CIFAR10(args.root, train=True, download=True, transform=augment)
-    test = datasets.CIFAR10(args.root, train=False, download=True, transform=plain)
-    return DataLoader(train, args.batch_size, shuffle=True, num_workers=2), DataLoader(test, 1000, num_workers=2)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train_loader, test_loader = loaders(args)
+    transforms = torchvision_transforms()
+
+    normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    augment = transforms.Compose(
+        [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    plain = transforms.Compose([transforms.ToTensor(), normalize])
+    train = torchvision_dataset("CIFAR10", args.root, args.download, True, augment)
+    match = torchvision_dataset("CIFAR10", args.root, args.download, True, plain)
+    test = torchvision_dataset("CIFAR10", args.root, args.download, False, plain)
     factory = ARCHITECTURES[args.arch]
-    run(args, lambda: factory(width=args.width), torch.zeros(2, 3, 32, 32), train_loader, test_loader, optimizer="sgd")
+    run(args, lambda: factory(width=args.width), torch.zeros(2, 3, 32, 32), train, test, optimizer="sgd",
+        setting=f"{args.arch} x{args.width} on CIFAR-10", match_set=match)
 
 
 if __name__ == "__main__":

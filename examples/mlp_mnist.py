@@ -1,58 +1,64 @@
-"""MLP (3 x 512, ReLU, Adam 1e-3) on MNIST or Fashion-MNIST: naive vs weight-matched barrier.
+"""MLP (3 x 512, ReLU, Adam 1e-3) on MNIST or Fashion-MNIST: the experiment of Ito et al.
 
-The setting of Git Re-Basin (arXiv 2209.04836) and Ito et al. (arXiv 2402.04051). Needs
-torchvision for MNIST; ``--dataset digits`` uses scikit-learn's 8x8 digits instead (no download).
+The MLP setting of Git Re-Basin (arXiv 2209.04836) and Ito et al. (arXiv 2402.04051): three
+models, then naive / weight matching (5 seeds) / activation matching / STE, barriers, L2
+distance, the alignment R at gamma 0 and 0.3, the anchor scheme and MergeMany, and which of the
+paper's findings reproduced (the report of ``autoperm demo``). One command per setting:
 
-    python examples/mlp_mnist.py --dataset mnist --root ~/data --epochs 30 --out mlp-mnist
+    python examples/mlp_mnist.py --dataset mnist --root ~/data --out mlp-mnist
+    python examples/mlp_mnist.py --dataset fashion-mnist --root ~/data --out mlp-fashion
+
+The data comes through torchvision from ``--root``; ``--download`` lets torchvision fetch it.
+``--dataset digits`` uses scikit-learn's 8x8 digits instead (no download).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lmc_common import add_common_arguments, run
+from lmc_common import add_common_arguments, run, torchvision_dataset, torchvision_transforms
 
 from autoperm.models import MLP
+
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+NORMALISATION = {"mnist": ((0.1307,), (0.3081,)), "fashion-mnist": ((0.2860,), (0.3530,))}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=("mnist", "fashion-mnist", "digits"), default="mnist")
-    parser.add_argument("--root", default="data", help="torchvision download folder")
+    parser.add_argument("--dataset", choices=(*DATASETS, "digits"), default="mnist")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden width (the literature: 512)")
     add_common_arguments(parser)
     return parser
 
 
-def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, int]:
-    """Train and test loaders, and the number of input features."""
+def datasets(args: argparse.Namespace):
+    """Train and test sets, and the number of input features."""
     if args.dataset == "digits":
         from autoperm.data import load_digits
 
         data = load_digits()
-        test = DataLoader(TensorDataset(*data.test), batch_size=1000)
-        return data.loader("train", args.batch_size), test, data.num_features
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        sys.exit("this example needs torchvision for MNIST (pip install torchvision), or use --dataset digits")
-    dataset = datasets.MNIST if args.dataset == "mnist" else datasets.FashionMNIST
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    train = dataset(args.root, train=True, download=True, transform=transform)
-    test = dataset(args.root, train=False, download=True, transform=transform)
-    return DataLoader(train, args.batch_size, shuffle=True), DataLoader(test, 1000), 28 * 28
+        return TensorDataset(*data.train), TensorDataset(*data.test), data.num_features
+    transforms = torchvision_transforms()
+
+    mean, std = NORMALISATION[args.dataset]
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    name = DATASETS[args.dataset]
+    train = torchvision_dataset(name, args.root, args.download, True, transform)
+    test = torchvision_dataset(name, args.root, args.download, False, transform)
+    return train, test, 28 * 28
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train_loader, test_loader, features = loaders(args)
-    run(args, lambda: MLP(features, hidden=512, depth=3, num_classes=10), torch.zeros(2, features),
-        train_loader, test_loader, optimizer="adam")
+    train, test, features = datasets(args)
+    run(args, lambda: MLP(features, hidden=args.hidden, depth=3, num_classes=10), torch.zeros(2, features),
+        train, test, optimizer="adam", setting=f"3 x {args.hidden} MLP on {args.dataset}")
 
 
 if __name__ == "__main__":

@@ -139,3 +139,21 @@ def test_hand_written_spec_has_no_report() -> None:
     spec = autoperm.PermutationSpec(groups=())
     with pytest.raises(autoperm.SpecError, match="regenerate"):
         spec.completeness()
+
+
+@pytest.mark.parametrize("reps", [(1, 3), (2, 1, 2)])
+def test_repeat_tiles_the_group(reps) -> None:
+    class Tile(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(3, 4)
+            self.out = nn.Linear(4 * reps[-1], 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.inp(x)).repeat(*reps)).sum(0)
+
+    torch.manual_seed(0)
+    model = Tile()
+    spec = infer_spec(model, (torch.randn(5, 3),))
+    assert [g.size for g in spec.active_groups] == [4] and spec.completeness().share == 1.0
+    assert _relative_change(model, spec, (torch.randn(5, 3),)) < 1e-12

@@ -9,7 +9,9 @@ import pytest
 
 from autoperm.demo import DemoConfig, format_report, run_demo
 
-METHODS = {"naive", "weight_matching", "ste"}
+METHODS = {"naive", "weight_matching", "activation_matching", "ste"}
+ANCHOR_METHODS = {"naive", "weight_matching", "ste"}
+GAMMAS = {"gamma=0", "gamma=0.3"}
 
 
 def walk_numbers(value, path="report"):
@@ -35,14 +37,24 @@ def quick_report(tmp_path_factory):
 
 def test_quick_report_has_every_section_with_finite_numbers(quick_report):
     out, report, messages = quick_report
-    assert set(report) >= {"config", "models", "pair", "anchor", "merge", "files", "seconds"}
+    assert set(report) >= {
+        "config", "models", "pair", "weight_matching_seeds", "ste", "anchor", "merge", "findings", "files", "seconds",
+    }
     pair = report["pair"]
     assert set(pair["barriers"]) == METHODS
     for barriers in pair["barriers"].values():
         assert set(barriers) == {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}
         assert all(set(kinds) == {"mean", "linear"} for kinds in barriers.values())
-    assert set(pair["l2_distance"]) == METHODS and set(pair["alignment"]) == METHODS
-    assert set(report["anchor"]["barriers_b_to_c"]) == METHODS
+    assert set(pair["l2_distance"]) == METHODS and set(pair["l2_reduction"]) == METHODS - {"naive"}
+    for key in ("alignment", "alignment_mean_over_layers", "alignment_per_layer"):
+        assert set(pair[key]) == METHODS and all(set(v) == GAMMAS for v in pair[key].values())
+    seeds = report["weight_matching_seeds"]
+    assert len(seeds["runs"]) == DemoConfig.quick().wm_seeds
+    assert {"test_loss_barrier", "l2_reduction", "R gamma=0", "R gamma=0.3"} <= set(seeds)
+    assert all(set(seeds[k]) == {"mean", "std"} for k in seeds if k != "runs")
+    assert report["ste"]["steps"] == DemoConfig.quick().ste_steps and report["ste"]["steps_per_second"] > 0
+    assert set(report["anchor"]["barriers_b_to_c"]) == ANCHOR_METHODS
+    assert all(set(v) == GAMMAS for v in report["anchor"]["alignment_b_to_c"].values())
     assert set(report["merge"]["individual"]) == {"A", "B", "C"}
     assert {"merged", "naive_average", "alignment_to_models"} <= set(report["merge"])
     numbers = list(walk_numbers(report))
@@ -50,6 +62,19 @@ def test_quick_report_has_every_section_with_finite_numbers(quick_report):
     bad = [path for path, value in numbers if not math.isfinite(value)]
     assert not bad, f"non-finite numbers at {bad[:5]}"
     assert any("training model A" in m for m in messages)  # progress was reported
+    assert any("STE" in m and "steps/s" in m for m in messages)
+
+
+def test_quick_report_states_each_finding_with_numbers(quick_report):
+    _, report, _ = quick_report
+    found = report["findings"]
+    assert [f["number"] for f in found] == [1, 2, 3]
+    for finding in found:
+        assert finding["status"] in {"reproduced", "partly reproduced", "not reproduced"}
+        assert finding["criterion"] and any(ch.isdigit() for ch in finding["evidence"])
+    text = format_report(report)
+    assert all(finding["evidence"] in text for finding in found)
+    assert "findings of Ito et al." in text
 
 
 def test_quick_report_shows_the_findings_direction(quick_report):
@@ -57,7 +82,7 @@ def test_quick_report_shows_the_findings_direction(quick_report):
     pair = report["pair"]
     assert pair["barriers"]["naive"]["test_loss"]["mean"] > pair["barriers"]["weight_matching"]["test_loss"]["mean"]
     assert 0 < pair["l2_reduction"]["weight_matching"] < 0.5  # modest distance reduction
-    assert pair["alignment"]["weight_matching"] > pair["alignment"]["naive"] + 0.1
+    assert pair["alignment"]["weight_matching"]["gamma=0.3"] > pair["alignment"]["naive"]["gamma=0.3"] + 0.1
     assert pair["singular_value_invariance_error"] < 1e-6
 
 
@@ -69,10 +94,13 @@ def test_quick_report_files_and_json_match(quick_report):
         path = out / f"{report['files'][key].rsplit('/', 1)[-1]}"
         assert path.read_bytes()[:4] == b"\x89PNG"
     text = format_report(report)
-    assert "weight_matching" in text and "MergeMany" in text and "report.json" in text
+    assert "weight_matching" in text and "activation_matching" in text and "MergeMany" in text
+    assert "report.json" in text
 
 
 def test_quick_config_is_smaller_than_the_full_one():
     quick, full = DemoConfig.quick(), DemoConfig()
-    assert quick.epochs < full.epochs and quick.num_points < full.num_points
-    assert full.hidden == 512 and full.depth == 3 and full.lr == 1e-3  # the literature's MLP
+    assert quick.epochs < full.epochs and quick.num_points < full.num_points and quick.ste_steps < full.ste_steps
+    assert full.depth == 3 and full.lr == 1e-3  # the literature's MLP
+    assert full.ste_steps >= 2000 and full.ste_lr == 1e-3 and full.ste_optimizer == "adam"  # STE-MM's budget
+    assert full.wm_seeds == 5 and full.gammas == (0.0, 0.3)

@@ -266,3 +266,24 @@ def test_model_state_is_untouched():
     infer_spec(model, torch.randn(1, 3, 32, 32))
     assert model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm_proj"])
+def test_recurrent_layers_trace_with_their_output_shapes(kind: str) -> None:
+    class Sequence(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(3, 6)
+            if kind == "gru":
+                self.rnn = nn.GRU(6, 5, batch_first=True, bidirectional=True)
+            else:
+                self.rnn = nn.LSTM(6, 5, batch_first=True, bidirectional=True, proj_size=4 if kind == "lstm_proj" else 0)
+            self.out = nn.Linear(10 if kind != "lstm_proj" else 8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.rnn(self.inp(x))[0]))
+
+    model = Sequence()
+    spec = infer_spec(model, (torch.randn(2, 7, 3),))
+    assert spec.tracer == "fx"
+    assert verify_spec(model, spec, (torch.randn(2, 7, 3),)).passed

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoperm.evaluate import singular_analysis, singular_value_change, weight_matrices
+from autoperm.evaluate import singular_analyses, singular_analysis, singular_value_change, weight_matrices
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, apply_permutation, random_permutation
 
 
@@ -121,3 +121,26 @@ def test_alignment_recovers_after_undoing_a_permutation_and_gamma_counts():
     assert all(w.num_vectors >= n.num_vectors for w, n in zip(wide.layers, narrow.layers))
     assert wide.layers[0].num_vectors == 20  # rank of a 64 x 20 matrix
     assert singular_analysis(spec, sd, sd).to_dict(spectra=False)["layers"][0].keys() >= {"alignment", "num_vectors"}
+
+
+def test_pooled_alignment_matches_a_hand_computation_at_both_gammas():
+    # Layer w1: A = e1 e1^T, B = (0.6, 0.8, 0) e1^T: one direction at any gamma > 0, sum 0.6.
+    # Layer w2: A = B = diag(1, 0.4): two directions at gamma 0.3 (sum 2), one at gamma 0.5 (sum 1).
+    a1 = torch.zeros(3, 3)
+    a1[0, 0] = 1.0
+    b1 = torch.zeros(3, 3)
+    b1[0, 0], b1[1, 0] = 0.6, 0.8
+    w2 = torch.diag(torch.tensor([1.0, 0.4]))
+    sd_a, sd_b = {"w1": a1, "w2": w2}, {"w1": b1, "w2": w2.clone()}
+    both = singular_analyses(None, sd_a, sd_b, gammas=(0.3, 0.5))
+    assert [layer.num_vectors for layer in both[0.3].layers] == [1, 2]
+    assert both[0.3].alignment == pytest.approx((0.6 + 2.0) / (1 + 2))  # pooled: sum over layers / sum n_l
+    assert both[0.3].mean_layer_alignment == pytest.approx((0.6 + 1.0) / 2)  # mean of R_l
+    assert [layer.num_vectors for layer in both[0.5].layers] == [1, 1]
+    assert both[0.5].alignment == pytest.approx((0.6 + 1.0) / 2)
+    for gamma, analysis in both.items():
+        single = singular_analysis(None, sd_a, sd_b, gamma=gamma)
+        assert single.alignment == pytest.approx(analysis.alignment)
+        assert single.to_dict(spectra=False) == analysis.to_dict(spectra=False)
+    with pytest.raises(ValueError, match="gamma"):
+        singular_analyses(None, sd_a, sd_b, gammas=(0.3, 1.0))

@@ -58,16 +58,21 @@ def _model_from(model_path: str, kwargs: Sequence[str]) -> nn.Module:
               help="'digits' or package.module:function returning a DataLoader, (inputs, targets) or {split: ...}.")
 @click.option("--points", default=25, show_default=True, type=click.IntRange(min=2), help="Points along the path.")
 @click.option("--reset-bn", is_flag=True, help="Recompute BatchNorm statistics of every point on the 'train' split (else the first).")
+@click.option("--repair", is_flag=True,
+              help="Also measure the path with REPAIR (arXiv 2211.08403): every point's permuted channels renormalised "
+                   "to the interpolated statistics of A and B on the 'train' split (else the first).")
+@click.option("--spec", "spec_path", metavar="YAML", help="Permutation spec for --repair (inferred from the data if left out).")
 @click.option("--plot", "plot_path", metavar="PNG", help="Write the curve to this image.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the curve and barriers as JSON.")
 def barrier_command(
     model: str, kwargs: Sequence[str], path_a: str, path_b: str, data_source: str, points: int,
-    reset_bn: bool, plot_path: str | None, json_path: str | None,
+    reset_bn: bool, repair: bool, spec_path: str | None, plot_path: str | None, json_path: str | None,
 ) -> None:
     """Loss and accuracy barriers on the straight line from checkpoint A to checkpoint B.
 
     Mean barrier: max_t L(t) - (L(0) + L(1)) / 2 (Git Re-Basin); linear barrier:
     max_t L(t) - ((1 - t) L(0) + t L(1)) (Entezari et al.). Accuracy barriers are the drop.
+    With --repair, B should already be aligned to A (autoperm match).
     """
     from autoperm.data import load_data
     from autoperm.evaluate import barrier_summary, interpolation_curve
@@ -75,29 +80,61 @@ def barrier_command(
     module = _model_from(model, kwargs)
     checkpoints = _load_checkpoints(module, {"--a": path_a, "--b": path_b})
     splits = load_data(data_source)
-    reset_data = None
-    if reset_bn:
-        reset_data = splits["train"] if "train" in splits else next(iter(splits.values()))
-    with click.progressbar(length=points, label="interpolating", file=sys.stderr) as bar:
-        curve = interpolation_curve(
-            module, checkpoints["--a"], checkpoints["--b"], splits, num_points=points,
-            reset_bn=reset_data, progress=lambda done, total: bar.update(1),
-        )
-    summary = barrier_summary(curve)
-    click.echo(f"\n{'metric':<20}{'A (t=0)':>10}{'B (t=1)':>10}{'worst':>10}{'mean barrier':>14}{'linear barrier':>16}")
-    for name, barriers in summary.items():
-        values = curve[name]
-        worst = max(values) if name.endswith("loss") else min(values)
-        click.echo(
-            f"{name:<20}{values[0]:>10.4f}{values[-1]:>10.4f}{worst:>10.4f}{barriers['mean']:>14.4f}{barriers['linear']:>16.4f}"
-        )
+    train_data = splits["train"] if "train" in splits else next(iter(splits.values()))
+    transforms: dict[str, Any] = {"plain": None}
+    repairer = None
+    if repair:
+        repairer = _repairer(module, model, spec_path, checkpoints, train_data)
+        transforms["REPAIR"] = repairer
+    curves = {}
+    for label, transform in transforms.items():
+        with click.progressbar(length=points, label=f"interpolating ({label})", file=sys.stderr) as bar:
+            curves[label] = interpolation_curve(
+                module, checkpoints["--a"], checkpoints["--b"], splits, num_points=points,
+                reset_bn=train_data if reset_bn else None, transform=transform,
+                progress=lambda done, total: bar.update(1),
+            )
+    summaries = {label: barrier_summary(curve) for label, curve in curves.items()}
+    for label, summary in summaries.items():
+        curve = curves[label]
+        title = "with REPAIR" if label == "REPAIR" else "interpolated weights" if repair else ""
+        click.echo(f"\n{title}" if title else "")
+        click.echo(f"{'metric':<20}{'A (t=0)':>10}{'B (t=1)':>10}{'worst':>10}{'mean barrier':>14}{'linear barrier':>16}")
+        for name, barriers in summary.items():
+            values = curve[name]
+            worst = max(values) if name.endswith("loss") else min(values)
+            click.echo(
+                f"{name:<20}{values[0]:>10.4f}{values[-1]:>10.4f}{worst:>10.4f}{barriers['mean']:>14.4f}{barriers['linear']:>16.4f}"
+            )
     if plot_path:
         from autoperm.evaluate.plots import plot_interpolation
 
-        click.echo(f"wrote {plot_interpolation({Path(path_b).stem: curve}, plot_path, f'{path_a} -> {path_b}')}")
+        labelled = {Path(path_b).stem if label == "plain" else f"{Path(path_b).stem} + REPAIR": c for label, c in curves.items()}
+        click.echo(f"wrote {plot_interpolation(labelled, plot_path, f'{path_a} -> {path_b}')}")
     if json_path:
-        _write_json(json_path, {"a": path_a, "b": path_b, "data": data_source, "reset_bn": reset_bn,
-                                "barriers": summary, "curve": curve.to_dict()})
+        payload: dict[str, Any] = {"a": path_a, "b": path_b, "data": data_source, "reset_bn": reset_bn,
+                                   "barriers": summaries["plain"], "curve": curves["plain"].to_dict()}
+        if repairer is not None:
+            payload["repair"] = {"barriers": summaries["REPAIR"], "curve": curves["REPAIR"].to_dict(),
+                                 "sites": [site.to_dict() for site in repairer.sites]}
+        _write_json(json_path, payload)
+
+
+def _repairer(module: nn.Module, model_path: str, spec_path: str | None, checkpoints: Mapping[str, Any], train_data: Any):
+    """A :class:`autoperm.Repairer` for ``barrier --repair``; the spec is inferred on one training input if not given."""
+    from autoperm.cli.common import load_spec_or_infer
+    from autoperm.data import DataError, iter_batches
+    from autoperm.evaluate import Repairer
+
+    inputs = next((batch for batch, _ in iter_batches(train_data)), None)
+    if inputs is None:
+        raise DataError("--repair: the training data yielded no batches")
+    spec = load_spec_or_infer(spec_path, module, (inputs[:1],), model_path)
+    repairer = Repairer(spec, module, checkpoints["--a"], checkpoints["--b"], train_data)
+    click.echo(f"REPAIR: {len(repairer.sites)} layer(s), {sum(len(s.channels) for s in repairer.sites)} channels corrected")
+    if not repairer.sites:
+        click.echo("REPAIR: no permuted channel has a layer with a per-channel affine; the repaired curve equals the plain one")
+    return repairer
 
 
 @click.command("analyze")
@@ -164,16 +201,30 @@ def analyze_command(
 @click.command("demo")
 @click.option("--out", "out_dir", default="autoperm-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for report.json and the plots.")
-@click.option("--quick", is_flag=True, help="A few epochs and points (seconds, for a smoke test).")
-def demo_command(out_dir: str, quick: bool) -> None:
-    """Train three MLPs on scikit-learn's digits and reproduce the findings of Ito et al.
+@click.option("--quick", is_flag=True, help="Narrow models, few epochs, points and STE steps (seconds, a smoke test).")
+@click.option("--hidden", type=click.IntRange(min=2), help="Hidden width (default 256; the literature's MLP is 512).")
+@click.option("--ste-steps", type=click.IntRange(min=1), help="STE steps (default 2300, STE-MM's budget).")
+@click.option("--ste-optimizer", type=click.Choice(["adam", "sgd"]),
+              help="adam (STE-MM, default, lr 1e-3) or sgd (Git Re-Basin, momentum 0.9, lr 1e-2).")
+def demo_command(
+    out_dir: str, quick: bool, hidden: int | None, ste_steps: int | None, ste_optimizer: str | None
+) -> None:
+    """Train three MLPs on scikit-learn's digits and run the analysis of Ito et al. (arXiv 2402.04051).
 
-    Naive vs weight-matched vs STE barriers, L2 distance vs barrier, singular-vector alignment,
-    and merging three models; writes report.json and PNG plots into --out.
+    Naive, weight matching (5 seeds), activation matching and STE: barriers, L2 distance, the
+    alignment R at gamma 0 and 0.3; the anchor scheme with three models and MergeMany; and which
+    of the paper's three findings reproduced. Writes report.json and PNG plots into --out.
     """
-    from autoperm.demo import format_report, run_demo
+    import dataclasses
 
-    report = run_demo(out_dir, quick=quick, progress=click.echo)
+    from autoperm.demo import DemoConfig, format_report, run_demo
+
+    config = DemoConfig.quick() if quick else DemoConfig()
+    changes: dict[str, Any] = {"hidden": hidden, "ste_steps": ste_steps}
+    if ste_optimizer is not None:
+        changes.update(ste_optimizer=ste_optimizer, ste_lr=1e-3 if ste_optimizer == "adam" else 1e-2)
+    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    report = run_demo(out_dir, config=config, progress=click.echo)
     click.echo(format_report(report))
 
 

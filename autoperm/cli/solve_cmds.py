@@ -36,8 +36,8 @@ def _solver_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", default=0, show_default=True, help="Seed of the group order."),
         click.option("--max-iter", default=100, show_default=True, help="Most weight-matching sweeps / rounds."),
         click.option("--data", "data_source", help="For ste/act: 'digits' or package.module:function."),
-        click.option("--epochs", default=5, show_default=True, help="STE epochs."),
-        click.option("--lr", default=1e-2, show_default=True, help="STE learning rate."),
+        click.option("--epochs", default=10, show_default=True, help="STE epochs (passes over --data; STE-MM ran 10 of MNIST)."),
+        click.option("--lr", default=1e-3, show_default=True, help="STE learning rate (Adam, as STE-MM)."),
         click.option("--quiet", is_flag=True, help="No progress bar or summary."),
         click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output checkpoint."),
     ]

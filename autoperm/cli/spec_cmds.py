@@ -58,8 +58,8 @@ def spec_command(model: str, kwargs, input_shape, dtype: str, output: str | None
 @model_options
 @click.option("--spec", "spec_path", type=click.Path(dir_okay=False), help="YAML spec to check (default: infer one).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random permutation.")
-@click.option("--atol", type=float, help="Absolute tolerance (default 1e-10 in float64, 1e-5 with --float32).")
-@click.option("--rtol", type=float, help="Relative tolerance (default 1e-9 in float64, 1e-4 with --float32).")
+@click.option("--atol", type=float, help="Absolute tolerance (default 1e-8 in float64, 1e-5 with --float32).")
+@click.option("--rtol", type=float, help="Relative tolerance (default 1e-6 in float64, 1e-4 with --float32).")
 @click.option("--float32", "float32", is_flag=True, help="Compare in the model's own precision instead of float64.")
 def verify_command(model: str, kwargs, input_shape, dtype: str, spec_path: str | None, seed: int, atol: float | None,
                    rtol: float | None, float32: bool) -> None:

@@ -18,9 +18,11 @@ from autoperm.evaluate.barrier import (
     reset_bn_stats,
 )
 from autoperm.evaluate.distance import Distance, l2_distance
+from autoperm.evaluate.repair import RepairResult, RepairSite, Repairer, repair, repair_sites
 from autoperm.evaluate.singular import (
     LayerAlignment,
     SingularAnalysis,
+    singular_analyses,
     singular_analysis,
     singular_value_change,
     weight_matrices,
@@ -31,6 +33,9 @@ __all__ = [
     "Evaluator",
     "InterpolationCurve",
     "LayerAlignment",
+    "RepairResult",
+    "RepairSite",
+    "Repairer",
     "SingularAnalysis",
     "accuracy_barrier",
     "barrier_summary",
@@ -39,7 +44,10 @@ __all__ = [
     "interpolation_curve",
     "l2_distance",
     "loss_barrier",
+    "repair",
+    "repair_sites",
     "reset_bn_stats",
+    "singular_analyses",
     "singular_analysis",
     "singular_value_change",
     "weight_matrices",

@@ -295,6 +295,7 @@ def interpolation_curve(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    transform: Callable[[dict[str, torch.Tensor], float], Mapping[str, torch.Tensor]] | None = None,
 ) -> InterpolationCurve:
     """Evaluate ``theta(t) = (1 - t) sd_a + t sd_b`` at ``num_points`` evenly spaced ``t`` in [0, 1].
 
@@ -316,6 +317,9 @@ def interpolation_curve(
         loss_fn: loss for data splits (cross-entropy by default); unused with a callable.
         device: where to evaluate.
         progress: called as ``progress(done, total)`` after each point.
+        transform: ``transform(state_dict, t)`` returns the state dict to evaluate in place of
+            the interpolated one (after the BatchNorm reset, if any); an
+            :class:`autoperm.Repairer` applies REPAIR (arXiv 2211.08403) this way.
 
     Returns:
         An :class:`InterpolationCurve`.
@@ -342,6 +346,8 @@ def interpolation_curve(
             raise AutopermError(f"the state dicts do not fit the model: {error}") from error
         if reset_bn is not None:
             reset_bn_stats(work, reset_bn, device)
+        if transform is not None:
+            work.load_state_dict(transform({k: v.detach().clone() for k, v in work.state_dict().items()}, t))
         work.eval()
         metrics = evaluator(work)
         if index > 0 and set(metrics) != set(columns):

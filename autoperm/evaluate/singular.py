@@ -3,16 +3,19 @@
 For ``W = U S V^T`` a permutation moves singular vectors but never singular values:
 ``P_out W P_in^T = (P_out U) S (P_in V)^T``. The weight-matching objective decomposes as
 ``<W_A, W_B> = sum_ij s^A_i s^B_j (u^A_i . u^B_j)(v^A_i . v^B_j)``, so matching mostly aligns the
-singular vectors with large singular values. The alignment of layer ``l`` is
+singular vectors with large singular values. Ito et al.'s alignment pools over layers,
 
-    R_l = (1 / n_l) * sum_{i, j <= n_l} (u^A_i . u^B_j)(v^A_i . v^B_j)
+    R = sum_l sum_{i, j <= n_l} (u^A_i . u^B_j)(v^A_i . v^B_j) / sum_l n_l,
 
-over the ``n_l`` leading singular vectors; 1 for identical weights, about 0 for unrelated ones.
+with ``n_l`` the number of singular values ``>= gamma * s_max`` of layer ``l`` (recounted for
+every ``gamma``; the paper reports 0 and 0.3). Per layer, ``R_l`` is the same sum over one layer
+divided by its ``n_l``, so ``R = sum_l n_l R_l / sum_l n_l``. Both are 1 for identical weights
+and about 0 for unrelated ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,7 @@ from autoperm.spec import PermutationSpec, apply_permutation, random_permutation
 __all__ = [
     "LayerAlignment",
     "SingularAnalysis",
+    "singular_analyses",
     "singular_analysis",
     "singular_value_change",
     "weight_matrices",
@@ -68,9 +72,11 @@ class SingularAnalysis:
     Attributes:
         gamma: threshold; a singular vector counts when ``s >= gamma * s_max``.
         layers: one :class:`LayerAlignment` per weight with two or more dimensions.
-        alignment: overall ``R``, the unweighted mean of ``R_l`` over layers (each layer counts
-            the same whatever its width, as in the per-layer plots of Ito et al.).
-        weighted_alignment: ``sum_l n_l R_l / sum_l n_l``, the share of aligned directions overall.
+        alignment: ``R`` as Ito et al. define it, pooled over layers:
+            ``sum_l sum_{i,j<=n_l} (u^A_i . u^B_j)(v^A_i . v^B_j) / sum_l n_l``
+            (equal to ``sum_l n_l R_l / sum_l n_l``); the headline number.
+        mean_layer_alignment: the unweighted mean of ``R_l`` over layers (every layer counts the
+            same whatever its ``n_l``); not the paper's ``R``.
         invariance_error: largest relative change of B's singular values under a random
             permutation of the spec (float rounding only, about 1e-6 or less); ``None`` without a spec.
     """
@@ -78,7 +84,7 @@ class SingularAnalysis:
     gamma: float
     layers: tuple[LayerAlignment, ...]
     alignment: float
-    weighted_alignment: float
+    mean_layer_alignment: float
     invariance_error: float | None
 
     def to_dict(self, spectra: bool = True) -> dict[str, object]:
@@ -93,7 +99,7 @@ class SingularAnalysis:
         return {
             "gamma": self.gamma,
             "alignment": self.alignment,
-            "weighted_alignment": self.weighted_alignment,
+            "mean_layer_alignment": self.mean_layer_alignment,
             "invariance_error": self.invariance_error,
             "layers": layers,
         }
@@ -150,7 +156,10 @@ def singular_analysis(
         seed: seed of the random permutation of the check.
 
     Returns:
-        A :class:`SingularAnalysis`.
+        A :class:`SingularAnalysis`; ``alignment`` is Ito et al.'s pooled ``R``.
+
+    Raises:
+        ValueError: ``gamma`` outside [0, 1).
 
     Complexity:
         One SVD per layer and model, ``O(out * in * min(out, in))``; twice more for B with a spec.
@@ -159,35 +168,67 @@ def singular_analysis(
         >>> before = singular_analysis(spec, sd_a, sd_b).alignment           # about 0
         >>> after = singular_analysis(spec, sd_a, sd_b_matched).alignment    # high after WM
     """
-    if not 0.0 <= gamma < 1.0:
-        raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
+    return singular_analyses(spec, sd_a, sd_b, gammas=(gamma,), seed=seed)[gamma]
+
+
+def singular_analyses(
+    spec: PermutationSpec | None,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    gammas: Sequence[float] = (0.0, 0.3),
+    seed: int = 0,
+) -> dict[float, SingularAnalysis]:
+    """:func:`singular_analysis` at several thresholds, sharing the SVDs (Ito et al. report 0 and 0.3).
+
+    Args:
+        spec, sd_a, sd_b, seed: as for :func:`singular_analysis`.
+        gammas: thresholds in [0, 1); ``n_l`` and the denominator of ``R`` are recounted for each.
+
+    Returns:
+        ``{gamma: SingularAnalysis}`` in the order of ``gammas``.
+
+    Raises:
+        ValueError: a ``gamma`` outside [0, 1).
+
+    Example:
+        >>> r = {g: a.alignment for g, a in singular_analyses(spec, sd_a, sd_b_matched).items()}
+    """
+    for gamma in gammas:
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma must lie in [0, 1), got {gamma}")
     check_compatible(sd_a, sd_b)
     matrices_a = weight_matrices(sd_a)
     matrices_b = weight_matrices(sd_b)
-    layers = []
+    decompositions = []
     for name, a in matrices_a.items():
         u_a, s_a, vh_a = torch.linalg.svd(a, full_matrices=False)
         u_b, s_b, vh_b = torch.linalg.svd(matrices_b[name], full_matrices=False)
-        n, r = _alignment(u_a, s_a, vh_a.T, u_b, s_b, vh_b.T, gamma)
-        layers.append(
-            LayerAlignment(
-                name=name,
-                shape=(int(a.shape[0]), int(a.shape[1])),
-                singular_values_a=tuple(s_a.tolist()),
-                singular_values_b=tuple(s_b.tolist()),
-                num_vectors=n,
-                alignment=r,
-            )
-        )
-    total = sum(layer.num_vectors for layer in layers)
+        decompositions.append((name, tuple(a.shape), (u_a, s_a, vh_a.T), (u_b, s_b, vh_b.T)))
     invariance = singular_value_change(spec, sd_b, seed=seed) if spec is not None else None
-    return SingularAnalysis(
-        gamma=gamma,
-        layers=tuple(layers),
-        alignment=sum(layer.alignment for layer in layers) / len(layers) if layers else 0.0,
-        weighted_alignment=sum(layer.num_vectors * layer.alignment for layer in layers) / total if total else 0.0,
-        invariance_error=invariance,
-    )
+    results = {}
+    for gamma in gammas:
+        layers = []
+        for name, shape, side_a, side_b in decompositions:
+            n, r = _alignment(*side_a, *side_b, gamma)
+            layers.append(
+                LayerAlignment(
+                    name=name,
+                    shape=(int(shape[0]), int(shape[1])),
+                    singular_values_a=tuple(side_a[1].tolist()),
+                    singular_values_b=tuple(side_b[1].tolist()),
+                    num_vectors=n,
+                    alignment=r,
+                )
+            )
+        total = sum(layer.num_vectors for layer in layers)
+        results[gamma] = SingularAnalysis(
+            gamma=gamma,
+            layers=tuple(layers),
+            alignment=sum(layer.num_vectors * layer.alignment for layer in layers) / total if total else 0.0,
+            mean_layer_alignment=sum(layer.alignment for layer in layers) / len(layers) if layers else 0.0,
+            invariance_error=invariance,
+        )
+    return results
 
 
 def singular_value_change(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor], seed: int = 0) -> float:

@@ -204,9 +204,12 @@ class AxisGraph:
         return changed
 
     def _fix_all(self, nodes: Iterable[Node]) -> bool:
+        nodes = list(nodes)
+        where = sorted({str(n[0]) for n in nodes if isinstance(n, tuple) and n and n[0] != "atom"})
+        reason = "reshapes factorise this axis incompatibly" + (f" (at {', '.join(where[:3])})" if where else "")
         changed = False
         for node in nodes:
-            changed |= self.fix(node, "two reshapes factorise this axis incompatibly")
+            changed |= self.fix(node, reason)
         return changed
 
     def _order(self) -> dict[Node, int]:

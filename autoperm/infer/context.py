@@ -197,6 +197,20 @@ class RuleContext:
                 self.define(tensor, d, "product", pieces[start:stop])
                 start = stop
 
+    def slice(self, source: TensorRef, dim: int, start: int, stop: int, out: TensorRef, out_dim: int) -> None:
+        """``out`` along ``out_dim`` is the block ``[start, stop)`` of ``source`` along ``dim``.
+
+        The source axis becomes the concatenation of the part before the block, the block and
+        the part after it, each with a permutation of its own (a partial residual
+        ``x[:, :c] + y`` then keeps its symmetry instead of fixing the channels).
+        """
+        size = source.shape[dim % source.ndim]
+        parts = [self.atom(start)] if start > 0 else []
+        parts.append(self.ax(out, out_dim))
+        if stop < size:
+            parts.append(self.atom(size - stop))
+        self.define(source, dim, "concat", parts)
+
     def split(self, source: TensorRef, parts: Sequence[TensorRef], dim: int) -> None:
         """``source`` along ``dim`` is the concatenation of ``parts`` (cat, split, chunk)."""
         dim = dim % source.ndim

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from autoperm.infer import rules_attention, rules_core, rules_layers  # noqa: F401  (registers the rule table)
@@ -16,7 +16,8 @@ from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
 from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
 from autoperm.infer.registry import bind, has_module_rule
-from autoperm.spec.schema import ActivationSite, FixedAxis, Member, PermutationGroup, PermutationSpec
+from autoperm.spec.apply import layout_positions
+from autoperm.spec.schema import ActivationSite, FixedAxis, Layout, Member, PermutationGroup, PermutationSpec
 from autoperm.trace import TracedGraph, trace_model
 from autoperm.trace.graph import OpCall, TensorRef
 
@@ -101,13 +102,18 @@ def _fix_forgotten(ctx: RuleContext, call: OpCall, tensors: list[TensorRef | Non
 
 
 def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[int, int], ...], inner: int,
-            sizes: dict[Hashable, int], out: list[_Placement]) -> None:
+            sizes: dict[Hashable, int], out: list[_Placement], fixed: bool = False) -> None:
+    """Placements of the groups along ``node`` (or, with ``fixed``, of its fixed parts)."""
     component = resolved.component.get(node)
-    if component is None or component in resolved.fixed:
+    if component is None:
+        return
+    if component in resolved.fixed:
+        if fixed and resolved.size[component] > 1:
+            out.append(_Placement(component, offset, inner, outer))
         return
     definitions = resolved.definitions.get(component)
     if not definitions:
-        if resolved.size[component] > 1:
+        if resolved.size[component] > 1 and not fixed:
             out.append(_Placement(component, offset, inner, outer))
         return
     definition = definitions[0]
@@ -125,19 +131,20 @@ def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[
                 for s in child_sizes[previous + 1:]:
                     later *= s
                 loops.append((child_sizes[previous], later * inner))
-            _expand(resolved, child, offset, tuple(loops), after * inner, sizes, out)
+            _expand(resolved, child, offset, tuple(loops), after * inner, sizes, out, fixed)
     else:
         start = 0
         for child in children:
-            _expand(resolved, child, offset + start * inner, outer, inner, sizes, out)
+            _expand(resolved, child, offset + start * inner, outer, inner, sizes, out, fixed)
             start += sizes[child]
 
 
-def _placements(resolved: Resolved, sizes: dict[Hashable, int], node: Hashable) -> list[_Placement]:
-    """Where the groups sit along one tensor axis (empty for fixed or untouched axes)."""
+def _placements(resolved: Resolved, sizes: dict[Hashable, int], node: Hashable, fixed: bool = False) -> list[_Placement]:
+    """Where the groups sit along one tensor axis (empty for fixed or untouched axes); with
+    ``fixed``, where its fixed parts of more than one index sit."""
     placements: list[_Placement] = []
     if node in sizes:
-        _expand(resolved, node, 0, (), 1, sizes, placements)
+        _expand(resolved, node, 0, (), 1, sizes, placements, fixed)
     return placements
 
 
@@ -247,10 +254,10 @@ def _completeness(ctx: RuleContext, traced: TracedGraph, resolved: Resolved, siz
         if ref is None:
             continue
         size = ref.shape[dim]
-        covered = sum(
-            resolved.size[p.component] * p.inner * math.prod(c for c, _ in p.outer)
-            for p in _placements(resolved, sizes, (ref.id, dim)) if p.component in members
-        )
+        still = torch.zeros(size, dtype=torch.bool)
+        for p in _placements(resolved, sizes, (ref.id, dim), fixed=True):
+            still[layout_positions(Layout(axis=0, offset=p.offset, inner=p.inner, outer=p.outer), resolved.size[p.component]).flatten()] = True
+        covered = size - int(still.sum())
         reasons = _fixed_reasons(resolved, resolved.component.get((ref.id, dim)))
         name = next((n for n, canonical in traced.aliases.items() if canonical == state_name), state_name)
         if "model output" in reasons and covered == 0:

@@ -313,9 +313,9 @@ def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef)
             ctx.fix(x, in_dim)
             in_dim += 1
         elif isinstance(item, slice):
-            full = item.step in (None, 1) and (item.start in (None, 0)) and (item.stop is None or (isinstance(item.stop, int) and item.stop >= x.shape[in_dim]))
-            if full or x.shape[in_dim] == out.shape[out_dim] and item.step in (None, 1):
-                ctx.same(x, in_dim, out, out_dim)
+            block = _block(item, x.shape[in_dim])
+            if block is not None and block[1] - block[0] == out.shape[out_dim]:
+                ctx.slice(x, in_dim, *block, out, out_dim)
             else:
                 ctx.fix(x, in_dim)
                 ctx.fix(out, out_dim)
@@ -324,6 +324,14 @@ def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef)
         else:
             ctx.unknown([x, out])
             return
+
+
+def _block(item: slice, size: int) -> tuple[int, int] | None:
+    """``(start, stop)`` of a contiguous slice of an axis of ``size`` (None for strided or symbolic ones)."""
+    if not all(isinstance(v, (int, type(None))) for v in (item.start, item.stop, item.step)) or item.step not in (None, 1):
+        return None
+    start, stop, _ = item.indices(size)
+    return (start, max(start, stop)) if stop > start else None
 
 
 def _is_full(item: object) -> bool:
@@ -385,12 +393,18 @@ def _slice(ctx: RuleContext, call: BoundCall) -> None:
     if x is None or out is None:
         return
     dim = int(call.get("dim", 0)) % x.ndim
+    start, end, step = call.get("start"), call.get("end"), call.get("step", 1)
+    if call.call.key in (torch.narrow, torch.Tensor.narrow, "aten.narrow") and isinstance(start, int) and isinstance(end, int):
+        end = start + end  # narrow(dim, start, length)
+    block = _block(slice(start, end, step), x.shape[dim]) if all(isinstance(v, (int, type(None))) for v in (start, end, step)) else None
     for d in range(x.ndim):
-        if d == dim and x.shape[d] != out.shape[d]:
+        if d != dim:
+            ctx.same(x, d, out, d)
+        elif block is not None and block[1] - block[0] == out.shape[d]:
+            ctx.slice(x, d, *block, out, d)
+        else:
             ctx.fix(x, d)
             ctx.fix(out, d)
-        else:
-            ctx.same(x, d, out, d)
 
 
 # ---------------------------------------------------------------------------- reductions
@@ -515,6 +529,36 @@ def _flip(ctx: RuleContext, call: BoundCall) -> None:
     if dims is None and call.varargs:
         dims = list(call.varargs)
     _ordered_along(ctx, call.tensor("input"), call.out, dims)
+
+
+@register_op_rule("repeat", aliases=[torch.Tensor.repeat, "method:repeat", "aten.repeat"], args=("input", "repeats"))
+def _repeat(ctx: RuleContext, call: BoundCall) -> None:
+    """``x.repeat(*reps)``: each tiled axis is the concatenation of ``reps[d]`` copies of ``x``'s.
+
+    Every copy carries the same permutation; new leading axes hold copies and are free.
+    """
+    x, out = call.tensor("input"), call.out
+    reps = call.get("repeats")
+    if reps is None:
+        reps = list(call.varargs)
+    elif not isinstance(reps, (list, tuple)):
+        reps = [reps, *call.varargs]
+    if len(reps) == 1 and isinstance(reps[0], (list, tuple)):
+        reps = list(reps[0])
+    if x is None or out is None or not all(isinstance(r, int) for r in reps) or len(reps) < x.ndim:
+        ctx.unknown([t for t in (x, out) if t is not None])
+        return
+    lead = len(reps) - x.ndim
+    for d in range(lead):
+        ctx.free(out, d)
+    for d in range(x.ndim):
+        count = reps[lead + d]
+        if count == 1:
+            ctx.same(x, d, out, lead + d)
+        elif x.shape[d] == 1:
+            ctx.free(out, lead + d)
+        else:
+            ctx.define(out, lead + d, "concat", [ctx.ax(x, d)] * count)
 
 
 @register_op_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))

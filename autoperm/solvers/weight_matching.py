@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from autoperm.errors import SolverError
 from autoperm.solvers.heads import attach_fibres, carry_fibres, fibre_parts, fibred_over, solve_heads
+from autoperm.solvers.lap import LapMethod, linear_assignment
 from autoperm.solvers.result import MatchingResult, check_state_dicts, is_cost_tensor
 from autoperm.spec import (
     Member,
@@ -65,6 +65,9 @@ def weight_matching(
     callback: SweepCallback | None = None,
     groups: Collection[str] | None = None,
     first_sweep: Literal["graph", "random"] = "graph",
+    lap: LapMethod = "auto",
+    distributed: bool = False,
+    cache_bytes: int | None = None,
 ) -> MatchingResult:
     """Find permutations of model B that bring its weights closest to model A's.
 
@@ -92,20 +95,32 @@ def weight_matching(
         groups: solve only these groups; the others stay at ``init_perms`` (default: all).
         first_sweep: ``"graph"`` (default) makes the first sweep an informed initialisation:
             it visits the groups in the order of the spec, from the input towards the output,
-            and each group's cost leaves out the terms that depend on groups not visited yet
-            (while those are at the identity their terms are noise; with ``init_perms`` the
+            and each group's cost leaves out the terms that depend on groups not visited yet,
+            itself on another axis of the same tensor included (while those are at the identity
+            their terms are noise; with ``init_perms`` the
             first sweep uses every term, in graph order). Later sweeps use every
             term in a fresh random order. ``"random"`` is Git Re-Basin's schedule from the
             first sweep on. From the identity, a random first sweep can lock models into poor
             local optima: on a planted permutation of ViT-B/16 it recovered none of 49 groups,
             on MobileNetV3 and EfficientNet-B0 a large share stayed wrong; the informed first
             sweep recovers all of them.
+        lap: the linear assignment backend (:func:`autoperm.solvers.lap.linear_assignment`):
+            ``"auto"`` (each row's best column when those are distinct, an exact ``O(n^2)``
+            shortcut; else lapx on planted-like costs when installed, else scipy), ``"scipy"``,
+            ``"lapx"`` or ``"auction"`` (torch; within a certified gap of the optimum).
+        distributed: run on every rank of the initialised ``torch.distributed`` process group,
+            each rank passing its shard of both state dicts (the same tensor names in A and B);
+            every rank returns the same result, equal to one process's on the whole models
+            (:mod:`autoperm.solvers.distributed`).
+        cache_bytes: the most memory for cached ``n x n`` cost products (default: the size of
+            the two models' cost tensors); beyond it products are recomputed on each visit.
 
     Returns:
         A :class:`MatchingResult`; ``history[0]`` is the objective at the start.
 
     Raises:
-        SolverError: the state dicts differ in keys or shapes, or do not fit the spec.
+        SolverError: the state dicts differ in keys or shapes, or do not fit the spec; with
+            ``distributed``, no process group is initialised or the shards do not cover the spec.
 
     Complexity:
         Per sweep, one LAP per group (``O(n^3)``) plus a matmul per member whose other axes
@@ -115,14 +130,22 @@ def weight_matching(
         >>> res = weight_matching(spec, model_a.state_dict(), model_b.state_dict())
         >>> aligned_b = apply_permutation(spec, res.perms, model_b.state_dict())
     """
-    check_state_dicts(spec, [state_dict_a, state_dict_b])
+    if not distributed:
+        check_state_dicts(spec, [state_dict_a, state_dict_b])
     if groups is not None:
         _validate_groups(spec, groups)
     perms = identity_permutation(spec)
     if init_perms is not None:
         check_permutations(spec, init_perms)
         perms.update({name: p.clone().to(torch.long).cpu() for name, p in init_perms.items() if name in perms})
-    solver = _CoordinateDescent(spec, state_dict_a, state_dict_b, perms, torch.device(device))
+    if distributed:
+        from autoperm.solvers.distributed import DistributedCoordinateDescent  # it imports this module
+
+        solver: _CoordinateDescent = DistributedCoordinateDescent(
+            spec, state_dict_a, state_dict_b, perms, torch.device(device), lap=lap, cache_bytes=cache_bytes
+        )
+    else:
+        solver = _CoordinateDescent(spec, state_dict_a, state_dict_b, perms, torch.device(device), lap=lap, cache_bytes=cache_bytes)
     to_solve = [g for g in spec.active_groups if groups is None or g.name in groups]
     generator = np.random.default_rng(seed)
     history = [solver.value]
@@ -172,35 +195,37 @@ class _CoordinateDescent:
         state_dict_b: Mapping[str, torch.Tensor],
         perms: dict[str, torch.Tensor],
         device: torch.device,
+        lap: LapMethod = "auto",
+        cache_bytes: int | None = None,
+        cost_params: Sequence[str] | None = None,
     ):
+        """``cost_params``: every cost tensor's name, when the state dicts hold only some (one rank's
+        shard): the costs use the tensors held, the bookkeeping follows all of them."""
         self.spec = spec
         self.perms = perms
         self.device = device
-        self.cost_params = [
+        self.lap: LapMethod = lap
+        names = list(cost_params) if cost_params is not None else [
             name for name in spec.members_by_param if is_cost_tensor(name, state_dict_a[name])
         ]
+        self.cost_params = [name for name in names if name in state_dict_a]
         self.a = {name: state_dict_a[name].detach().to(device) for name in self.cost_params}
         self.b = {name: state_dict_b[name].detach().to(device) for name in self.cost_params}
         self.versions = {name: 0 for name in perms}
         self.version_ids = itertools.count(1)  # every change gets a fresh id, so a reverted id is never reused
-        self.terms: dict[str, list[_Term]] = {}
-        for name in self.cost_params:
-            pairs = spec.members_by_param[name]
-            for group, member in pairs:
-                others = {
-                    g.name for g, m in pairs
-                    if m is not member and (m.axis != member.axis or g is group or group.name in (g.per, g.name) or g.name == group.per)
-                }
-                self.terms.setdefault(group.name, []).append(_Term(group, member, tuple(sorted(others))))
+        self.terms = _terms(spec, self.cost_params)
+        self.all_terms = self.terms if len(self.cost_params) == len(names) else _terms(spec, names)
         self.dependencies = {
             name: tuple(sorted({g for term in terms for g in term.depends_on if g in self.versions}))
-            for name, terms in self.terms.items()
+            for name, terms in self.all_terms.items()
         }
         self.products: dict[tuple[str, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
         # Cached n x n products may not outgrow the cost tensors themselves (models with wide
         # groups and few weights, such as MobileNetV2): past this budget products are recomputed.
         self.pending: set[str] = set()  # groups not visited yet in an informed first sweep
         self.cache_budget = sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        if cache_bytes is not None:
+            self.cache_budget = cache_bytes
         self.cache_bytes = 0
         self.constants: dict[str, torch.Tensor | None] = {}
         self.solved_at: dict[str, tuple[int, ...]] = {}
@@ -218,7 +243,11 @@ class _CoordinateDescent:
     # ------------------------------------------------------------------ objective
     def objective(self) -> float:
         """``sum <A, pi(B)>`` over the cost tensors, recomputing only tensors whose perms changed."""
-        return sum(self._inner(name) for name in self.cost_params)
+        return self._total(sum(self._inner(name) for name in self.cost_params))
+
+    def _total(self, value: float) -> float:
+        """A sum over the cost tensors held here is the whole sum (distributed runs add the ranks')."""
+        return value
 
     def _inner(self, name: str) -> float:
         """``<A, pi(B)>`` of one cost tensor, cached by the versions of the groups touching it."""
@@ -250,7 +279,7 @@ class _CoordinateDescent:
         for name, permutation in changed.items():
             self.perms[name] = permutation
             self.versions[name] = next(self.version_ids)
-        gain = sum(self._inner(param) for param in touched) - before
+        gain = self._total(sum(self._inner(param) for param in touched) - before)
         if not self.informed and gain <= tol * max(1.0, abs(self.value)):
             for name, (permutation, version) in saved.items():
                 self.perms[name], self.versions[name] = permutation, version
@@ -269,7 +298,7 @@ class _CoordinateDescent:
         """
         if group.name in self.parts:
             return self._solve_heads(group, tol)
-        if group.name not in self.terms:
+        if group.name not in self.all_terms:
             return False
         stamp = self._stamp(group)
         if self.solved_at.get(group.name) == stamp:
@@ -280,9 +309,9 @@ class _CoordinateDescent:
             return False
         current = self.perms[group.name]
         if group.per is None:
-            new, old_value, new_value = _assign(cost, current)
+            new, old_value, new_value = self._assignment(cost, current)
         else:
-            rows = [_assign(cost[k], current[k]) for k in range(cost.shape[0])]
+            rows = [self._assignment(cost[k], current[k]) for k in range(cost.shape[0])]
             new = torch.stack([r[0] for r in rows])
             old_value, new_value = sum(r[1] for r in rows), sum(r[2] for r in rows)
         if new_value - old_value <= tol * max(1.0, abs(old_value)) or not self._commit({group.name: new}, tol):
@@ -306,7 +335,7 @@ class _CoordinateDescent:
         for part in self.parts[group.name]:
             others = [f for f in self.fibres[group.name] if f not in part]
             attached = attach_fibres(self.perms, group, others)
-            new, old_value, new_value = solve_heads(self.spec, group, part, self.a, self.b, attached)
+            new, old_value, new_value = self._solve_part(group, part, attached)
             if new_value - old_value <= tol * max(1.0, abs(old_value)):
                 continue
             new.update(carry_fibres(self.perms, group, others, new[group.name]))
@@ -314,18 +343,29 @@ class _CoordinateDescent:
         self.solved_at[group.name] = tuple(v for name in names for v in self._stamp(self.spec[name]))
         return moved
 
+    def _assignment(self, cost: np.ndarray, current: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """The LAP of one cost (see :func:`_assign`)."""
+        return _assign(cost, current, self.lap)
+
+    def _solve_part(
+        self, group: PermutationGroup, part: Sequence[PermutationGroup], perms: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], float, float]:
+        """Heads and one part of their fibres (:func:`autoperm.solvers.heads.solve_heads`)."""
+        return solve_heads(self.spec, group, part, self.a, self.b, perms)
+
     def _cost(self, group: PermutationGroup) -> np.ndarray | None:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
         fibred = group.per is not None
-        waiting = {i for i, t in enumerate(self.terms[group.name]) if self.pending.intersection(t.depends_on) - {group.name}}
-        if waiting:  # an informed first sweep: solve again once every term can enter
-            self.solved_at.pop(group.name, None)
+        terms = self.terms.get(group.name, [])
+        waiting = {i for i, t in enumerate(terms) if self.pending.intersection(t.depends_on)}
+        if any(self.pending.intersection(t.depends_on) for t in self.all_terms[group.name]):
+            self.solved_at.pop(group.name, None)  # an informed first sweep: solve again once every term can enter
         if group.name in self.constants:
             constant = self.constants[group.name]
             total = None if constant is None else constant.clone()
         else:
             total = None
-            for term in self.terms[group.name]:
+            for term in terms:
                 if not term.depends_on:
                     product = self._product(term, fibred)
                     total = product if total is None else total.add_(product)
@@ -333,7 +373,7 @@ class _CoordinateDescent:
             if self.cache_bytes + size <= self.cache_budget:
                 self.constants[group.name] = None if total is None else total.clone()
                 self.cache_bytes += size
-        for index, term in enumerate(self.terms[group.name]):
+        for index, term in enumerate(terms):
             if not term.depends_on or index in waiting:
                 continue
             key = (group.name, index)
@@ -527,14 +567,27 @@ def _inner_product(a: torch.Tensor, b: torch.Tensor, indices: Mapping[int, torch
     return total
 
 
-def _assign(cost: np.ndarray, current: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+def _assign(cost: np.ndarray, current: torch.Tensor, method: LapMethod = "auto") -> tuple[torch.Tensor, float, float]:
     """Solve ``max_P sum_i cost[i, P[i]]``; return the assignment and the old and new values."""
-    rows, columns = linear_sum_assignment(cost, maximize=True)
-    new = torch.as_tensor(columns, dtype=torch.long)
+    result = linear_assignment(cost, maximize=True, method=method)
+    new = torch.as_tensor(result.columns, dtype=torch.long)
     index = np.arange(cost.shape[0])
     old_value = float(cost[index, current.numpy()].sum())
-    new_value = float(cost[rows, columns].sum())
-    return new, old_value, new_value
+    return new, old_value, result.value
+
+
+def _terms(spec: PermutationSpec, cost_params: Sequence[str]) -> dict[str, list[_Term]]:
+    """Per group, the members of ``cost_params`` that enter its cost and the groups each depends on."""
+    terms: dict[str, list[_Term]] = {}
+    for name in cost_params:
+        pairs = spec.members_by_param[name]
+        for group, member in pairs:
+            others = {
+                g.name for g, m in pairs
+                if m is not member and (m.axis != member.axis or g is group or group.name in (g.per, g.name) or g.name == group.per)
+            }
+            terms.setdefault(group.name, []).append(_Term(group, member, tuple(sorted(others))))
+    return terms
 
 
 def _validate_groups(spec: PermutationSpec, groups: Collection[str]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -21,6 +21,8 @@ __all__ = [
     "TracedGraph",
     "trace_model",
     "record_activations",
+    "stream_activations",
+    "runnable_graph",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,86 @@ def trace_model(
     )
 
 
+def runnable_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    tracer: Literal["fx", "export"] = "fx",
+    is_leaf: Callable[[nn.Module], bool] | None = None,
+) -> torch.fx.GraphModule:
+    """The graph module that :func:`stream_activations` runs, built once for repeated passes.
+
+    Its node names are those of :func:`trace_model` with the same front-end (and so of
+    ``ActivationSite.node``).
+    """
+    if is_leaf is None:
+        from autoperm.infer.registry import has_module_rule
+
+        is_leaf = has_module_rule
+    args, kwargs = normalise_inputs(example_inputs)
+    with _EvalMode(model), torch.no_grad():
+        if tracer == "fx":
+            return symbolic_trace(model, args, kwargs, is_leaf)[0]
+        return export_program(model, args, kwargs).module()
+
+
+def stream_activations(
+    model: nn.Module,
+    nodes: Sequence[str],
+    batches: Iterable[Any],
+    tracer: Literal["fx", "export"] = "fx",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    is_leaf: Callable[[nn.Module], bool] | None = None,
+    edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    graph: torch.fx.GraphModule | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the traced graph of ``model`` on each batch and yield the outputs of ``nodes``.
+
+    Node names are those of the graph the spec was inferred from (``ActivationSite.node``).
+    The model runs in eval mode without gradients; every module's training flag is restored
+    once the generator is exhausted or closed.
+
+    Args:
+        model: the model (its own weights are used unless ``state_dict`` is given).
+        nodes: traced-graph node names to record.
+        batches: inputs; a batch is a tensor, or a tuple/list whose first element is the input.
+        tracer: the front-end the spec was made with (``spec.tracer``).
+        state_dict: weights to run with instead of the model's own.
+        is_leaf: leaf predicate used at inference (defaults to the rule registry's).
+        edit: ``edit(node, output)`` returns the tensor that replaces that node's output for the
+            rest of the forward pass (REPAIR renormalises channels this way); the yielded
+            values are the outputs before the edit.
+        graph: the graph to run, from :func:`runnable_graph` (by default traced on the first batch).
+
+    Yields:
+        ``{node name: activation}`` (detached) for each batch.
+
+    Raises:
+        TraceError: a node is not in the traced graph, or does not produce a single tensor.
+    """
+    wanted = set(nodes)
+    graph_module = graph
+    checked = False
+    with _EvalMode(model), torch.no_grad():
+        for batch in batches:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            args, kwargs = normalise_inputs(inputs)
+            if graph_module is None:
+                graph_module = runnable_graph(model, inputs, tracer, is_leaf)
+            if not checked:
+                checked = True
+                missing = wanted - {n.name for n in graph_module.graph.nodes}
+                if missing:
+                    raise TraceError(f"the traced graph has no node(s) {sorted(missing)[:5]}; was the spec made for this model?")
+            values = run_graph(graph_module, list(args) + list(kwargs.values()), state_dict, keep=wanted, edit=edit)
+            recorded: dict[str, torch.Tensor] = {}
+            for name in nodes:
+                value = values[name]
+                if not isinstance(value, torch.Tensor):
+                    raise TraceError(f"node {name!r} does not produce a single tensor")
+                recorded[name] = value.detach()
+            yield recorded
+
+
 def record_activations(
     model: nn.Module,
     nodes: Sequence[str],
@@ -99,42 +181,13 @@ def record_activations(
 ) -> dict[str, list[torch.Tensor]]:
     """Run the traced graph of ``model`` on each batch and keep the outputs of ``nodes``.
 
-    Node names are those of the graph the spec was inferred from (``ActivationSite.node``).
-
-    Args:
-        model: the model (its own weights are used unless ``state_dict`` is given).
-        nodes: traced-graph node names to record.
-        batches: inputs; a batch is a tensor, or a tuple/list whose first element is the input.
-        tracer: the front-end the spec was made with (``spec.tracer``).
-        state_dict: weights to run with instead of the model's own.
-        is_leaf: leaf predicate used at inference (defaults to the rule registry's).
+    See :func:`stream_activations` for the arguments.
 
     Returns:
         ``{node name: [activation of each batch]}`` (detached).
     """
-    if is_leaf is None:
-        from autoperm.infer.registry import has_module_rule
-
-        is_leaf = has_module_rule
-    wanted = set(nodes)
     recorded: dict[str, list[torch.Tensor]] = {name: [] for name in nodes}
-    graph_module = None
-    with _EvalMode(model), torch.no_grad():
-        for batch in batches:
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            args, kwargs = normalise_inputs(inputs)
-            if graph_module is None:
-                if tracer == "fx":
-                    graph_module, _ = symbolic_trace(model, args, kwargs, is_leaf)
-                else:
-                    graph_module = export_program(model, args, kwargs).module()
-                missing = wanted - {n.name for n in graph_module.graph.nodes}
-                if missing:
-                    raise TraceError(f"the traced graph has no node(s) {sorted(missing)[:5]}; was the spec made for this model?")
-            values = run_graph(graph_module, list(args) + list(kwargs.values()), state_dict, keep=wanted)
-            for name in nodes:
-                value = values[name]
-                if not isinstance(value, torch.Tensor):
-                    raise TraceError(f"node {name!r} does not produce a single tensor")
-                recorded[name].append(value.detach())
+    for values in stream_activations(model, nodes, batches, tracer, state_dict, is_leaf):
+        for name in nodes:
+            recorded[name].append(values[name])
     return recorded

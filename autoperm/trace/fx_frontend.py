@@ -26,6 +26,7 @@ __all__ = ["trace_fx", "symbolic_trace", "LeafTracer"]
 logger = logging.getLogger(__name__)
 
 LeafPredicate = Callable[[nn.Module], bool]
+EditHook = Callable[[str, Any], Any]
 
 
 class LeafTracer(fx.Tracer):
@@ -90,17 +91,21 @@ class _ValueRecorder(fx.Interpreter):
     at all: meta BatchNorm alone costs half a millisecond a call.
     """
 
-    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False):
+    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False,
+                 edit: EditHook | None = None):
         super().__init__(gm)
         self.values: dict[str, Any] = {}
         self._keep = keep
         self._shapes_only = shapes_only
+        self._edit = edit
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._shapes_only and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
             module = self.fetch_attr(target)
             if isinstance(module, _SHAPE_PRESERVING) and type(module).__module__.startswith("torch.nn."):
                 return torch.empty_like(args[0])
+            if type(module) in (nn.LSTM, nn.GRU, nn.RNN):  # on meta tensors their decomposition takes seconds
+                return _recurrent_shapes(module, args[0])
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -122,21 +127,38 @@ class _ValueRecorder(fx.Interpreter):
             raise _NodeError(n, error) from error
         if self._keep is None or n.name in self._keep:
             self.values[n.name] = result
+            if self._edit is not None:
+                result = self._edit(n.name, result)
         return result
+
+
+def _recurrent_shapes(module: nn.RNNBase, x: torch.Tensor) -> Any:
+    """Empty outputs of the right shapes for ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on input ``x``."""
+    directions = 2 if module.bidirectional else 1
+    hidden = module.proj_size or module.hidden_size
+    out = torch.empty((*x.shape[:-1], directions * hidden), dtype=x.dtype, device=x.device)
+    batch = () if x.ndim == 2 else (x.shape[0] if module.batch_first else x.shape[1],)
+    h_n = torch.empty((directions * module.num_layers, *batch, hidden), dtype=x.dtype, device=x.device)
+    if isinstance(module, nn.LSTM):
+        c_n = torch.empty((directions * module.num_layers, *batch, module.hidden_size), dtype=x.dtype, device=x.device)
+        return out, (h_n, c_n)
+    return out, h_n
 
 
 class _Runner(nn.Module):
     """Holds a GraphModule so that functional_call can swap its state for meta tensors."""
 
-    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False):
+    def __init__(self, gm: fx.GraphModule, keep: set[str] | None = None, shapes_only: bool = False,
+                 edit: EditHook | None = None):
         super().__init__()
         self.gm = gm
         self.keep = keep
         self.shapes_only = shapes_only
+        self.edit = edit
         self.recorder: _ValueRecorder | None = None
 
     def forward(self, *inputs: Any) -> Any:
-        self.recorder = _ValueRecorder(self.gm, self.keep, self.shapes_only)
+        self.recorder = _ValueRecorder(self.gm, self.keep, self.shapes_only, self.edit)
         return self.recorder.run(*inputs)
 
 
@@ -146,9 +168,15 @@ def run_graph(
     state: dict[str, torch.Tensor] | None = None,
     keep: set[str] | None = None,
     shapes_only: bool = False,
+    edit: EditHook | None = None,
 ) -> dict[str, Any]:
-    """Run ``gm`` on ``inputs`` (optionally with ``state`` swapped in); returns node values."""
-    runner = _Runner(gm, keep, shapes_only)
+    """Run ``gm`` on ``inputs`` (optionally with ``state`` swapped in); returns node values.
+
+    ``edit(name, value)``, when given, is called on the output of every node in ``keep`` and
+    its return value replaces that output for the rest of the forward pass (the returned
+    node values are the outputs before the edit).
+    """
+    runner = _Runner(gm, keep, shapes_only, edit)
     if state is None:
         runner(*inputs)
     else:

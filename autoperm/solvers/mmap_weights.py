@@ -1,0 +1,155 @@
+"""Memory-mapped safetensors for the solvers: weights read in place, written one tensor at a time.
+
+Weight matching of billion-parameter models must not hold copies of both models: its inputs
+are only read. :func:`mmap_safetensors` maps a ``.safetensors`` file privately (copy-on-write,
+``MAP_PRIVATE``) and returns tensors that view the mapping, so nothing is read until a tensor is
+used, pages are shared with the page cache, and nothing written to a tensor can reach the
+file. :func:`write_safetensors` writes a file from a producer called once per tensor, so a
+checkpoint larger than memory can be created (the benchmark's planted models), atomically
+(temporary file, then rename).
+
+The file format (https://github.com/huggingface/safetensors): an 8-byte little-endian header
+length, a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (offsets
+relative to the end of the header), then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from autoperm.errors import CheckpointError
+
+__all__ = ["mmap_safetensors", "write_safetensors"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Map a ``.safetensors`` file and return its tensors as views of the mapping (no copy).
+
+    Args:
+        path: the file; it is opened read-only and never modified (the mapping is private).
+
+    Returns:
+        ``{name: tensor}`` in file order. The tensors keep the mapping alive; writing to one
+        changes only this process's copy of the page.
+
+    Raises:
+        CheckpointError: the file cannot be read, its header is invalid, a tensor's bytes
+            lie outside the file or do not match its shape, or its dtype is not supported.
+
+    Example:
+        >>> sd_a = mmap_safetensors("a.safetensors")
+        >>> res = weight_matching(spec, sd_a, mmap_safetensors("b.safetensors"))
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + header_length > size:
+                raise CheckpointError(f"{path}: header length {header_length} runs past the end of the file")
+            header = json.loads(handle.read(header_length))
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_length else None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON: {error}") from error
+    start = 8 + header_length
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = [int(s) for s in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid or unsupported header entry {entry!r}") from error
+        count = 1
+        for s in shape:
+            count *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != count * itemsize or start + end > size or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} that do not fit shape {shape}")
+        if count == 0 or mapping is None:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin).view(shape)
+    return tensors
+
+
+TensorProducer = Callable[[str], torch.Tensor]
+"""Called with a tensor's name, returns the tensor to write (of the announced shape and dtype)."""
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    layout: Mapping[str, tuple[Sequence[int], torch.dtype]],
+    produce: TensorProducer,
+) -> None:
+    """Write a ``.safetensors`` file one tensor at a time, atomically.
+
+    Args:
+        path: the file to create (replaced only once it is complete).
+        layout: ``{name: (shape, dtype)}`` of every tensor, in file order.
+        produce: called once per name, in order; only one produced tensor is alive at a time.
+
+    Raises:
+        CheckpointError: a produced tensor does not have its announced shape or dtype, or
+            a dtype cannot be stored.
+    """
+    path = Path(path)
+    header: dict[str, dict[str, object]] = {}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        if dtype not in _NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors files here do not store")
+        count = 1
+        for s in shape:
+            count *= int(s)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _NAMES[dtype], "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keeps every tensor 8-byte aligned
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            for name, (shape, dtype) in layout.items():
+                tensor = produce(name)
+                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} was produced with shape {list(tensor.shape)} and dtype {tensor.dtype}, "
+                        f"announced {list(shape)} and {dtype}"
+                    )
+                data = tensor.detach().cpu().contiguous().reshape(-1)
+                out.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,518 @@
+"""Linear mode connectivity across model families, with and without REPAIR.
+
+For each family, trains three models from different seeds on data that ships with a package
+(scikit-learn's handwritten digits as 1x8x8 images; for the language model, bytes of the Python
+standard library's own source files), aligns B (and C) to A by weight matching (WM), activation
+matching (AM) and the straight-through estimator (STE), and reports:
+
+- barriers (Git Re-Basin's ``max_t L(t) - (L_A + L_B)/2``) on train and test, loss and
+  accuracy, naive and after each method, each with and without REPAIR (Jordan et al.,
+  arXiv 2211.08403); BatchNorm statistics are recomputed at every point of every curve;
+- the anchor scheme of Ito et al. (arXiv 2402.04051): B and C each aligned to A (WM, STE), and
+  the barrier between the two aligned models;
+- the L2 distance and the pooled singular-vector alignment R at gamma 0 and 0.3;
+- a width trend for one family (the MLP by default).
+
+Families: ``mlp`` (3 hidden layers), ``vgg`` (VGG-style CNN with BatchNorm, flatten head),
+``resnet`` (BatchNorm, 2 stages of 2 basic blocks), ``vit`` (16 patch tokens, 4 heads, 3 blocks,
+LayerNorm), ``gpt`` (causal byte-level language model with tied embeddings, next-token loss).
+
+Run from the repository root::
+
+    python benchmarks/lmc_families.py                     # every family, default sizes
+    python benchmarks/lmc_families.py --families mlp vgg --quick
+    python benchmarks/lmc_families.py --out lmc-report --widths 64 256 1024   # a wider trend (slower)
+
+Writes ``report.json`` and plots (barrier curves per family, R per layer) into ``--out`` and
+prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import autoperm
+from autoperm.evaluate import InterpolationCurve, Repairer, barrier_summary, interpolation_curve
+from autoperm.models import MLP
+from autoperm.models.resnet import BasicBlock
+from autoperm.spec.schema import write_text_atomic
+
+StateDict = dict[str, torch.Tensor]
+Split = tuple[torch.Tensor, torch.Tensor]
+
+logger = logging.getLogger("lmc_families")
+
+
+# ----------------------------------------------------------------------------- models
+class VGG(nn.Module):
+    """VGG-style CNN for 1x8x8 inputs: (conv-BN-ReLU) x2, pool, (conv-BN-ReLU) x2, pool, flatten, linear."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = []
+        channels = 1
+        for out, pool in ((w, False), (w, True), (2 * w, False), (2 * w, True)):
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels * 2 * 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class SmallResNet(nn.Module):
+    """ResNet with BatchNorm for 1x8x8 inputs: stem, 2 stages of 2 basic blocks, pooling, linear."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
+        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, stride=2), BasicBlock(2 * width, 2 * width))
+        self.linear = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer2(self.layer1(out))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: multi-head self-attention and a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, causal: bool):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.ln1 = nn.LayerNorm(dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        h = self.ln1(x)
+        q, k, v = (layer(h).view(batch, tokens, self.heads, -1).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ViT(nn.Module):
+    """ViT-style classifier: 2x2 patches of a 1x8x8 image (16 tokens), learned positions, mean pooling."""
+
+    def __init__(self, width: int = 64, heads: int = 4, depth: int = 3, num_classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(1, width, 2, stride=2)
+        self.position = nn.Parameter(0.02 * torch.randn(16, width))
+        self.blocks = nn.Sequential(*(Block(width, heads, causal=False) for _ in range(depth)))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.ln(self.blocks(tokens)).mean(1))
+
+
+class GPT(nn.Module):
+    """Causal byte-level language model with tied input/output embeddings (GPT-style, pre-LayerNorm)."""
+
+    def __init__(self, width: int = 96, heads: int = 4, depth: int = 2, context: int = 64, vocab: int = 256):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(0.02 * torch.randn(context, width))
+        self.blocks = nn.Sequential(*(Block(width, heads, causal=True) for _ in range(depth)))
+        self.ln = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return F.linear(self.ln(self.blocks(x)), self.embed.weight)
+
+
+# ------------------------------------------------------------------------------- data
+def digits(flat: bool) -> dict[str, Split]:
+    data = autoperm.load_digits()
+    shape = (-1, 64) if flat else (-1, 1, 8, 8)
+    return {split: (x.reshape(shape), y) for split, (x, y) in data.splits().items()}
+
+
+def digits_images() -> dict[str, Split]:
+    """Digits as 1x8x8 images, for the CLI: ``--data benchmarks.lmc_families:digits_images``."""
+    return digits(flat=False)
+
+
+def stdlib_text(context: int, train_windows: int, test_windows: int, max_bytes: int = 3_000_000) -> dict[str, Any]:
+    """Byte tokens of the standard library's ``.py`` files (every 10th file held out for test)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    streams: dict[str, list[bytes]] = {"train": [], "test": []}
+    sizes = {"train": 0, "test": 0}
+    for index, path in enumerate(files):
+        split = "test" if index % 10 == 0 else "train"
+        if sizes[split] >= (max_bytes if split == "train" else max_bytes // 9):
+            continue
+        raw = path.read_bytes()
+        streams[split].append(raw)
+        sizes[split] += len(raw)
+    tokens = {split: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8).long() for split, parts in streams.items()}
+    generator = torch.Generator().manual_seed(0)
+
+    def windows(stream: torch.Tensor, count: int) -> Split:
+        starts = torch.randint(0, stream.numel() - context - 1, (count,), generator=generator)
+        chunk = torch.stack([stream[s: s + context + 1] for s in starts.tolist()])
+        return chunk[:, :-1], chunk[:, 1:]
+
+    return {"stream": tokens["train"], "train": windows(tokens["train"], train_windows),
+            "test": windows(tokens["test"], test_windows), "bytes": sizes}
+
+
+def sequence_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classifier logits ``(N, C)`` or next-token logits ``(N, T, V)``."""
+    if outputs.dim() == 3:
+        return F.cross_entropy(outputs.flatten(0, 1), targets.flatten())
+    return F.cross_entropy(outputs, targets)
+
+
+def evaluator(splits: Mapping[str, Split], batch_size: int = 512) -> Callable[[nn.Module], dict[str, float]]:
+    """``model -> {split_loss, split_accuracy}`` (accuracy of the argmax, per token for language models)."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        metrics = {}
+        with torch.no_grad():
+            for split, (inputs, targets) in splits.items():
+                total, correct, count = 0.0, 0, 0
+                for start in range(0, len(inputs), batch_size):
+                    x, y = inputs[start: start + batch_size], targets[start: start + batch_size]
+                    out = model(x)
+                    total += float(sequence_loss(out, y)) * y.numel()
+                    correct += int((out.argmax(-1) == y).sum())
+                    count += y.numel()
+                metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = total / count, correct / count
+        return metrics
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Family:
+    """How to build, train and feed one family."""
+
+    name: str
+    build: Callable[[int, int], nn.Module]   # (width, seed) -> model
+    width: int
+    data: str                                # "flat", "image" or "text"
+    epochs: int
+    lr: float = 1e-3
+    batch_size: int = 64
+    steps: int = 0                           # language model: optimiser steps instead of epochs
+    ste_epochs: int = 4
+
+
+def _seeded(factory: Callable[[int], nn.Module]) -> Callable[[int, int], nn.Module]:
+    def build(width: int, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return factory(width)
+
+    return build
+
+
+FAMILIES: dict[str, Family] = {
+    "mlp": Family("mlp", _seeded(lambda w: MLP(in_features=64, hidden=w, depth=3)), 256, "flat", epochs=30),
+    "vgg": Family("vgg", _seeded(lambda w: VGG(w)), 32, "image", epochs=20),
+    "resnet": Family("resnet", _seeded(lambda w: SmallResNet(w)), 32, "image", epochs=20),
+    "vit": Family("vit", _seeded(lambda w: ViT(w)), 64, "image", epochs=40, lr=2e-3),
+    "gpt": Family("gpt", _seeded(lambda w: GPT(w)), 96, "text", epochs=0, lr=3e-3, batch_size=32, steps=800, ste_epochs=2),
+}
+
+
+def quick(family: Family) -> Family:
+    """The CI-sized variant: narrow, few epochs."""
+    return replace(family, width=max(8, family.width // 4), epochs=min(family.epochs, 4), steps=min(family.steps, 60), ste_epochs=1)
+
+
+def train(family: Family, model: nn.Module, splits: Mapping[str, Any], seed: int, bar: tqdm) -> nn.Module:
+    """Adam with cross-entropy; classifiers by epochs over the train split, the LM by random windows."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=family.lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    if family.data == "text":
+        stream, context = splits["stream"], splits["train"][0].shape[1]
+        for _ in range(family.steps):
+            starts = torch.randint(0, stream.numel() - context - 1, (family.batch_size,), generator=generator)
+            chunk = torch.stack([stream[s: s + context + 1] for s in starts.tolist()])
+            optimizer.zero_grad()
+            sequence_loss(model(chunk[:, :-1]), chunk[:, 1:]).backward()
+            optimizer.step()
+            bar.update(1)
+    else:
+        inputs, targets = splits["train"]
+        for _ in range(family.epochs):
+            order = torch.randperm(len(inputs), generator=generator)
+            for start in range(0, len(inputs), family.batch_size):
+                index = order[start: start + family.batch_size]
+                optimizer.zero_grad()
+                F.cross_entropy(model(inputs[index]), targets[index]).backward()
+                optimizer.step()
+            bar.update(1)
+    return model.eval()
+
+
+def _barriers(curve: InterpolationCurve) -> dict[str, float]:
+    summary = barrier_summary(curve)
+    return {name: values["mean"] for name, values in summary.items()}
+
+
+@dataclass
+class Context:
+    family: Family
+    model: nn.Module
+    spec: autoperm.PermutationSpec
+    splits: dict[str, Any]
+    points: int
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    bn: bool
+
+    def curve(self, sd_a: StateDict, sd_b: StateDict, repaired: bool, bar: tqdm) -> InterpolationCurve:
+        transform = None
+        if repaired:
+            transform = Repairer(self.spec, self.model, sd_a, sd_b, self.splits["train"], batch_size=512)
+        return interpolation_curve(
+            self.model, sd_a, sd_b, self.evaluate, num_points=self.points,
+            reset_bn=self.splits["train"] if self.bn else None, transform=transform,
+            progress=lambda done, total: bar.update(1),
+        )
+
+
+def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: int = 0) -> dict[str, Any]:
+    """Everything for one family; returns its part of the report (curves included)."""
+    started = time.perf_counter()
+    splits: dict[str, Any]
+    if family.data == "text":
+        splits = stdlib_text(context=64, train_windows=256, test_windows=128)
+        eval_splits = {"train": splits["train"], "test": splits["test"]}
+        example = splits["train"][0][:1]
+    else:
+        splits = digits(flat=family.data == "flat")
+        eval_splits = splits
+        example = splits["train"][0][:1]
+    seeds = [seed, seed + 1, seed + 2]
+    total = (family.steps or family.epochs) * 3
+    with tqdm(total=total, desc=f"{family.name}: training 3 models", file=sys.stderr, leave=False) as bar:
+        models = [train(family, family.build(family.width, s), splits, s, bar) for s in seeds]
+    sd_a, sd_b, sd_c = (m.state_dict() for m in models)
+    model = models[0]
+    spec = autoperm.infer_spec(model, example)
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    context = Context(family, model, spec, splits, points, evaluator(eval_splits), bn)
+    train_data = splits["train"]
+    loss_fn = sequence_loss
+    endpoints = {label: context.evaluate(_loaded(model, sd)) for label, sd in (("A", sd_a), ("B", sd_b), ("C", sd_c))}
+
+    timings: dict[str, float] = {}
+    aligned: dict[str, StateDict] = {"naive": sd_b}
+    for method in ("wm", "am", "ste"):
+        tick = time.perf_counter()
+        if method == "wm":
+            result = autoperm.weight_matching(spec, sd_a, sd_b, seed=seed)
+        elif method == "am":
+            result = autoperm.activation_matching(spec, model, sd_a, sd_b, train_data, batch_size=512, seed=seed)
+        else:
+            result = autoperm.ste_matching(spec, model, sd_a, sd_b, train_data, loss_fn=loss_fn, epochs=family.ste_epochs,
+                                           batch_size=128, seed=seed)
+        timings[method] = time.perf_counter() - tick
+        aligned[method] = autoperm.apply_permutation(spec, result.perms, sd_b)
+
+    curves: dict[str, InterpolationCurve] = {}
+    rows: dict[str, Any] = {}
+    with tqdm(total=2 * len(aligned) * points, desc=f"{family.name}: barriers", file=sys.stderr, leave=False) as bar:
+        for method, sd in aligned.items():
+            for repaired in (False, True):
+                key = f"{method}+repair" if repaired else method
+                tick = time.perf_counter()
+                curves[key] = context.curve(sd_a, sd, repaired, bar)
+                rows[key] = {"barrier": _barriers(curves[key]), "seconds": time.perf_counter() - tick}
+    # variance collapse at the midpoint (plain interpolation), per REPAIR site; BatchNorm
+    # networks are left out (their interpolated running statistics are reset before evaluating)
+    for method in ("wm", "ste") if not bn else ():
+        repairer = Repairer(spec, model, sd_a, aligned[method], train_data, batch_size=512)
+        rows[method]["variance_ratio"] = repairer.variance_ratio(0.5)
+    for method, sd in aligned.items():
+        distance = autoperm.l2_distance(sd_a, sd)
+        rows[method]["l2"] = distance.absolute
+        rows[method]["l2_relative"] = distance.relative
+        for gamma in (0.0, 0.3):
+            analysis = autoperm.singular_analysis(spec, sd_a, sd, gamma=gamma)
+            rows[method][f"R_gamma{gamma}"] = analysis.weighted_alignment
+            rows[method][f"R_layers_gamma{gamma}"] = {layer.name: layer.alignment for layer in analysis.layers}
+
+    # anchor scheme: B and C each aligned to A, barrier between the aligned B and C
+    anchor: dict[str, Any] = {}
+    with tqdm(total=4 * points, desc=f"{family.name}: anchor scheme", file=sys.stderr, leave=False) as bar:
+        for method in ("wm", "ste"):
+            if method == "wm":
+                perms_c = autoperm.weight_matching(spec, sd_a, sd_c, seed=seed).perms
+            else:
+                perms_c = autoperm.ste_matching(spec, model, sd_a, sd_c, train_data, loss_fn=loss_fn, epochs=family.ste_epochs,
+                                                batch_size=128, seed=seed).perms
+            sd_c_aligned = autoperm.apply_permutation(spec, perms_c, sd_c)
+            for repaired in (False, True):
+                key = f"{method}+repair" if repaired else method
+                anchor[key] = _barriers(context.curve(aligned[method], sd_c_aligned, repaired, bar))
+
+    trend: dict[str, Any] = {}
+    for width in widths:
+        if width == family.width:  # the same seeds train the same pair: reuse it
+            trend[str(width)] = {key: rows[key]["barrier"]["test_loss"] for key in ("naive", "wm", "wm+repair")}
+        else:
+            trend[str(width)] = width_point(family, width, splits, eval_splits, example, points, seed)
+
+    return {
+        "family": family.name, "width": family.width, "parameters": sum(p.numel() for p in model.parameters()),
+        "groups": len(spec.active_groups), "endpoints": endpoints, "methods": rows, "anchor": anchor,
+        "solver_seconds": timings, "width_trend": trend, "seconds": time.perf_counter() - started,
+        "curves": {key: curve.to_dict() for key, curve in curves.items()},
+    }
+
+
+def width_point(family: Family, width: int, splits: Mapping[str, Any], eval_splits: Mapping[str, Split], example: torch.Tensor,
+                points: int, seed: int) -> dict[str, float]:
+    """Naive, WM and WM + REPAIR test-loss barriers of two models of one width."""
+    fam = replace(family, width=width)
+    with tqdm(total=(fam.steps or fam.epochs) * 2, desc=f"{family.name}: width {width}", file=sys.stderr, leave=False) as bar:
+        models = [train(fam, fam.build(width, s), splits, s, bar) for s in (seed, seed + 1)]
+    sd_a, sd_b = (m.state_dict() for m in models)
+    spec = autoperm.infer_spec(models[0], example)
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
+    context = Context(fam, models[0], spec, dict(splits), points, evaluator(eval_splits), bn)
+    sd_wm = autoperm.apply_permutation(spec, autoperm.weight_matching(spec, sd_a, sd_b, seed=seed).perms, sd_b)
+    with tqdm(total=3 * points, desc=f"{family.name}: width {width} barriers", file=sys.stderr, leave=False) as bar:
+        return {
+            "naive": _barriers(context.curve(sd_a, sd_b, False, bar))["test_loss"],
+            "wm": _barriers(context.curve(sd_a, sd_wm, False, bar))["test_loss"],
+            "wm+repair": _barriers(context.curve(sd_a, sd_wm, True, bar))["test_loss"],
+        }
+
+
+def _loaded(model: nn.Module, state_dict: StateDict) -> nn.Module:
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- report
+def format_tables(report: Mapping[str, Any]) -> str:
+    """The printed summary: one row per family and method."""
+    lines = ["| family | method | test loss barrier | + REPAIR | train loss barrier | + REPAIR | test acc barrier | + REPAIR | L2 | R (g=0) | R (g=0.3) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, part in report["families"].items():
+        for method in ("naive", "wm", "am", "ste"):
+            row, fixed = part["methods"][method], part["methods"][f"{method}+repair"]
+            lines.append(
+                f"| {name} | {method} | {row['barrier']['test_loss']:.3f} | {fixed['barrier']['test_loss']:.3f} "
+                f"| {row['barrier']['train_loss']:.3f} | {fixed['barrier']['train_loss']:.3f} "
+                f"| {row['barrier']['test_accuracy']:.3f} | {fixed['barrier']['test_accuracy']:.3f} "
+                f"| {row['l2']:.1f} | {row['R_gamma0.0']:.3f} | {row['R_gamma0.3']:.3f} |"
+            )
+    lines += ["", "anchor scheme (B, C aligned to A; barrier between them, test loss):", "",
+              "| family | WM | WM + REPAIR | STE | STE + REPAIR |", "|---|---:|---:|---:|---:|"]
+    for name, part in report["families"].items():
+        a = part["anchor"]
+        lines.append(f"| {name} | {a['wm']['test_loss']:.3f} | {a['wm+repair']['test_loss']:.3f} | {a['ste']['test_loss']:.3f} | {a['ste+repair']['test_loss']:.3f} |")
+    trends = [(name, part["width_trend"]) for name, part in report["families"].items() if part["width_trend"]]
+    for name, trend in trends:
+        lines += ["", f"width trend ({name}, test loss barrier):", "", "| width | naive | WM | WM + REPAIR |", "|---:|---:|---:|---:|"]
+        for width, values in trend.items():
+            lines.append(f"| {width} | {values['naive']:.3f} | {values['wm']:.3f} | {values['wm+repair']:.3f} |")
+    lines += ["", "endpoint test loss / accuracy (A, B, C) and run time:", ""]
+    for name, part in report["families"].items():
+        ends = ", ".join(f"{e['test_loss']:.3f}/{e['test_accuracy']:.3f}" for e in part["endpoints"].values())
+        lines.append(f"- {name} (width {part['width']}, {part['parameters']} parameters, {part['groups']} groups): {ends}; {part['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def write_plots(report: Mapping[str, Any], out: Path) -> list[Path]:
+    from autoperm.evaluate.plots import plot_interpolation
+
+    written = []
+    for name, part in report["families"].items():
+        curves = {key: InterpolationCurve.from_dict(curve) for key, curve in part["curves"].items()}
+        written.append(plot_interpolation(curves, out / f"{name}_barrier.png", f"{name}: interpolation A -> B"))
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(8, 3.5))
+        for method in ("naive", "wm", "am", "ste"):
+            layers = part["methods"][method]["R_layers_gamma0.3"]
+            axis.plot(range(len(layers)), list(layers.values()), marker="o", label=method)
+        axis.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=6)
+        axis.set_ylabel("R_l (gamma = 0.3)")
+        axis.set_title(f"{name}: singular-vector alignment per layer")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = out / f"{name}_R_layers.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def run(families: Sequence[str], out: str | Path, quick_run: bool = False, points: int = 13,
+        widths: Sequence[int] = (), trend_family: str = "mlp", seed: int = 0) -> dict[str, Any]:
+    """Run the benchmark; returns the report (also written to ``out/report.json``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"points": points, "quick": quick_run, "torch": torch.__version__,
+                              "threads": torch.get_num_threads(), "families": {}}
+    for name in families:
+        family = FAMILIES[name]
+        if quick_run:
+            family = quick(family)
+        trend = widths if name == trend_family else ()
+        report["families"][name] = run_family(family, points, trend, seed)
+        logger.info("%s done in %.0f s", name, report["families"][name]["seconds"])
+        write_text_atomic(out / "report.json", json.dumps(report, indent=1))  # kept after every family
+    report["seconds"] = time.perf_counter() - started
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_plots(report, out)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--out", default="lmc-families", help="folder for report.json and the plots")
+    parser.add_argument("--quick", action="store_true", help="narrow models, few epochs (seconds per family)")
+    parser.add_argument("--points", type=int, default=13, help="points along each path")
+    parser.add_argument("--widths", type=int, nargs="*", default=[64, 128, 256], help="widths of the trend family")
+    parser.add_argument("--trend-family", default="mlp", choices=list(FAMILIES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    report = run(args.families, args.out, args.quick, args.points, args.widths, args.trend_family, args.seed)
+    print(format_tables(report))
+    print(f"\ntotal {report['seconds']:.0f} s ({report['threads']} threads); wrote {Path(args.out) / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()
