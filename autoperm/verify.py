@@ -48,6 +48,8 @@ def model_outputs(model: nn.Module, example_inputs: Any, state_dict: Mapping[str
     """The floating-point tensors ``model`` returns (eval mode, no grad), optionally with other weights."""
     args, kwargs = normalise_inputs(example_inputs)
     with _EvalMode(model), torch.no_grad():
+        model.train().eval()  # modules that cache tensors derived from their weights in eval mode
+        # (timm's attention-bias cache) rebuild them; _EvalMode restores every flag afterwards
         if state_dict is None:
             result = model(*args, **kwargs)
         else:

@@ -274,13 +274,14 @@ def run_model(name: str, threads: int | None = None) -> dict[str, Any]:
     state32 = {k: v.clone() for k, v in model.state_dict().items()}
     model64 = model.double()
     x64 = x.double()
-    state64 = model64.state_dict()
+    state64 = {k: v.clone() for k, v in model64.state_dict().items()}  # not views of the live weights
     with torch.no_grad():
         reference = model64(x64)
         errors = []
         for seed in SOUNDNESS_SEEDS:
             permuted = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=seed), state64)
             model64.load_state_dict(permuted)
+            model64.train().eval()  # modules caching tensors derived from weights in eval mode rebuild them
             errors.append(relative_error(reference, model64(x64)))
         model64.load_state_dict(state64)
     row["rel_errors"] = errors

@@ -130,6 +130,8 @@ RESHAPES = ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "
 @register_op_rule("reshape_family", aliases=[a for n in RESHAPES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
 def _reshape(ctx: RuleContext, call: BoundCall) -> None:
     tensors = call.tensors()
+    for other in tensors[1:]:  # view_as / reshape_as read only the other tensor's shape
+        ctx.free(other)
     if tensors and call.out is not None:
         ctx.reshape(tensors[0], call.out)
 
@@ -141,6 +143,8 @@ EXPANDS = ["expand", "expand_as", "broadcast_to", "expand_copy"]
 def _expand(ctx: RuleContext, call: BoundCall) -> None:
     """Broadcast to a larger shape: axes grown from size 1 hold copies and are left free."""
     tensors = call.tensors()
+    for other in tensors[1:]:  # expand_as reads only the other tensor's shape
+        ctx.free(other)
     if tensors and call.out is not None:
         ctx.elementwise([tensors[0]], call.out)
 
