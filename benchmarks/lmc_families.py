@@ -362,7 +362,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
         rows[method]["l2_relative"] = distance.relative
         for gamma in (0.0, 0.3):
             analysis = autoperm.singular_analysis(spec, sd_a, sd, gamma=gamma)
-            rows[method][f"R_gamma{gamma}"] = analysis.weighted_alignment
+            rows[method][f"R_gamma{gamma}"] = analysis.alignment  # the pooled R of Ito et al.
             rows[method][f"R_layers_gamma{gamma}"] = {layer.name: layer.alignment for layer in analysis.layers}
 
     # anchor scheme: B and C each aligned to A, barrier between the aligned B and C
