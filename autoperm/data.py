@@ -205,3 +205,13 @@ def _is_tensor_pair(data: Any) -> bool:
         and all(isinstance(item, torch.Tensor) for item in data)
         and data[0].dim() >= 1
     )
+
+
+def input_batches(data: Data, batch_size: int = 512, max_batches: int | None = None) -> list[Any]:
+    """The inputs of the first ``max_batches`` batches of ``data`` (all when ``None``), as a list."""
+    batches: list[Any] = []
+    for inputs, _ in iter_batches(data, batch_size):
+        if max_batches is not None and len(batches) >= max_batches:
+            break
+        batches.append(inputs)
+    return batches

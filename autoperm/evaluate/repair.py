@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoperm.data import Data, iter_batches
+from autoperm.data import Data, input_batches
 from autoperm.errors import AutopermError, DataError, SpecError
 from autoperm.spec import PermutationSpec
 from autoperm.spec.apply import layout_positions
@@ -284,11 +284,7 @@ def _affine(value: torch.Tensor, site: RepairSite, channels: torch.Tensor, scale
 
 
 def _batches(data: Data, batch_size: int, max_batches: int | None) -> list[Any]:
-    batches = []
-    for inputs, _ in iter_batches(data, batch_size):
-        if max_batches is not None and len(batches) >= max_batches:
-            break
-        batches.append(inputs)
+    batches = input_batches(data, batch_size, max_batches)
     if not batches:
         raise DataError("REPAIR got no batches from data; give (inputs, targets) batches of training data")
     return batches

@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from autoperm.data import iter_batches
+from autoperm.data import input_batches
 from autoperm.errors import SolverError
 from autoperm.solvers.result import MatchingResult, check_state_dicts
 from autoperm.solvers.weight_matching import weight_matching
@@ -68,11 +68,7 @@ def activation_matching(
 
     check_state_dicts(spec, [state_dict_a, state_dict_b])
     observed = [g for g in spec.active_groups if g.activations and g.per is None]
-    batches = []
-    for inputs, _ in iter_batches(data, batch_size):
-        if max_batches is not None and len(batches) >= max_batches:
-            break
-        batches.append(inputs)
+    batches = input_batches(data, batch_size, max_batches)
     if not batches:
         raise SolverError("activation matching got no batches from data; give (inputs, targets) batches")
     nodes = sorted({site.node for group in observed for site in group.activations})
