@@ -17,6 +17,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+def optional_import(name: str):
+    """Import ``name`` or skip the test: also when an installed build fails to load (a torchvision
+    built for another torch raises RuntimeError, not ImportError)."""
+    try:
+        return __import__(name)
+    except Exception as error:  # noqa: BLE001 - any failure to load means the library is unusable here
+        pytest.skip(f"{name} is not usable here: {type(error).__name__}", allow_module_level=True)
+
+
 def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
     """Add noise to every floating state entry (zero-initialised layers would hide errors)."""
     generator = torch.Generator().manual_seed(seed)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import optional_import
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -49,7 +51,7 @@ def test_examples_show_help(script):
 
 @pytest.mark.parametrize(("script", "options", "dataset"), [("mlp_mnist.py", ["--dataset", "fashion-mnist"], "FashionMNIST")])
 def test_missing_data_gives_one_clear_message(script, options, dataset, tmp_path):
-    pytest.importorskip("torchvision")
+    optional_import("torchvision")
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *options, "--root", str(tmp_path), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120, env=ENV,

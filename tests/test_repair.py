@@ -28,7 +28,7 @@ from autoperm.models import MLP
 from autoperm.errors import AutopermError, DataError, SpecError
 from autoperm.evaluate.repair import Repairer, repair, repair_sites
 from autoperm.trace import stream_activations
-from tests.conftest import perturb_
+from tests.conftest import optional_import, perturb_
 
 
 class ConvBN(nn.Module):
@@ -163,7 +163,7 @@ def test_repair_in_interpolation_curve_and_errors():
 
 
 def test_repair_torchvision_resnet18():
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = optional_import("torchvision")
     torch.manual_seed(0)
     model = perturb_(torchvision.models.resnet18(num_classes=4).eval(), scale=0.05)
     x = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))

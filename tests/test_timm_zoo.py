@@ -16,7 +16,9 @@ import warnings
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
+from tests.conftest import optional_import
+
+timm = optional_import("timm")
 
 import autoperm  # noqa: E402
 from tests.conftest import perturb_  # noqa: E402

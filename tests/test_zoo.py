@@ -21,7 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-torchvision = pytest.importorskip("torchvision")
+from tests.conftest import optional_import
+
+torchvision = optional_import("torchvision")
 
 from autoperm.infer import UnsupportedOpWarning, infer_spec  # noqa: E402
 from autoperm.spec import Member, PermutationGroup, PermutationSpec  # noqa: E402
