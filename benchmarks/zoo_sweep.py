@@ -51,6 +51,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from autoperm.spec.schema import write_text_atomic
+
 MODELS_FILE = Path(__file__).with_name("zoo_models.txt")
 SOUND_TOLERANCE = 1e-9
 OBJECTIVE_TOLERANCE = 1e-9
@@ -103,19 +105,6 @@ def read_models(path: Path = MODELS_FILE) -> list[str]:
     """Model names listed in ``path``, one per line (blank lines and ``#`` comments skipped)."""
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
     return [line for line in lines if line]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- one model
@@ -465,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         import timm
 
         chosen, failed = select_models(timm.list_models())
-        write_atomic(MODELS_FILE, "\n".join(chosen) + "\n")
+        write_text_atomic(MODELS_FILE, "\n".join(chosen) + "\n")
         print(f"{len(chosen)} families written to {MODELS_FILE.name}; {len(failed)} models could not be built")
         return 0
 
@@ -487,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in progress:
         progress.set_postfix_str(name)
         rows.append(run_in_subprocess(name, args.timeout, args.threads))
-        write_atomic(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in rows))
     print(table(rows))
     print(summary(rows))
     return 0
