@@ -319,7 +319,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
     total = (family.steps or family.epochs) * 3
     with tqdm(total=total, desc=f"{family.name}: training 3 models", file=sys.stderr, leave=False) as bar:
         models = [train(family, family.build(family.width, s), splits, s, bar) for s in seeds]
-    sd_a, sd_b, sd_c = (m.state_dict() for m in models)
+    sd_a, sd_b, sd_c = (_snapshot(m) for m in models)
     model = models[0]
     spec = autoperm.infer_spec(model, example)
     bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -400,7 +400,7 @@ def width_point(family: Family, width: int, splits: Mapping[str, Any], eval_spli
     fam = replace(family, width=width)
     with tqdm(total=(fam.steps or fam.epochs) * 2, desc=f"{family.name}: width {width}", file=sys.stderr, leave=False) as bar:
         models = [train(fam, fam.build(width, s), splits, s, bar) for s in (seed, seed + 1)]
-    sd_a, sd_b = (m.state_dict() for m in models)
+    sd_a, sd_b = (_snapshot(m) for m in models)
     spec = autoperm.infer_spec(models[0], example)
     bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
     context = Context(fam, models[0], spec, dict(splits), points, evaluator(eval_splits), bn)
@@ -411,6 +411,12 @@ def width_point(family: Family, width: int, splits: Mapping[str, Any], eval_spli
             "wm": _barriers(context.curve(sd_a, sd_wm, False, bar))["test_loss"],
             "wm+repair": _barriers(context.curve(sd_a, sd_wm, True, bar))["test_loss"],
         }
+
+
+def _snapshot(model: nn.Module) -> StateDict:
+    """A copy of the model's state: ``state_dict()`` shares its tensors with the parameters, so
+    loading another state into the model (evaluating an endpoint) would change it too."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def _loaded(model: nn.Module, state_dict: StateDict) -> nn.Module:

@@ -126,6 +126,44 @@ def test_partial_residual_is_sound(c_in: int, extra: int) -> None:
     _check_planted(spec, model.state_dict())
 
 
+class GroupedConvResidual(nn.Module):
+    """NextViT's convolutional attention: a grouped conv reads a residual stream, whose channels
+    become heads x one within-head permutation that every head shares (the grouped conv's input
+    axis cannot tell its groups apart), and each block's grouped-conv outputs a fibre per head."""
+
+    def __init__(self, groups: int, width: int, blocks: int) -> None:
+        super().__init__()
+        channels = groups * width
+        self.stem = nn.Conv2d(2, 5, 3, padding=1)
+        self.embed = nn.Conv2d(5, channels, 1)
+        self.grouped = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1, groups=groups) for _ in range(blocks))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(blocks))
+        self.projections = nn.ModuleList(nn.Conv2d(channels, channels, 1) for _ in range(blocks))
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(torch.relu(self.stem(x)))
+        for grouped, norm, projection in zip(self.grouped, self.norms, self.projections):
+            x = x + projection(torch.relu(norm(grouped(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@settings(deadline=None, max_examples=8)
+@given(groups=st.integers(2, 4), width=st.integers(2, 4), blocks=st.integers(1, 3), seed=st.integers(0, 3))
+def test_grouped_conv_residual_heads_and_shared_within_group(groups: int, width: int, blocks: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = perturb_(GroupedConvResidual(groups, width, blocks)).double().eval()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    spec = infer_spec(model, (x,))
+    _check_sound(model, spec, (x,))
+    stream = [g for g in spec.active_groups if any(m.param == "embed.weight" and m.axis == 0 for m in g.members)]
+    # the residual stream: heads (one per conv group) and one within-group permutation shared by all
+    assert sorted(g.size for g in stream) == sorted([groups, width])
+    assert all(g.per is None for g in stream)
+    assert sum(g.per is not None for g in spec.active_groups) == blocks  # each grouped conv's outputs, per head
+    _check_planted(spec, model.state_dict())
+
+
 def _check_sound(model: nn.Module, spec, inputs: tuple) -> None:
     state = model.state_dict()
     with torch.no_grad():

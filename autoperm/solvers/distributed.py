@@ -185,8 +185,23 @@ class DistributedCoordinateDescent(_CoordinateDescent):
         result = super()._assignment(cost, current) if self.rank == self.source else None
         return self._broadcast(result, self.source)  # type: ignore[return-value]
 
+    def _solve_shared(
+        self,
+        group: PermutationGroup,
+        within: PermutationGroup,
+        perms: Mapping[str, torch.Tensor],
+        leave_out: frozenset[str] = frozenset(),
+    ) -> tuple[dict[str, torch.Tensor], float, float] | None:
+        """Not solved jointly across ranks: heads and a shared within-head group are left to
+        coordinate descent (their tensors usually span the residual stream, so every rank's)."""
+        return None
+
     def _solve_part(
-        self, group: PermutationGroup, part: Sequence[PermutationGroup], perms: Mapping[str, torch.Tensor]
+        self,
+        group: PermutationGroup,
+        part: Sequence[PermutationGroup],
+        perms: Mapping[str, torch.Tensor],
+        leave_out: frozenset[str] = frozenset(),
     ) -> tuple[dict[str, torch.Tensor], float, float]:
         """Heads and one part of their fibres, solved by the rank holding their tensors."""
         params = {m.param for g in (group, *part) for m in g.members}
@@ -197,7 +212,7 @@ class DistributedCoordinateDescent(_CoordinateDescent):
                 f"the tensors of head group {group.name!r} and its within-head groups are spread over ranks {ranks}; "
                 "keep each attention block on one rank (autoperm.solvers.distributed.shard_parameters does)"
             )
-        result = super()._solve_part(group, part, perms) if self.rank == owner else None
+        result = super()._solve_part(group, part, perms, leave_out) if self.rank == owner else None
         return self._broadcast(result, owner)  # type: ignore[return-value]
 
 

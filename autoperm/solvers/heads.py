@@ -17,7 +17,7 @@ wherever the head assignment moves it (:func:`attach_fibres`, :func:`carry_fibre
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +25,28 @@ from scipy.optimize import linear_sum_assignment
 
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, member_matrix, permute_tensor
 
-__all__ = ["attach_fibres", "carry_fibres", "fibre_parts", "fibred_over", "solve_heads"]
+__all__ = ["attach_fibres", "carry_fibres", "fibre_parts", "fibred_over", "shared_within", "solve_heads", "solve_shared"]
 
 
 def fibred_over(spec: PermutationSpec, group: PermutationGroup) -> list[PermutationGroup]:
     """The active groups whose permutations are one per index of ``group``."""
     return [g for g in spec.active_groups if g.per == group.name]
+
+
+def shared_within(spec: PermutationSpec, group: PermutationGroup) -> list[PermutationGroup]:
+    """Plain groups that permute the inside of every block of ``group`` alike (one permutation shared
+    by all heads): a grouped conv whose input side cannot tell its groups apart gives the channels
+    of a residual stream the structure heads x shared within-head permutation.
+
+    Such a pair is a Kronecker product of two groups; coordinate descent over the two alone gets
+    stuck when the heads are wrong (the within-head cost then mixes mismatched heads), so
+    :func:`solve_shared` solves them together.
+    """
+    laid = [
+        g for g in spec.active_groups
+        if g.per is None and g is not group and any(_covered(m, [(g, n) for n in g.members]) for m in group.members)
+    ]
+    return laid
 
 
 def fibre_parts(spec: PermutationSpec, group: PermutationGroup) -> list[list[PermutationGroup]]:
@@ -97,6 +113,7 @@ def solve_heads(
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
     perms: Mapping[str, torch.Tensor],
+    leave_out: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Re-solve head group ``group`` together with the fibres in ``part``, the others held fixed.
 
@@ -107,6 +124,8 @@ def solve_heads(
         a, b: cost tensors of models A and B (on the device the matmuls should run on).
         perms: current permutations, with the fibres outside ``part`` attached to B's heads
             (:func:`attach_fibres`); not modified.
+        leave_out: tensors whose terms are left out of the scores (an informed first sweep leaves
+            out the tensors of groups it has not visited yet).
 
     Returns:
         ``(new permutations of group and the fibres of part, old objective part, new objective
@@ -117,10 +136,10 @@ def solve_heads(
     """
     skip = {group.name, *(f.name for f in part)}
     heads = group.size
-    fibre_members = [(f, m) for f in part for m in f.members if m.param in a]
+    fibre_members = [(f, m) for f in part for m in f.members if m.param in a and m.param not in leave_out]
     head_scores = np.zeros((heads, heads))
     for member in group.members:
-        if member.param not in a or _covered(member, fibre_members):
+        if member.param not in a or member.param in leave_out or _covered(member, fibre_members):
             continue
         b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
         head_scores += (member_matrix(a[member.param], member, heads) @ member_matrix(b_other, member, heads).T).double().cpu().numpy()
@@ -174,3 +193,68 @@ def _value(head_scores: np.ndarray, pair_costs: dict[str, np.ndarray], perms: Ma
             block = cost[head, assignment[head]]
             value += float(block[np.arange(block.shape[0]), within[head]].sum())
     return value
+
+
+def solve_shared(
+    spec: PermutationSpec,
+    group: PermutationGroup,
+    shared: PermutationGroup,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor],
+    leave_out: Collection[str] = (),
+) -> tuple[dict[str, torch.Tensor], float, float] | None:
+    """Re-solve head group ``group`` together with ``shared``, a within-head group common to all heads.
+
+    Every pair of heads ``(a, b)`` gets the cost ``C_ab`` of the shared group's members laid over
+    the heads, and the score of its best within-head assignment plus the head-level cost of the
+    members the shared group does not refine; a LAP over the scores assigns the heads, and one LAP
+    over ``sum_a C_{a, heads[a]}`` gives the one within-head permutation they share. (With a
+    planted permutation every pair's best within-head assignment is the planted one, so both are
+    recovered.) Members of the shared group that are not laid over the heads (a grouped conv's
+    input axis) are left to its own solve; the caller measures the exact gain of the move.
+
+    Returns:
+        ``(new permutations of group and shared, old value, new value)`` in the same terms, or
+        ``None`` when no member of ``shared`` is laid over the heads here.
+    """
+    skip = {group.name, shared.name}
+    heads, size = group.size, shared.size
+    laid = [
+        (shared, m) for m in shared.members
+        if m.param in a and m.param not in leave_out and m.outer and m.outer[0][0] == heads
+    ]
+    if not laid:
+        return None
+    head_scores = np.zeros((heads, heads))
+    for member in group.members:
+        if member.param not in a or member.param in leave_out or _covered(member, laid):
+            continue
+        b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
+        head_scores += (member_matrix(a[member.param], member, heads) @ member_matrix(b_other, member, heads).T).double().cpu().numpy()
+    pair = None
+    for _, member in laid:
+        b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
+        a_matrix = member_matrix(a[member.param], member, size, fibred=True)  # (H, d, k)
+        b_matrix = member_matrix(b_other, member, size, fibred=True)
+        cost = torch.einsum("aik,bjk->abij", a_matrix.double(), b_matrix.double())
+        pair = cost if pair is None else pair + cost
+    assert pair is not None
+    costs = pair.cpu().numpy()
+    scores = head_scores.copy()
+    for i in range(heads):
+        for j in range(heads):
+            rows, columns = linear_sum_assignment(costs[i, j], maximize=True)
+            scores[i, j] += costs[i, j][rows, columns].sum()
+    _, head_assignment = linear_sum_assignment(scores, maximize=True)
+    index = np.arange(heads)
+    within_cost = costs[index, head_assignment].sum(axis=0)
+    _, within = linear_sum_assignment(within_cost, maximize=True)
+    current_heads = perms[group.name].cpu().numpy()
+    current_within = perms[shared.name].cpu().numpy()
+    old_value = float(head_scores[index, current_heads].sum()) + float(
+        costs[index, current_heads].sum(axis=0)[np.arange(size), current_within].sum()
+    )
+    new_value = float(head_scores[index, head_assignment].sum()) + float(within_cost[np.arange(size), within].sum())
+    new = {group.name: torch.as_tensor(head_assignment, dtype=torch.long), shared.name: torch.as_tensor(within, dtype=torch.long)}
+    return new, old_value, new_value

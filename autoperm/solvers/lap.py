@@ -117,11 +117,10 @@ def linear_assignment(
         raise SolverError(f"linear assignment needs a square score matrix, got shape {list(score.shape)}")
     n = score.shape[0]
     if method == "auto":
-        oriented = score if maximize else -score
-        shortcut = _row_best_if_permutation(oriented)
+        shortcut = _row_best_if_permutation(score, maximize)
         if shortcut is not None:
             return Assignment(shortcut, float(score[np.arange(n), shortcut].sum()), "argmax")
-        method = _pick(oriented)
+        method = _pick(score, maximize)
     if method == "auction":
         tensor = torch.as_tensor(score)
         if not bool(torch.isfinite(tensor).all()):
@@ -142,8 +141,9 @@ def linear_assignment(
     return Assignment(columns, float(array[np.arange(n), columns].sum()), method)
 
 
-def _row_best_if_permutation(score: np.ndarray | torch.Tensor) -> np.ndarray | None:
-    """Each row's best column, if no two rows share one: then it is an optimal assignment.
+def _row_best_if_permutation(score: np.ndarray | torch.Tensor, maximize: bool = True) -> np.ndarray | None:
+    """Each row's best column (largest, or smallest when minimising), if no two rows share one:
+    then it is an optimal assignment.
 
     No assignment can beat every row taking its own maximum, so when those maxima sit in distinct
     columns they are the optimum, found in ``O(n^2)`` (the costs of planted pairs, and of every
@@ -154,30 +154,33 @@ def _row_best_if_permutation(score: np.ndarray | torch.Tensor) -> np.ndarray | N
     if isinstance(score, torch.Tensor):
         if not bool(torch.isfinite(score).all()):
             return None
-        best = score.argmax(dim=1)
+        best = score.argmax(dim=1) if maximize else score.argmin(dim=1)
         return best.cpu().numpy().astype(np.int64) if torch.unique(best).numel() == best.numel() else None
     array = np.asarray(score)
     if not np.isfinite(array).all():
         return None
-    best = array.argmax(axis=1)
+    best = array.argmax(axis=1) if maximize else array.argmin(axis=1)
     return best.astype(np.int64) if np.unique(best).size == best.size else None
 
 
-def _pick(score: np.ndarray | torch.Tensor) -> str:
+def _pick(score: np.ndarray | torch.Tensor, maximize: bool = True) -> str:
     """The ``auto`` backend for this score (see the module docstring)."""
     n = score.shape[0]
-    if n >= _LAPX_MIN_SIZE and importlib.util.find_spec("lap") is not None and _looks_planted(score):
+    if n >= _LAPX_MIN_SIZE and importlib.util.find_spec("lap") is not None and _looks_planted(score, maximize):
         return "lapx"
     return "scipy"
 
 
-def _looks_planted(score: np.ndarray | torch.Tensor) -> bool:
+def _looks_planted(score: np.ndarray | torch.Tensor, maximize: bool = True) -> bool:
     """Whether the rows' best columns are nearly a permutation (an easy, planted-like problem).
 
     On such costs lapx's Jonker-Volgenant solver is 2-3x faster than scipy; on unstructured
     costs (independently initialised models) it is 2x slower (``benchmarks/README.md``).
     """
-    best = score.argmax(dim=1) if isinstance(score, torch.Tensor) else np.asarray(score).argmax(axis=1)
+    if isinstance(score, torch.Tensor):
+        best = score.argmax(dim=1) if maximize else score.argmin(dim=1)
+    else:
+        best = np.asarray(score).argmax(axis=1) if maximize else np.asarray(score).argmin(axis=1)
     distinct = len(torch.unique(best)) if isinstance(best, torch.Tensor) else len(np.unique(best))
     return distinct >= 0.9 * score.shape[0]
 

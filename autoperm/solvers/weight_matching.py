@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from autoperm.errors import SolverError
-from autoperm.solvers.heads import attach_fibres, carry_fibres, fibre_parts, fibred_over, solve_heads
+from autoperm.solvers.heads import (
+    attach_fibres,
+    carry_fibres,
+    fibre_parts,
+    fibred_over,
+    shared_within,
+    solve_heads,
+    solve_shared,
+)
 from autoperm.solvers.lap import LapMethod, linear_assignment
 from autoperm.solvers.result import MatchingResult, check_state_dicts, is_cost_tensor
 from autoperm.spec import (
@@ -112,8 +120,10 @@ def weight_matching(
             each rank passing its shard of both state dicts (the same tensor names in A and B);
             every rank returns the same result, equal to one process's on the whole models
             (:mod:`autoperm.solvers.distributed`).
-        cache_bytes: the most memory for cached ``n x n`` cost products (default: the size of
-            the two models' cost tensors); beyond it products are recomputed on each visit.
+        cache_bytes: the most memory for cached ``n x n`` cost products; beyond it products are
+            recomputed on each visit. Default: the size of the two models' cost tensors, but no
+            more than a sixteenth of it once that is above 512 MiB (512 MiB for a
+            TinyLlama-1.1B pair in float32), so that large models stay near their own size.
 
     Returns:
         A :class:`MatchingResult`; ``history[0]`` is the objective at the start.
@@ -223,9 +233,8 @@ class _CoordinateDescent:
         # Cached n x n products may not outgrow the cost tensors themselves (models with wide
         # groups and few weights, such as MobileNetV2): past this budget products are recomputed.
         self.pending: set[str] = set()  # groups not visited yet in an informed first sweep
-        self.cache_budget = sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
-        if cache_bytes is not None:
-            self.cache_budget = cache_bytes
+        weights = sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        self.cache_budget = default_cache_bytes(weights) if cache_bytes is None else cache_bytes
         self.cache_bytes = 0
         self.constants: dict[str, torch.Tensor | None] = {}
         self.solved_at: dict[str, tuple[int, ...]] = {}
@@ -236,7 +245,10 @@ class _CoordinateDescent:
                 if name not in self.params_of.setdefault(group.name, ()):
                     self.params_of[group.name] += (name,)
         self.fibres = {g.name: fibred_over(spec, g) for g in spec.active_groups}
-        self.parts = {name: fibre_parts(spec, spec[name]) for name, fibres in self.fibres.items() if fibres}
+        self.shared = {g.name: shared for g in spec.active_groups if (shared := shared_within(spec, g))}
+        self.parts = {
+            name: fibre_parts(spec, spec[name]) for name, fibres in self.fibres.items() if fibres or name in self.shared
+        }
         self.informed = False  # an informed first sweep: moves are taken on partial costs
         self.value = self.objective()
 
@@ -327,31 +339,75 @@ class _CoordinateDescent:
 
     def _solve_heads(self, group: PermutationGroup, tol: float) -> bool:
         """Heads and their fibred within-head groups, one part of non-overlapping fibres at a time."""
-        names = [group.name, *(f.name for f in self.fibres[group.name])]
+        shared = self.shared.get(group.name, [])
+        names = [group.name, *(f.name for f in self.fibres[group.name]), *(g.name for g in shared)]
         stamp = tuple(v for name in names for v in self._stamp(self.spec[name]))
         if self.solved_at.get(group.name) == stamp:
             return False
         moved = False
+        partial = False
+        ready = {group.name}
+        for within in shared:  # first: in an informed first sweep it has the clearest signal
+            params = {m.param for g in (group, within) for m in g.members if m.param in self.dependencies}
+            unknown = self.pending - ready - {within.name}
+            leave_out = frozenset(p for p in params if unknown.intersection(g.name for g, _ in self.spec.members_by_param[p]))
+            partial |= bool(leave_out)
+            fibres = self.fibres[group.name]
+            solved = self._solve_shared(group, within, attach_fibres(self.perms, group, fibres), leave_out)
+            if solved is None:
+                continue
+            ready.add(within.name)
+            new, old_value, new_value = solved
+            if new_value - old_value <= tol * max(1.0, abs(old_value)):
+                continue
+            new.update(carry_fibres(self.perms, group, fibres, new[group.name]))
+            moved |= self._commit(new, tol)
         for part in self.parts[group.name]:
             others = [f for f in self.fibres[group.name] if f not in part]
             attached = attach_fibres(self.perms, group, others)
-            new, old_value, new_value = self._solve_part(group, part, attached)
+            # an informed first sweep leaves out the tensors of groups not visited yet (as _cost does)
+            # (every cost tensor of the spec, not only this rank's: distributed ranks must agree)
+            unknown = self.pending - ready - {f.name for f in part}
+            params = {m.param for g in (group, *part) for m in g.members if m.param in self.dependencies}
+            leave_out = frozenset(p for p in params if unknown.intersection(g.name for g, _ in self.spec.members_by_param[p]))
+            partial |= bool(leave_out)
+            new, old_value, new_value = self._solve_part(group, part, attached, leave_out)
+            if len(leave_out) < len(params):
+                ready.update(f.name for f in part)
             if new_value - old_value <= tol * max(1.0, abs(old_value)):
                 continue
             new.update(carry_fibres(self.perms, group, others, new[group.name]))
             moved |= self._commit(new, tol)
-        self.solved_at[group.name] = tuple(v for name in names for v in self._stamp(self.spec[name]))
+        if partial:  # solve again once every term can enter
+            self.solved_at.pop(group.name, None)
+        else:
+            self.solved_at[group.name] = tuple(v for name in names for v in self._stamp(self.spec[name]))
         return moved
 
     def _assignment(self, cost: np.ndarray, current: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         """The LAP of one cost (see :func:`_assign`)."""
         return _assign(cost, current, self.lap)
 
+    def _solve_shared(
+        self,
+        group: PermutationGroup,
+        within: PermutationGroup,
+        perms: Mapping[str, torch.Tensor],
+        leave_out: frozenset[str] = frozenset(),
+    ) -> tuple[dict[str, torch.Tensor], float, float] | None:
+        """Heads and a within-head group they share (:func:`autoperm.solvers.heads.solve_shared`)."""
+        return solve_shared(self.spec, group, within, self.a, self.b, perms, leave_out)
+
     def _solve_part(
-        self, group: PermutationGroup, part: Sequence[PermutationGroup], perms: Mapping[str, torch.Tensor]
+        self,
+        group: PermutationGroup,
+        part: Sequence[PermutationGroup],
+        perms: Mapping[str, torch.Tensor],
+        leave_out: frozenset[str] = frozenset(),
     ) -> tuple[dict[str, torch.Tensor], float, float]:
-        """Heads and one part of their fibres (:func:`autoperm.solvers.heads.solve_heads`)."""
-        return solve_heads(self.spec, group, part, self.a, self.b, perms)
+        """Heads and one part of their fibres (:func:`autoperm.solvers.heads.solve_heads`), without
+        the tensors in ``leave_out``."""
+        return solve_heads(self.spec, group, part, self.a, self.b, perms, leave_out)
 
     def _cost(self, group: PermutationGroup) -> np.ndarray | None:
         """``sum_m A_m @ B_m'^T`` as a float64 array (``(per, n, n)`` for a fibred group)."""
@@ -367,7 +423,7 @@ class _CoordinateDescent:
             total = None
             for term in terms:
                 if not term.depends_on:
-                    product = self._product(term, fibred)
+                    product = self._product(term, fibred, total is None)
                     total = product if total is None else total.add_(product)
             size = 0 if total is None else total.numel() * total.element_size()
             if self.cache_bytes + size <= self.cache_budget:
@@ -378,11 +434,15 @@ class _CoordinateDescent:
                 continue
             key = (group.name, index)
             cached = self.products.get(key)
+            size = 8 * group.size ** 2 * (self.spec[group.per].size if fibred else 1) if cached is None else 0
+            if cached is None and self.cache_bytes + size > self.cache_budget:
+                # not cached: added to the float64 total in the tensors' dtype, without a float64 copy
+                product = self._product(term, fibred, total is None)
+                total = product if total is None else total.add_(product)
+                continue
             product = self._product(term, fibred) if cached is None else self._refresh(term, *cached)
-            size = product.numel() * product.element_size()
-            if cached is not None or self.cache_bytes + size <= self.cache_budget:
-                self.cache_bytes += 0 if cached is not None else size
-                self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
+            self.cache_bytes += size
+            self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
             total = product.clone() if total is None else total.add_(product)
         return None if total is None else total.cpu().numpy()
 
@@ -427,17 +487,20 @@ class _CoordinateDescent:
         a_part = member_matrix(self.a[name].index_select(other.axis, targets), member, group.size)
         return product.add_((a_part @ member_matrix(difference, member, group.size).T).double())
 
-    def _product(self, term: _Term, fibred: bool) -> torch.Tensor:
-        """``A_m @ B_m'^T`` from scratch, in float64."""
+    def _product(self, term: _Term, fibred: bool, double: bool = True) -> torch.Tensor:
+        """``A_m @ B_m'^T`` from scratch, in float64 (``double=False``: in the tensors' dtype, to be
+        added to a float64 sum without a float64 copy)."""
         name, member, size = term.member.param, term.member, term.group.size
         a, b = self.a[name], self.b[name]
         indices = self._indices(name, term.group, member)
         split = _chunks(a, member.axis)
         views = not indices and not fibred and member.is_plain and a.shape[member.axis] == size
         if split is not None and not (views and (member.axis == 0 or a.dim() == 2)):
-            return _split_product(a, b, indices, member, size, fibred, *split)
-        a_matrix = member_matrix(a, member, size, fibred)
-        return (a_matrix @ _gathered_matrix(b, indices, member, size, fibred).mT).double()
+            product = _split_product(a, b, indices, member, size, fibred, *split)
+        else:
+            a_matrix = member_matrix(a, member, size, fibred)
+            product = a_matrix @ _gathered_matrix(b, indices, member, size, fibred).mT
+        return product.double() if double else product
 
     def _indices(
         self,
@@ -473,6 +536,21 @@ class _CoordinateDescent:
             for axis, index in indices.items()
             if index is not None and not torch.equal(index, torch.arange(index.numel()))
         }
+
+
+_CACHE_FLOOR = 512 << 20
+"""The default product cache is the pair's size up to this, and a sixteenth of it beyond."""
+
+
+def default_cache_bytes(weights: int) -> int:
+    """The default budget for cached cost products, given the bytes of the two models' cost tensors.
+
+    Small models cache every product (they are revisited often, and cheap to keep); large ones
+    keep a sixteenth of their size, so a 1.1B-parameter pair's peak memory stays within 1.3x its
+    weights (``benchmarks/README.md``): at that size products are rarely reused (a sweep after
+    the first re-solves only the groups whose neighbours moved, and recomputes their products).
+    """
+    return min(weights, max(_CACHE_FLOOR, weights // 16))
 
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -533,7 +611,7 @@ def _split_product(
     axis: int,
     step: int,
 ) -> torch.Tensor:
-    """``M(A) @ M(B')^T`` in float64, summing slices of ``step`` along ``axis`` (not the member's).
+    """``M(A) @ M(B')^T`` in the tensors' dtype, summing slices of ``step`` along ``axis`` (not the member's).
 
     ``M`` is the member matrix and ``B'`` = ``b`` gathered by ``indices``. The slices accumulate in
     the tensors' dtype, as one matmul would, and no slice holds more than ``_CHUNK_ELEMENTS``.
@@ -550,7 +628,7 @@ def _split_product(
         else:
             total.addmm_(a_part, b_part.mT)
     assert total is not None
-    return total.double()
+    return total
 
 
 def _inner_product(a: torch.Tensor, b: torch.Tensor, indices: Mapping[int, torch.Tensor]) -> float:
@@ -568,12 +646,16 @@ def _inner_product(a: torch.Tensor, b: torch.Tensor, indices: Mapping[int, torch
 
 
 def _assign(cost: np.ndarray, current: torch.Tensor, method: LapMethod = "auto") -> tuple[torch.Tensor, float, float]:
-    """Solve ``max_P sum_i cost[i, P[i]]``; return the assignment and the old and new values."""
-    result = linear_assignment(cost, maximize=True, method=method)
-    new = torch.as_tensor(result.columns, dtype=torch.long)
+    """Solve ``max_P sum_i cost[i, P[i]]``; return the assignment and the old and new values.
+
+    ``cost`` is the caller's scratch array: it is negated in place and the minimum solved, which
+    is the same problem without the solver's own negated copy (1 GiB at n = 11008).
+    """
     index = np.arange(cost.shape[0])
     old_value = float(cost[index, current.numpy()].sum())
-    return new, old_value, result.value
+    negated = np.negative(cost, out=cost)
+    result = linear_assignment(negated, maximize=False, method=method)
+    return torch.as_tensor(result.columns, dtype=torch.long), old_value, -result.value
 
 
 def _terms(spec: PermutationSpec, cost_params: Sequence[str]) -> dict[str, list[_Term]]:
