@@ -241,7 +241,7 @@ FAMILIES: dict[str, Family] = {
     "vgg": Family("vgg", _seeded(lambda w: VGG(w)), 32, "image", epochs=20),
     "resnet": Family("resnet", _seeded(lambda w: SmallResNet(w)), 32, "image", epochs=20),
     "vit": Family("vit", _seeded(lambda w: ViT(w)), 64, "image", epochs=40, lr=2e-3),
-    "gpt": Family("gpt", _seeded(lambda w: GPT(w)), 96, "text", epochs=0, lr=3e-3, batch_size=32, steps=800, ste_epochs=2),
+    "gpt": Family("gpt", _seeded(lambda w: GPT(w)), 96, "text", epochs=0, lr=3e-3, batch_size=32, steps=800, ste_epochs=20),
 }
 
 

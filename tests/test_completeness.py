@@ -157,3 +157,44 @@ def test_repeat_tiles_the_group(reps) -> None:
     spec = infer_spec(model, (torch.randn(5, 3),))
     assert [g.size for g in spec.active_groups] == [4] and spec.completeness().share == 1.0
     assert _relative_change(model, spec, (torch.randn(5, 3),)) < 1e-12
+
+
+class ZeroKeyBias(nn.Module):
+    """BEiT's attention: the fused qkv bias is ``cat(q_bias, k_bias, v_bias)`` with ``k_bias`` a
+    zero buffer kept out of the state dict (or, with ``ones``, a constant that is not uniform)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, constant: str = "zeros") -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        fill = torch.zeros(dim) if constant == "zeros" else torch.arange(dim, dtype=torch.float32)
+        self.register_buffer("k_bias", fill, persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = nn.functional.linear(x, self.qkv.weight, bias).reshape(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        return x + self.proj(out)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_uniform_constant_keeps_its_symmetry(tracer: str) -> None:
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 5, 8),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(ZeroKeyBias(), inputs, tracer=tracer)
+        other = infer_spec(ZeroKeyBias(constant="arange"), inputs, tracer=tracer)
+    assert _relative_change(ZeroKeyBias(), spec, inputs) < 1e-12
+    # the zero key bias moves with the key channels: heads and per-head dims for q/k and v/o
+    assert sum(g.per is not None for g in spec.active_groups) == 2
+    assert spec.completeness().share == 1.0
+    # a constant that is not uniform keeps the key channels it is added to fixed, and says why
+    assert other.completeness().share < 1.0
+    assert any("constant tensor" in fixed.reason for fixed in other.completeness().fixed)
+    assert _relative_change(ZeroKeyBias(constant="arange"), other, inputs) < 1e-12

@@ -52,7 +52,8 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
         ctx.fix(ref)
     ctx.axes.reason = "constant tensor (neither input nor state)"
     for ref in traced.constants:
-        ctx.fix(ref)
+        if not ref.uniform:  # all entries equal: unchanged by any permutation, so its axes may move
+            ctx.fix(ref)
     unknown: dict[str, str] = {}
     for call in traced.calls:
         tensors = call.tensors()

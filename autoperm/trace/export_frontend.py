@@ -17,7 +17,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from autoperm.errors import TraceError
 from autoperm.trace.common import convert_arguments, first_lines, refs_for_value, state_aliases
 from autoperm.trace.fx_frontend import _structure
-from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, tensors_in
+from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, is_uniform, tensors_in
 
 __all__ = ["trace_export", "export_program"]
 
@@ -30,6 +30,19 @@ def export_program(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
         return torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as error:
         raise TraceError(f"torch.export could not export {type(model).__name__}: {type(error).__name__}: {first_lines(error)}") from error
+
+
+def _constant_value(program: torch.export.ExportedProgram, model: nn.Module, spec: Any) -> Any:
+    """The real value of a lifted constant or non-persistent buffer (``None`` if unknown)."""
+    target = getattr(spec, "target", None) if spec is not None else None
+    if target is None:
+        return None
+    if target in program.constants:
+        return program.constants[target]
+    try:
+        return model.get_buffer(target)
+    except (AttributeError, TypeError):
+        return None
 
 
 def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TracedGraph:
@@ -62,9 +75,11 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                 inputs.extend(r for r in refs if r is not None)
                 converted[node.name] = _structure(value, refs)
             else:
+                real = _constant_value(program, model, spec)
                 for ref in refs:
                     if ref is not None:
-                        constants.append(TensorRef(ref.id, ref.shape, constant=True, floating=ref.floating))
+                        constants.append(TensorRef(ref.id, ref.shape, constant=True, floating=ref.floating,
+                                                   uniform=is_uniform(real) and len(refs) == 1))
                 converted[node.name] = _structure(value, [TensorRef(r.id, r.shape, constant=True) if r else None for r in refs])
         elif node.op == "call_function":
             refs = refs_for_value(node.name, value)

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from autoperm.errors import InputMismatchError, TraceError
 from autoperm.trace.common import bind_inputs, convert_arguments, first_lines, refs_for_value, state_aliases
-from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, tensors_in
+from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, is_uniform, tensors_in
 
 __all__ = ["trace_fx", "symbolic_trace", "LeafTracer"]
 
@@ -208,6 +208,14 @@ def _propagate(gm: fx.GraphModule, inputs: list[Any]) -> dict[str, Any]:
         ) from error
 
 
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    """The real value of a ``get_attr`` target (``None`` if it cannot be read)."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is_leaf: LeafPredicate) -> TracedGraph:
     """Trace ``model`` with torch.fx into a :class:`TracedGraph` (see :func:`symbolic_trace`)."""
     gm, placeholder_values = symbolic_trace(model, args, kwargs, is_leaf)
@@ -238,7 +246,8 @@ def trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is
             if node.target in aliases:
                 converted[node.name] = state_ref(node.target, value)
             elif isinstance(value, torch.Tensor):
-                ref = TensorRef(node.name, tuple(value.shape), constant=True, floating=value.is_floating_point())
+                ref = TensorRef(node.name, tuple(value.shape), constant=True, floating=value.is_floating_point(),
+                                uniform=is_uniform(_attribute(gm, node.target)))
                 constants.append(ref)
                 converted[node.name] = ref
             else:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["TensorRef", "OpCall", "TracedGraph", "tensors_in"]
+import torch
+
+__all__ = ["TensorRef", "OpCall", "TracedGraph", "is_uniform", "tensors_in"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,10 @@ class TensorRef:
         id: unique id (the graph node name, with ``[i]`` for the i-th element of a tuple output).
         shape: concrete shape.
         state_name: state-dict name if the tensor is a parameter or persistent buffer.
-        constant: a tensor that is neither an input nor in the state dict (its axes stay fixed).
+        constant: a tensor that is neither an input nor in the state dict (its axes stay fixed,
+            unless it is ``uniform``).
+        uniform: a constant whose entries are all equal (a zero bias kept out of the state dict):
+            every permutation leaves it unchanged, so its axes may move with the tensors it meets.
     """
 
     id: str
@@ -29,6 +34,7 @@ class TensorRef:
     state_name: str | None = None
     constant: bool = False
     floating: bool = True
+    uniform: bool = False
 
     @property
     def ndim(self) -> int:
@@ -106,3 +112,14 @@ def tensors_in(value: Any) -> list[TensorRef]:
 
     walk(value)
     return found
+
+
+def is_uniform(value: object) -> bool:
+    """Whether ``value`` is a real (not meta or fake) tensor whose entries are all equal."""
+    if not isinstance(value, torch.Tensor) or value.device.type == "meta" or value.numel() < 2:
+        return False
+    try:
+        flat = value.detach().reshape(-1)
+        return bool((flat == flat[0]).all())
+    except Exception:  # fake or otherwise unreadable tensors
+        return False
