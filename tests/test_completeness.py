@@ -198,3 +198,26 @@ def test_uniform_constant_keeps_its_symmetry(tracer: str) -> None:
     assert other.completeness().share < 1.0
     assert any("constant tensor" in fixed.reason for fixed in other.completeness().fixed)
     assert _relative_change(ZeroKeyBias(constant="arange"), other, inputs) < 1e-12
+
+
+def test_type_as_reads_only_the_dtype_of_its_argument() -> None:
+    class RotaryLike(nn.Module):
+        """``table.type_as(q)``: the table takes q's dtype, not its channels (EVA-02's RoPE)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 2)
+            self.register_buffer("table", torch.linspace(0.5, 1.5, 5 * 6).reshape(5, 6), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x)
+            scale = self.table.type_as(q).sum()  # reads the dtype of q only
+            return self.out(torch.relu(q) * scale)
+
+    torch.manual_seed(0)
+    model = RotaryLike()
+    inputs = (torch.randn(5, 4),)
+    spec = infer_spec(model, inputs)
+    assert [g.size for g in spec.active_groups] == [6]
+    assert _relative_change(model, spec, inputs) < 1e-12

@@ -67,6 +67,8 @@ def _library_aliases(name: str) -> list[object]:
 
 def _unary(ctx: RuleContext, call: BoundCall) -> None:
     tensors = call.tensors()
+    for other in tensors[1:]:  # x.to(y), x.type_as(y): y gives its dtype and device only
+        ctx.free(other)
     if tensors and call.out is not None:
         ctx.elementwise([tensors[0]], call.out)
         for extra in call.call.output_tensors()[1:]:  # native_dropout's mask
