@@ -221,3 +221,36 @@ def test_type_as_reads_only_the_dtype_of_its_argument() -> None:
     spec = infer_spec(model, inputs)
     assert [g.size for g in spec.active_groups] == [6]
     assert _relative_change(model, spec, inputs) < 1e-12
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_repeat_interleave_repeats_kv_heads(tracer: str) -> None:
+    class GroupedQuery(nn.Module):
+        """timm's grouped-query attention: ``k.repeat_interleave(groups, dim=1)`` over the heads."""
+
+        def __init__(self, dim: int = 12, heads: int = 4, kv_heads: int = 2) -> None:
+            super().__init__()
+            self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            batch, tokens, dim = x.shape
+            q = self.q(x).reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+            k, v = self.kv(x).reshape(batch, tokens, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            out = ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+            return x + self.proj(out)
+
+    torch.manual_seed(0)
+    model = GroupedQuery()
+    inputs = (torch.randn(2, 5, 12),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(model, inputs, tracer=tracer)
+    assert _relative_change(model, spec, inputs) < 1e-12
+    assert spec.completeness().share == 1.0
+    sizes = sorted(g.size for g in spec.active_groups)
+    assert 2 in sizes  # the key/value heads move together with their query heads

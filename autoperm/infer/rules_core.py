@@ -567,6 +567,35 @@ def _repeat(ctx: RuleContext, call: BoundCall) -> None:
             ctx.define(out, lead + d, "concat", [ctx.ax(x, d)] * count)
 
 
+@register_op_rule(
+    "repeat_interleave",
+    aliases=[torch.repeat_interleave, torch.Tensor.repeat_interleave, "method:repeat_interleave", "aten.repeat_interleave"],
+    args=("input", "repeats", "dim", "output_size"),
+)
+def _repeat_interleave(ctx: RuleContext, call: BoundCall) -> None:
+    """``x.repeat_interleave(r, dim)``: entry ``i`` of the axis becomes entries ``i * r ... i * r + r - 1``.
+
+    The repeated axis is the product of ``x``'s axis (outer) and ``r`` identical copies (inner,
+    free, as copies made by ``expand`` are: grouped-query attention repeats key/value heads so).
+    Other axes pass through. Tensor-valued repeats (a different count per entry) keep it fixed.
+    """
+    x, out, repeats, dim = call.tensor("input"), call.out, call.get("repeats"), call.get("dim")
+    if x is None or out is None or not isinstance(repeats, int) or not isinstance(dim, int) or out.ndim != x.ndim:
+        ctx.unknown([t for t in (x, out) if t is not None])
+        return
+    dim %= x.ndim
+    for d in range(x.ndim):
+        if d != dim:
+            ctx.same(x, d, out, d)
+    if repeats == 1:
+        ctx.same(x, dim, out, dim)
+    elif x.shape[dim] == 1:
+        ctx.free(out, dim)
+    else:
+        outer, _copies = ctx.product_node(out, dim, [x.shape[dim], repeats])
+        ctx.same_node(outer, ctx.ax(x, dim))
+
+
 @register_op_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))
 def _roll(ctx: RuleContext, call: BoundCall) -> None:
     _ordered_along(ctx, call.tensor("input"), call.out, call.get("dims"))
