@@ -254,3 +254,52 @@ def test_repeat_interleave_repeats_kv_heads(tracer: str) -> None:
     assert spec.completeness().share == 1.0
     sizes = sorted(g.size for g in spec.active_groups)
     assert 2 in sizes  # the key/value heads move together with their query heads
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_fused_qkv_split_after_a_reshape_that_merges_spatial_axes(tracer: str) -> None:
+    class WindowAttention(nn.Module):
+        """SAM2's Hiera: ``qkv(x).reshape(B, H * W, 3, heads, -1)`` on a (B, H, W, C) input, then
+        ``torch.unbind(qkv, 2)``: the reshape merges H and W as it cuts the channels."""
+
+        def __init__(self, dim: int = 12, heads: int = 3) -> None:
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            batch, height, width, _ = x.shape
+            qkv = self.qkv(x).reshape(batch, height * width, 3, self.heads, -1)
+            q, k, v = torch.unbind(qkv, 2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            out = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(batch, height, width, -1)
+            return x + self.proj(out)
+
+    torch.manual_seed(0)
+    model = WindowAttention()
+    inputs = (torch.randn(2, 3, 2, 12),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(model, inputs, tracer=tracer)
+    assert _relative_change(model, spec, inputs) < 1e-12
+    assert spec.completeness().share == 1.0
+    assert sorted(g.size for g in spec.active_groups if g.per) == [4, 4]  # per head: q/k dims, v/o dims
+
+
+@pytest.mark.parametrize("tile", [(2,), (1, 2), (3, 1, 2)])
+def test_tile_tiles_the_group(tile) -> None:
+    class Tiled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.out = nn.Linear(4 * tile[-1], 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.a(x)).tile(tile)).sum(0)
+
+    torch.manual_seed(0)
+    model = Tiled()
+    spec = infer_spec(model, (torch.randn(5, 3),))
+    assert [g.size for g in spec.active_groups] == [4]
+    assert _relative_change(model, spec, (torch.randn(5, 3),)) < 1e-12

@@ -166,29 +166,47 @@ def _permutation(bound, ndim: int) -> list[int] | None:
 
 
 def _factors(base: Sequence[int], shape: Sequence[int]) -> dict[int, tuple[int, int, tuple[int, ...]]] | None:
-    """Map each reshape output axis to ``(base axis, position, factor sizes)``.
+    """Map each reshape output axis cut from one base axis to ``(base axis, position, factor sizes)``.
 
-    Only reshapes that keep every base axis or cut it into consecutive factors qualify
-    (no merging of base axes); axes of size 1 are passed over.
+    The two shapes are aligned into runs of equal products (axes of size 1 pass over). A run of
+    output axes that comes from one base axis is recorded; output axes of a run that merges base
+    axes (``(B, H, W, C) -> (B, H * W, 3, heads, D)``) are left out, so they are never the
+    split axis. ``None`` if the shapes do not align.
     """
     result: dict[int, tuple[int, int, tuple[int, ...]]] = {}
-    j = 0
-    for b, size in enumerate(base):
-        if size == 1:
-            continue
-        run: list[int] = []
-        product = 1
-        while j < len(shape) and product < size:
-            if shape[j] != 1:
-                run.append(j)
-                product *= shape[j]
+    i = j = 0
+    while True:
+        while i < len(base) and base[i] == 1:
+            i += 1
+        while j < len(shape) and shape[j] == 1:
             j += 1
-        if product != size:
-            return None
-        sizes = tuple(shape[d] for d in run)
-        for position, d in enumerate(run):
-            result[d] = (b, position, sizes)
-    return result if all(shape[d] == 1 for d in range(j, len(shape))) else None
+        if i == len(base) or j == len(shape):
+            break
+        run_base, run_out = [i], [j]
+        left, right = base[i], shape[j]
+        i, j = i + 1, j + 1
+        while left != right:
+            if left < right:
+                if i == len(base):
+                    return None
+                left *= base[i]
+                run_base.append(i)
+                i += 1
+            else:
+                if j == len(shape):
+                    return None
+                right *= shape[j]
+                run_out.append(j)
+                j += 1
+        merged = [b for b in run_base if base[b] != 1]
+        if len(merged) == 1:
+            cut = [d for d in run_out if shape[d] != 1]
+            sizes = tuple(shape[d] for d in cut)
+            for position, d in enumerate(cut):
+                result[d] = (merged[0], position, sizes)
+    rest_base = all(size == 1 for size in base[i:])
+    rest_shape = all(size == 1 for size in shape[j:])
+    return result if rest_base and rest_shape else None
 
 
 def _rewrite(node: str, base: TensorRef, reshaped: TensorRef, factors_at, cut_axis: int,

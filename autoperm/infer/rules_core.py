@@ -539,7 +539,8 @@ def _flip(ctx: RuleContext, call: BoundCall) -> None:
 
 @register_op_rule("repeat", aliases=[torch.Tensor.repeat, "method:repeat", "aten.repeat"], args=("input", "repeats"))
 def _repeat(ctx: RuleContext, call: BoundCall) -> None:
-    """``x.repeat(*reps)``: each tiled axis is the concatenation of ``reps[d]`` copies of ``x``'s.
+    """``x.repeat(*reps)`` (and ``x.tile(reps)``): each tiled axis is the concatenation of
+    ``reps[d]`` copies of ``x``'s.
 
     Every copy carries the same permutation; new leading axes hold copies and are free.
     """
@@ -551,7 +552,12 @@ def _repeat(ctx: RuleContext, call: BoundCall) -> None:
         reps = [reps, *call.varargs]
     if len(reps) == 1 and isinstance(reps[0], (list, tuple)):
         reps = list(reps[0])
-    if x is None or out is None or not all(isinstance(r, int) for r in reps) or len(reps) < x.ndim:
+    if x is not None and call.op == "tile" and len(reps) < x.ndim:  # tile pads its counts with leading 1s
+        reps = [1] * (x.ndim - len(reps)) + list(reps)
+    if (
+        x is None or out is None or not all(isinstance(r, int) for r in reps) or len(reps) < x.ndim
+        or list(out.shape) != [*reps[: len(reps) - x.ndim], *(s * r for s, r in zip(x.shape, reps[len(reps) - x.ndim:]))]
+    ):
         ctx.unknown([t for t in (x, out) if t is not None])
         return
     lead = len(reps) - x.ndim
@@ -565,6 +571,9 @@ def _repeat(ctx: RuleContext, call: BoundCall) -> None:
             ctx.free(out, lead + d)
         else:
             ctx.define(out, lead + d, "concat", [ctx.ax(x, d)] * count)
+
+
+register_op_rule("tile", aliases=[torch.tile, torch.Tensor.tile, "method:tile", "aten.tile"], args=("input", "repeats"))(_repeat)
 
 
 @register_op_rule(
