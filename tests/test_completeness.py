@@ -303,3 +303,24 @@ def test_tile_tiles_the_group(tile) -> None:
     spec = infer_spec(model, (torch.randn(5, 3),))
     assert [g.size for g in spec.active_groups] == [4]
     assert _relative_change(model, spec, (torch.randn(5, 3),)) < 1e-12
+
+
+def test_unfold_keeps_the_channels_of_its_windows() -> None:
+    class Blocked(nn.Module):
+        """HaloNet: key/value windows cut out of a feature map with ``unfold``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.kv = nn.Conv2d(2, 6, 1)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            windows = self.kv(x).unfold(2, 3, 2).unfold(3, 3, 2)  # (B, C, nh, nw, 3, 3)
+            return self.out(windows.mean((2, 3, 4, 5)))
+
+    torch.manual_seed(0)
+    model = Blocked()
+    inputs = (torch.randn(1, 2, 7, 7),)
+    spec = infer_spec(model, inputs)
+    assert [g.size for g in spec.active_groups] == [6]
+    assert _relative_change(model, spec, inputs) < 1e-12

@@ -573,6 +573,27 @@ def _repeat(ctx: RuleContext, call: BoundCall) -> None:
             ctx.define(out, lead + d, "concat", [ctx.ax(x, d)] * count)
 
 
+@register_op_rule("unfold", aliases=[torch.Tensor.unfold, "method:unfold", "aten.unfold"], args=("input", "dimension", "size", "step"))
+def _unfold(ctx: RuleContext, call: BoundCall) -> None:
+    """``x.unfold(dim, size, step)``: sliding windows along ``dim`` (HaloNet's blocked attention).
+
+    The windowed axis and the new window axis index positions and stay fixed; the other axes
+    pass through.
+    """
+    x, out, dim = call.tensor("input"), call.out, call.get("dimension")
+    if x is None or out is None or not isinstance(dim, int) or out.ndim != x.ndim + 1:
+        ctx.unknown([t for t in (x, out) if t is not None])
+        return
+    dim %= x.ndim
+    for d in range(x.ndim):
+        if d == dim:
+            ctx.fix(x, d)
+            ctx.fix(out, d)
+        else:
+            ctx.same(x, d, out, d)
+    ctx.fix(out, x.ndim)
+
+
 register_op_rule("tile", aliases=[torch.tile, torch.Tensor.tile, "method:tile", "aten.tile"], args=("input", "repeats"))(_repeat)
 
 
