@@ -324,3 +324,30 @@ def test_unfold_keeps_the_channels_of_its_windows() -> None:
     spec = infer_spec(model, inputs)
     assert [g.size for g in spec.active_groups] == [6]
     assert _relative_change(model, spec, inputs) < 1e-12
+
+
+@pytest.mark.parametrize("same_filter", [True, False])
+def test_constant_filter_repeated_per_channel_keeps_the_channels_free(same_filter: bool) -> None:
+    class Blur(nn.Module):
+        """ResNet-blur's anti-aliasing: a depthwise conv with a constant filter for every channel."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            kernel = torch.tensor([1.0, 2.0, 1.0])
+            filt = (kernel[:, None] * kernel[None, :] / 16).expand(4, 1, 3, 3).clone()
+            if not same_filter:
+                filt = filt * torch.arange(1.0, 5.0).view(4, 1, 1, 1)
+            self.register_buffer("filt", filt, persistent=False)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = nn.functional.conv2d(torch.relu(self.conv(x)), self.filt, stride=2, groups=4)
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Blur()
+    inputs = (torch.randn(1, 2, 6, 6),)
+    spec = infer_spec(model, inputs)
+    assert [g.size for g in spec.active_groups] == ([4] if same_filter else [])
+    assert _relative_change(model, spec, inputs) < 1e-12

@@ -52,8 +52,9 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
         ctx.fix(ref)
     ctx.axes.reason = "constant tensor (neither input nor state)"
     for ref in traced.constants:
-        if not ref.uniform:  # all entries equal: unchanged by any permutation, so its axes may move
-            ctx.fix(ref)
+        for dim in range(ref.ndim):  # an axis whose slices are all equal is unchanged by any permutation
+            if dim not in ref.invariant_axes:
+                ctx.fix(ref, dim)
     unknown: dict[str, str] = {}
     for call in traced.calls:
         tensors = call.tensors()

@@ -17,7 +17,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from autoperm.errors import TraceError
 from autoperm.trace.common import convert_arguments, first_lines, refs_for_value, state_aliases
 from autoperm.trace.fx_frontend import _structure
-from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, is_uniform, tensors_in
+from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, invariant_axes, tensors_in
 
 __all__ = ["trace_export", "export_program"]
 
@@ -79,7 +79,7 @@ def trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                 for ref in refs:
                     if ref is not None:
                         constants.append(TensorRef(ref.id, ref.shape, constant=True, floating=ref.floating,
-                                                   uniform=is_uniform(real) and len(refs) == 1))
+                                                   invariant_axes=invariant_axes(real) if len(refs) == 1 else ()))
                 converted[node.name] = _structure(value, [TensorRef(r.id, r.shape, constant=True) if r else None for r in refs])
         elif node.op == "call_function":
             refs = refs_for_value(node.name, value)

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from autoperm.errors import InputMismatchError, TraceError
 from autoperm.trace.common import bind_inputs, convert_arguments, first_lines, refs_for_value, state_aliases
-from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, is_uniform, tensors_in
+from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, invariant_axes, tensors_in
 
 __all__ = ["trace_fx", "symbolic_trace", "LeafTracer"]
 
@@ -247,7 +247,7 @@ def trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is
                 converted[node.name] = state_ref(node.target, value)
             elif isinstance(value, torch.Tensor):
                 ref = TensorRef(node.name, tuple(value.shape), constant=True, floating=value.is_floating_point(),
-                                uniform=is_uniform(_attribute(gm, node.target)))
+                                invariant_axes=invariant_axes(_attribute(gm, node.target)))
                 constants.append(ref)
                 converted[node.name] = ref
             else:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["TensorRef", "OpCall", "TracedGraph", "is_uniform", "tensors_in"]
+__all__ = ["TensorRef", "OpCall", "TracedGraph", "invariant_axes", "tensors_in"]
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,10 @@ class TensorRef:
         shape: concrete shape.
         state_name: state-dict name if the tensor is a parameter or persistent buffer.
         constant: a tensor that is neither an input nor in the state dict (its axes stay fixed,
-            unless it is ``uniform``).
-        uniform: a constant whose entries are all equal (a zero bias kept out of the state dict):
-            every permutation leaves it unchanged, so its axes may move with the tensors it meets.
+            except its ``invariant_axes``).
+        invariant_axes: axes of a constant along which every slice is the same (a zero bias kept
+            out of the state dict; a blur filter repeated for every channel): permuting them leaves
+            the constant unchanged, so they may move with the tensors they meet.
     """
 
     id: str
@@ -34,7 +35,7 @@ class TensorRef:
     state_name: str | None = None
     constant: bool = False
     floating: bool = True
-    uniform: bool = False
+    invariant_axes: tuple[int, ...] = ()
 
     @property
     def ndim(self) -> int:
@@ -114,12 +115,12 @@ def tensors_in(value: Any) -> list[TensorRef]:
     return found
 
 
-def is_uniform(value: object) -> bool:
-    """Whether ``value`` is a real (not meta or fake) tensor whose entries are all equal."""
+def invariant_axes(value: object) -> tuple[int, ...]:
+    """Axes of a real (not meta or fake) tensor along which every slice equals the first one."""
     if not isinstance(value, torch.Tensor) or value.device.type == "meta" or value.numel() < 2:
-        return False
+        return ()
     try:
-        flat = value.detach().reshape(-1)
-        return bool((flat == flat[0]).all())
+        tensor = value.detach()
+        return tuple(d for d in range(tensor.dim()) if tensor.shape[d] > 1 and bool((tensor == tensor.narrow(d, 0, 1)).all()))
     except Exception:  # fake or otherwise unreadable tensors
-        return False
+        return ()
