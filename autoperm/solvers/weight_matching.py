@@ -218,6 +218,7 @@ class _CoordinateDescent:
         names = list(cost_params) if cost_params is not None else [
             name for name in spec.members_by_param if is_cost_tensor(name, state_dict_a[name])
         ]
+        self.cost_names = set(names)  # every cost tensor's name, also those of other ranks
         self.cost_params = [name for name in names if name in state_dict_a]
         self.a = {name: state_dict_a[name].detach().to(device) for name in self.cost_params}
         self.b = {name: state_dict_b[name].detach().to(device) for name in self.cost_params}
@@ -348,7 +349,7 @@ class _CoordinateDescent:
         partial = False
         ready = {group.name}
         for within in shared:  # first: in an informed first sweep it has the clearest signal
-            params = {m.param for g in (group, within) for m in g.members if m.param in self.dependencies}
+            params = {m.param for g in (group, within) for m in g.members if m.param in self.cost_names}
             unknown = self.pending - ready - {within.name}
             leave_out = frozenset(p for p in params if unknown.intersection(g.name for g, _ in self.spec.members_by_param[p]))
             partial |= bool(leave_out)
@@ -368,7 +369,7 @@ class _CoordinateDescent:
             # an informed first sweep leaves out the tensors of groups not visited yet (as _cost does)
             # (every cost tensor of the spec, not only this rank's: distributed ranks must agree)
             unknown = self.pending - ready - {f.name for f in part}
-            params = {m.param for g in (group, *part) for m in g.members if m.param in self.dependencies}
+            params = {m.param for g in (group, *part) for m in g.members if m.param in self.cost_names}
             leave_out = frozenset(p for p in params if unknown.intersection(g.name for g, _ in self.spec.members_by_param[p]))
             partial |= bool(leave_out)
             new, old_value, new_value = self._solve_part(group, part, attached, leave_out)
