@@ -137,12 +137,7 @@ def solve_heads(
     skip = {group.name, *(f.name for f in part)}
     heads = group.size
     fibre_members = [(f, m) for f in part for m in f.members if m.param in a and m.param not in leave_out]
-    head_scores = np.zeros((heads, heads))
-    for member in group.members:
-        if member.param not in a or member.param in leave_out or _covered(member, fibre_members):
-            continue
-        b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
-        head_scores += (member_matrix(a[member.param], member, heads) @ member_matrix(b_other, member, heads).T).double().cpu().numpy()
+    head_scores = _head_scores(spec, group, fibre_members, a, b, perms, skip, leave_out)
     pair_costs: dict[str, np.ndarray] = {}
     for fibre in part:
         total = None
@@ -176,6 +171,27 @@ def solve_heads(
             new_perms[fibre.name] = torch.as_tensor(rows, dtype=torch.long)
     new_value = float(scores[np.arange(heads), head_assignment].sum())
     return new_perms, old_value, new_value
+
+
+def _head_scores(
+    spec: PermutationSpec,
+    group: PermutationGroup,
+    refined: list[tuple[PermutationGroup, Member]],
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor],
+    skip: set[str],
+    leave_out: Collection[str],
+) -> np.ndarray:
+    """``(H, H)`` head-level cost of ``group``'s members that no member in ``refined`` refines."""
+    heads = group.size
+    scores = np.zeros((heads, heads))
+    for member in group.members:
+        if member.param not in a or member.param in leave_out or _covered(member, refined):
+            continue
+        b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
+        scores += (member_matrix(a[member.param], member, heads) @ member_matrix(b_other, member, heads).T).double().cpu().numpy()
+    return scores
 
 
 def _value(head_scores: np.ndarray, pair_costs: dict[str, np.ndarray], perms: Mapping[str, torch.Tensor],
@@ -226,12 +242,7 @@ def solve_shared(
     ]
     if not laid:
         return None
-    head_scores = np.zeros((heads, heads))
-    for member in group.members:
-        if member.param not in a or member.param in leave_out or _covered(member, laid):
-            continue
-        b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
-        head_scores += (member_matrix(a[member.param], member, heads) @ member_matrix(b_other, member, heads).T).double().cpu().numpy()
+    head_scores = _head_scores(spec, group, laid, a, b, perms, skip, leave_out)
     pair = None
     for _, member in laid:
         b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
