@@ -349,9 +349,7 @@ class _CoordinateDescent:
         partial = False
         ready = {group.name}
         for within in shared:  # first: in an informed first sweep it has the clearest signal
-            params = {m.param for g in (group, within) for m in g.members if m.param in self.cost_names}
-            unknown = self.pending - ready - {within.name}
-            leave_out = frozenset(p for p in params if unknown.intersection(g.name for g, _ in self.spec.members_by_param[p]))
+            _, leave_out = self._unvisited(group, [within], ready)
             partial |= bool(leave_out)
             fibres = self.fibres[group.name]
             solved = self._solve_shared(group, within, attach_fibres(self.perms, group, fibres), leave_out)
@@ -366,11 +364,7 @@ class _CoordinateDescent:
         for part in self.parts[group.name]:
             others = [f for f in self.fibres[group.name] if f not in part]
             attached = attach_fibres(self.perms, group, others)
-            # an informed first sweep leaves out the tensors of groups not visited yet (as _cost does)
-            # (every cost tensor of the spec, not only this rank's: distributed ranks must agree)
-            unknown = self.pending - ready - {f.name for f in part}
-            params = {m.param for g in (group, *part) for m in g.members if m.param in self.cost_names}
-            leave_out = frozenset(p for p in params if unknown.intersection(g.name for g, _ in self.spec.members_by_param[p]))
+            params, leave_out = self._unvisited(group, part, ready)
             partial |= bool(leave_out)
             new, old_value, new_value = self._solve_part(group, part, attached, leave_out)
             if len(leave_out) < len(params):
@@ -388,6 +382,17 @@ class _CoordinateDescent:
     def _assignment(self, cost: np.ndarray, current: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         """The LAP of one cost (see :func:`_assign`)."""
         return _assign(cost, current, self.lap)
+
+    def _unvisited(
+        self, group: PermutationGroup, solved: Sequence[PermutationGroup], ready: set[str]
+    ) -> tuple[set[str], frozenset[str]]:
+        """The cost tensors of ``group`` and ``solved``, and those of them an informed first sweep
+        leaves out (they touch a group not visited yet, as in :meth:`_cost`). Every cost tensor of
+        the spec is looked at, not only this rank's: distributed ranks must agree."""
+        unknown = self.pending - ready - {g.name for g in solved}
+        params = {m.param for g in (group, *solved) for m in g.members if m.param in self.cost_names}
+        leave_out = frozenset(p for p in params if unknown.intersection(g.name for g, _ in self.spec.members_by_param[p]))
+        return params, leave_out
 
     def _solve_shared(
         self,
