@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 
 import pytest
@@ -164,7 +166,7 @@ def test_layernorm_transformer_block_with_raw_parameters():
 
 
 def test_untraceable_by_fx_falls_back_to_export():
-    class Branchy(nn.Module):
+    class RowByRow(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(4, 8)
@@ -172,13 +174,91 @@ def test_untraceable_by_fx_falls_back_to_export():
 
         def forward(self, x):
             h = torch.relu(self.a(x))
-            if h.shape[0] > 1:  # Python control flow on a shape: symbolic tracing fails
-                h = h * 2
+            h = torch.stack([row * (i + 1) for i, row in enumerate(h)])  # iterating a tensor: torch.fx cannot
             return self.b(h)
 
-    model = Branchy()
+    model = RowByRow()
     spec = _check(model, torch.randn(3, 4))
     assert spec.tracer == "export"
+    assert [g.size for g in spec.active_groups] == [8]
+
+
+class _ShapeBranches(nn.Module):
+    """Python branches and arithmetic on shapes, as windowed attention and 'same' padding write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.b = nn.Conv2d(8, 4, 3, stride=2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        height, width = h.shape[-2:]
+        if height % 2 or width % 2:  # symbolic tracing fails here
+            h = self.pad(h)
+        scale = math.ceil(h.size(-1) / 2) / h.size(-1)
+        if h.ndim == 4 and h.dtype == torch.float32:
+            h = h * scale
+        return self.b(h).flatten(1)
+
+
+def test_branches_on_shapes_trace_with_fx_and_known_shapes():
+    model = _ShapeBranches()
+    x = torch.randn(2, 3, 7, 7)
+    spec = _check(model, x)
+    assert spec.tracer == "fx"
+    assert [g.size for g in spec.active_groups] == [8]  # the padding module keeps the channels
+    assert spec.completeness().share == 1.0
+
+
+def test_shape_specialised_graphs_are_retraced_for_each_batch_shape():
+    from autoperm.trace import record_activations
+
+    model = _ShapeBranches().eval()
+    spec = infer_spec(model, torch.randn(2, 3, 7, 7))
+    node = spec.active_groups[0].activations[0].node
+    batches = [torch.randn(4, 3, 7, 7), torch.randn(3, 3, 7, 7)]  # a smaller last batch
+    recorded = record_activations(model, [node], batches, tracer=spec.tracer)[node]
+    assert [tuple(v.shape) for v in recorded] == [(4, 8, 7, 7), (3, 8, 7, 7)]
+    assert torch.allclose(recorded[1], torch.relu(model.a(batches[1])))
+
+
+def test_caches_a_traced_forward_stores_are_undone():
+    class Cached(_ShapeBranches):
+        table = None
+
+        def forward(self, x):
+            if self.table is None or self.table.shape[0] != x.shape[-1]:  # fails plain tracing, sets a cache
+                self.table = torch.ones(x.shape[-1], device=self.a.weight.device)
+            return super().forward(x * self.table)
+
+    model = Cached().eval()
+    x = torch.randn(2, 3, 7, 7)
+    spec = infer_spec(model, x)
+    assert spec.tracer == "fx"
+    assert "table" not in model.__dict__ and not [n for n in model.__dict__ if n.startswith("_tensor_constant")]
+    assert isinstance(model(x), torch.Tensor)
+
+
+def test_shapes_propagate_on_meta_tensors_with_tensors_made_in_forward(caplog):
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(8, 2)
+            self.register_buffer("bands", torch.linspace(0.5, 2.0, 8), persistent=False)
+            self.table = torch.linspace(1.0, 2.0, 5)  # a plain attribute: neither parameter nor buffer
+
+        def forward(self, x):
+            position = torch.arange(x.shape[1], dtype=x.dtype).unsqueeze(-1)  # made on the CPU, not on meta
+            h = torch.relu(self.a(x)) + torch.cos(position * self.bands).sum(-1, keepdim=True)
+            return self.b(h * self.table.unsqueeze(-1))
+
+    caplog.set_level(logging.DEBUG, logger="autoperm.trace.fx_frontend")
+    spec = _check(Positions(), torch.randn(2, 5, 4))
+    assert spec.tracer == "fx"
+    assert not [r for r in caplog.records if "real forward pass" in r.getMessage()]
     assert [g.size for g in spec.active_groups] == [8]
 
 
@@ -283,7 +363,32 @@ def test_recurrent_layers_trace_with_their_output_shapes(kind: str) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.out(torch.relu(self.rnn(self.inp(x))[0]))
 
-    model = Sequence()
-    spec = infer_spec(model, (torch.randn(2, 7, 3),))
+    model = perturb_(Sequence().double().eval())
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    spec = infer_spec(model, (x,))
     assert spec.tracer == "fx"
-    assert verify_spec(model, spec, (torch.randn(2, 7, 3),)).passed
+    assert all(verify_spec(model, spec, (x,), seed=seed).passed for seed in range(3))
+    hidden = [g for g in spec.active_groups if g.name.startswith("rnn.")]
+    if kind == "lstm_proj":  # a projection is not followed: the recurrent units stay fixed
+        assert not hidden
+    else:  # one permutation of the 5 units for both directions (the final states stack them)
+        assert [g.size for g in hidden] == [5]
+        assert {m.param for m in hidden[0].members} >= {"rnn.weight_hh_l0", "rnn.weight_hh_l0_reverse", "out.weight"}
+
+
+def test_recurrent_final_state_returned_keeps_its_units_fixed() -> None:
+    class Returns(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 5, num_layers=2)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y, (h, _) = self.rnn(x)
+            return self.out(y), h
+
+    model = perturb_(Returns().double().eval())
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    spec = infer_spec(model, (x,))
+    assert not spec.active_groups
+    assert verify_spec(model, spec, (x,)).passed

@@ -185,7 +185,8 @@ def test_repair_torchvision_resnet18():
 
 
 @pytest.mark.filterwarnings("ignore::autoperm.UnsupportedOpWarning")
-def test_repair_hugging_face_gpt2_through_torch_export():
+@pytest.mark.parametrize(("tracer", "norm_op"), [("export", "layer_norm"), ("auto", "LayerNorm")])
+def test_repair_hugging_face_gpt2_on_shape_specialised_graphs(tracer: str, norm_op: str):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=40, n_positions=16, use_cache=False,
                                      bos_token_id=0, eos_token_id=0)
@@ -201,13 +202,14 @@ def test_repair_hugging_face_gpt2_through_torch_export():
     torch.manual_seed(0)
     model = perturb_(LM().eval(), scale=0.05)
     tokens = torch.randint(0, 40, (16, 12), generator=torch.Generator().manual_seed(0))
-    spec = autoperm.infer_spec(model, tokens[:1])
+    spec = autoperm.infer_spec(model, tokens[:1], tracer=tracer)
+    assert spec.tracer == ("export" if tracer == "export" else "fx")  # torch.fx traces it with known shapes
     sd_a = model.state_dict()
     sd_b = perturb_(copy.deepcopy(model), seed=7, scale=0.05).state_dict()
     sd_b = autoperm.apply_permutation(spec, autoperm.weight_matching(spec, sd_a, sd_b).perms, sd_b)
     repairer = Repairer(spec, model, sd_a, sd_b, (tokens, tokens), batch_size=6)  # batches of 6, 6 and 4
     ops = {site.op for site in repairer.sites}
-    assert {"addmm", "layer_norm"} <= ops, ops
+    assert {"addmm", norm_op} <= ops, ops
     result = repairer.repair(0.5)
     work = copy.deepcopy(model)
     work.load_state_dict(result.state_dict, strict=True)

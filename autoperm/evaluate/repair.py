@@ -355,7 +355,7 @@ class Repairer:
         self._graphs: dict[Any, Any] = {}
         self._by_shape: dict[Any, list[Any]] = {}
         for batch in self.batches:
-            key = tuple(batch.shape) if isinstance(batch, torch.Tensor) and self.spec.tracer == "export" else None
+            key = tuple(batch.shape) if isinstance(batch, torch.Tensor) else None  # graphs may be shape-specialised
             self._by_shape.setdefault(key, []).append(batch)
         self._channels = {site.node: torch.tensor(site.channels, dtype=torch.long) for site in self.sites}
         # None where a site corrects every channel of its output (no gather needed)
@@ -369,7 +369,8 @@ class Repairer:
 
     # ------------------------------------------------------------------ passes
     def _stream(self, state_dict: Mapping[str, torch.Tensor], edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
-        """Site outputs of every batch; one traced graph per input shape (torch.export graphs are shape-specialised)."""
+        """Site outputs of every batch; one traced graph per input shape (exported graphs, and fx graphs traced with
+        known shapes, are specialised to their input shapes)."""
         from autoperm.trace import runnable_graph, stream_activations
 
         # tied weights (shared embeddings) go in once, under their canonical name

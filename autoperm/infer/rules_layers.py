@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +17,7 @@ from torch.nn import functional as F
 
 from autoperm.infer.context import RuleContext
 from autoperm.infer.registry import BoundCall, register_module_rule, register_op_rule
-from autoperm.trace.graph import TensorRef
+from autoperm.trace.graph import TensorRef, tensors_in
 
 
 # ------------------------------------------------------------------------------ linear
@@ -339,12 +341,14 @@ def _interpolate(ctx: RuleContext, call: BoundCall) -> None:
                                   "aten.replication_pad2d", "aten.replication_pad1d", "aten.reflection_pad3d",
                                   "aten.replication_pad3d", "aten._pad_circular"], args=("input", "pad"))
 def _pad(ctx: RuleContext, call: BoundCall) -> None:
+    pad(ctx, call.tensor("input"), call.out, call.get("pad") or call.get("padding") or [])
+
+
+def pad(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, amounts: Sequence[int]) -> None:
     """Padding fixes the axes it pads and leaves the others coupled."""
-    x, out = call.tensor("input"), call.out
     if x is None or out is None:
         return
-    pad = call.get("pad") or call.get("padding") or []
-    padded = {x.ndim - 1 - i // 2 for i, amount in enumerate(pad) if amount}
+    padded = {x.ndim - 1 - i // 2 for i, amount in enumerate(amounts) if amount}
     for d in range(x.ndim):
         if d in padded or x.shape[d] != out.shape[d]:
             ctx.fix(x, d)
@@ -431,6 +435,56 @@ def _module_upsample(ctx: RuleContext, call: BoundCall) -> None:
     spatial_op(ctx, x, call.call.output_tensors(), max((x.ndim - 2) if x is not None else 0, 1))
 
 
+def _module_pad(ctx: RuleContext, call: BoundCall) -> None:
+    pad(ctx, call.input(0), call.out, call.module.padding)
+
+
+def _module_recurrent(ctx: RuleContext, call: BoundCall) -> None:
+    """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: the hidden units of each layer and direction are permutable.
+
+    A unit's gates are rows ``g * H + i`` of ``weight_ih``, ``weight_hh`` and the biases (one
+    block per gate), its recurrent input is column ``i`` of ``weight_hh``, and the output holds
+    the last layer's units, one block per direction. The final states ``h_n`` / ``c_n`` (and
+    initial states passed in) stack every layer and direction along their first axis with the
+    unit on the last, so all of them share one permutation. A projection (``proj_size``) is
+    not followed.
+    """
+    module, x, outputs = call.module, call.input(0), call.call.output_tensors()
+    if x is None or not outputs or getattr(module, "proj_size", 0):
+        return
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    directions = 2 if module.bidirectional else 1
+    units: list[list[Any]] = []
+    for layer in range(module.num_layers):
+        units.append([])
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            w_ih, w_hh = ctx.state(f"weight_ih{suffix}"), ctx.state(f"weight_hh{suffix}")
+            if w_ih is None or w_hh is None:
+                return
+            hidden = ctx.ax(w_hh, 1)
+            units[layer].append(hidden)
+            for tensor in (w_ih, w_hh, ctx.state(f"bias_ih{suffix}"), ctx.state(f"bias_hh{suffix}")):
+                if tensor is not None:
+                    ctx.define(tensor, 0, "concat", [hidden] * gates)
+            if layer == 0:
+                ctx.same(w_ih, 1, x, x.ndim - 1)
+            elif directions == 1:
+                ctx.same_node(ctx.ax(w_ih, 1), units[layer - 1][0])
+            else:
+                ctx.define(w_ih, 1, "concat", units[layer - 1])
+    out = outputs[0]
+    for dim in range(x.ndim - 1):
+        ctx.same(x, dim, out, dim)
+    if directions == 1:
+        ctx.same_node(ctx.ax(out, out.ndim - 1), units[-1][0])
+    else:
+        ctx.define(out, out.ndim - 1, "concat", units[-1])
+    for state in outputs[1:] + tensors_in([list(call.call.args[1:]), dict(call.call.kwargs)]):
+        for hidden in (h for layer in units for h in layer):
+            ctx.same_node(ctx.ax(state, state.ndim - 1), hidden)
+
+
 def _module_softmax(ctx: RuleContext, call: BoundCall) -> None:
     x = call.input(0)
     if x is not None and call.out is not None:
@@ -464,3 +518,9 @@ for _spatial, _types in ((1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, 
     for _type in _types:
         register_module_rule(_type, _module_pool(_spatial))
 register_module_rule(nn.Upsample, _module_upsample)
+for _type in (nn.RNN, nn.GRU, nn.LSTM):
+    register_module_rule(_type, _module_recurrent)
+for _type in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+              nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+              nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d):
+    register_module_rule(_type, _module_pad)

@@ -168,7 +168,9 @@ def stream_activations(
         edit: ``edit(node, output)`` returns the tensor that replaces that node's output for the
             rest of the forward pass (REPAIR renormalises channels this way); the yielded
             values are the outputs before the edit.
-        graph: the graph to run, from :func:`runnable_graph` (by default traced on the first batch).
+        graph: the graph to run, from :func:`runnable_graph` (by default one is traced for each
+            input shape met: exported graphs, and fx graphs traced with known shapes, are
+            specialised to the shapes they were traced with).
 
     Yields:
         ``{node name: activation}`` (detached) for each batch.
@@ -177,14 +179,18 @@ def stream_activations(
         TraceError: a node is not in the traced graph, or does not produce a single tensor.
     """
     wanted = set(nodes)
-    graph_module = graph
+    graphs: dict[Any, torch.fx.GraphModule] = {}
     checked = False
     with _EvalMode(model), torch.no_grad():
         for batch in batches:
             inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
             args, kwargs = normalise_inputs(inputs)
+            graph_module = graph
             if graph_module is None:
-                graph_module = runnable_graph(model, inputs, tracer, is_leaf)
+                key = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in list(args) + list(kwargs.values()))
+                if key not in graphs:
+                    graphs[key] = runnable_graph(model, inputs, tracer, is_leaf)
+                graph_module = graphs[key]
             if not checked:
                 checked = True
                 missing = wanted - {n.name for n in graph_module.graph.nodes}

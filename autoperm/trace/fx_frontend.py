@@ -8,14 +8,15 @@ no meta kernel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from autoperm.errors import InputMismatchError, TraceError
 from autoperm.trace.common import bind_inputs, convert_arguments, first_lines, refs_for_value, state_aliases
@@ -42,12 +43,187 @@ class LeafTracer(fx.Tracer):
         return self._is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
+_UNKNOWN = object()
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy that knows its value's shape and dtype, so shape arithmetic and branches run in Python.
+
+    ``x.shape``, ``x.size()``, ``x.ndim``, ``x.dim()``, ``x.numel()`` and ``x.dtype`` answer with
+    the values of the example inputs (the graph is specialised to those shapes, as an exported
+    program is); anything whose value is unknown stays symbolic.
+    """
+
+    tracer: ShapeTracer
+
+    def _value(self) -> Any:
+        return self.tracer.values.get(self.node, _UNKNOWN)
+
+    def _tensor(self) -> torch.Tensor | None:
+        value = self._value()
+        return value if isinstance(value, torch.Tensor) else None
+
+    @property
+    def shape(self) -> Any:  # type: ignore[override]
+        value = self._tensor()
+        return value.shape if value is not None else fx.Proxy.__getattr__(self, "shape")
+
+    @property
+    def ndim(self) -> Any:  # type: ignore[override]
+        value = self._tensor()
+        return value.ndim if value is not None else fx.Proxy.__getattr__(self, "ndim")
+
+    @property
+    def dtype(self) -> Any:  # type: ignore[override]
+        value = self._tensor()
+        return value.dtype if value is not None else fx.Proxy.__getattr__(self, "dtype")
+
+    def size(self, *args: Any, **kwargs: Any) -> Any:
+        value = self._tensor()
+        return value.size(*args, **kwargs) if value is not None else fx.Proxy.__getattr__(self, "size")(*args, **kwargs)
+
+    def dim(self) -> Any:
+        value = self._tensor()
+        return value.dim() if value is not None else fx.Proxy.__getattr__(self, "dim")()
+
+    def numel(self) -> Any:
+        value = self._tensor()
+        return value.numel() if value is not None else fx.Proxy.__getattr__(self, "numel")()
+
+    def __len__(self) -> int:
+        value = self._value()
+        if isinstance(value, torch.Tensor) and value.ndim:
+            return len(value)
+        if isinstance(value, (tuple, list)):
+            return len(value)
+        return super().__len__()
+
+    def __iter__(self) -> Any:
+        value = self._value()
+        if isinstance(value, (tuple, list)):
+            return iter([self[i] for i in range(len(value))])
+        return super().__iter__()
+
+    def __bool__(self) -> bool:
+        value = self._value()
+        if isinstance(value, (bool, int, float)):
+            return bool(value)
+        return super().__bool__()
+
+
+class ShapeTracer(LeafTracer):
+    """A :class:`LeafTracer` whose proxies carry meta values (see :class:`_ShapeProxy`).
+
+    Used when plain symbolic tracing fails on branches that test shapes (``if H % window``,
+    ``max(k_h / q_h, 1.0)``, ``if x.ndim != 4``): those become Python values, and the model traces
+    with torch.fx instead of the much slower torch.export.
+    """
+
+    def __init__(self, is_leaf: LeafPredicate, inputs: dict[str, Any]):
+        super().__init__(is_leaf)
+        self.values: dict[fx.Node, Any] = {}
+        self._inputs = {name: tree_map(_meta_like, value) for name, value in inputs.items()}
+        self._module_state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None = None,
+                     type_expr: Any | None = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        try:
+            self.values[proxy.node] = self._evaluate(kind, target, args, kwargs)
+        except Exception:  # an op without a meta kernel: its value stays unknown (and symbolic)
+            self.values[proxy.node] = _UNKNOWN
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kind == "placeholder":
+            return self._inputs.get(str(target).lstrip("*"), _UNKNOWN)
+        if kind == "get_attr":
+            with _unpatched_modules():
+                return _meta_like(_attribute(self.root, target))
+        known = True
+
+        def value_of(item: Any) -> Any:
+            nonlocal known
+            if isinstance(item, fx.Proxy):
+                value = self.values.get(item.node, _UNKNOWN)
+                known = known and value is not _UNKNOWN
+                return value
+            return item
+
+        args = fx.node.map_aggregate(args, value_of)
+        kwargs = fx.node.map_aggregate(kwargs, value_of)
+        if not known:
+            return _UNKNOWN
+        args, kwargs = _onto_meta_if_mixed(args, kwargs)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_module":
+            module = self.root.get_submodule(target)
+            if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+                if isinstance(module, _SHAPE_PRESERVING):
+                    return torch.empty_like(args[0])
+                if type(module) in (nn.LSTM, nn.GRU, nn.RNN):
+                    return _recurrent_shapes(module, args[0])
+            if target not in self._module_state:
+                self._module_state[target] = {name: _meta_like(t) for name, t in module.state_dict(keep_vars=True).items()}
+            with _unpatched_modules():  # tracing patches Module.__call__; this call must not be traced
+                return torch.func.functional_call(module, self._module_state[target], tuple(args), kwargs, strict=False)
+        return _UNKNOWN
+
+
+_MODULE_CALL = nn.Module.__call__
+_MODULE_GETATTR = nn.Module.__getattr__
+
+
+@contextlib.contextmanager
+def _unpatched_modules() -> Iterator[None]:
+    """Restore ``nn.Module.__call__`` / ``__getattr__`` while torch.fx has them patched."""
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _MODULE_CALL, _MODULE_GETATTR  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
+
+
+def _meta_like(value: Any) -> Any:
+    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) and not value.is_meta else value
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Undo what a traced forward pass stored on the modules (caches such as ``self.rel_indices = ...``).
+
+    Such a cache would otherwise hold a proxy, and the model would return proxies from then on.
+    """
+    saved = [(module, dict(module.__dict__), dict(module._buffers)) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, buffers in saved:
+            for name in [n for n in module.__dict__ if n not in attributes]:
+                del module.__dict__[name]
+            for name, value in attributes.items():
+                if module.__dict__.get(name) is not value:
+                    module.__dict__[name] = value
+            if module._buffers.keys() != buffers.keys() or any(module._buffers[k] is not v for k, v in buffers.items()):
+                module._buffers.clear()
+                module._buffers.update(buffers)
+
+
 def symbolic_trace(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], is_leaf: LeafPredicate
 ) -> tuple[fx.GraphModule, list[Any]]:
     """Trace ``model`` symbolically; returns the GraphModule and the placeholder values in order.
 
     Forward arguments the caller did not give are specialised to their defaults (``concrete_args``).
+    If plain symbolic tracing fails, tracing is tried again with shapes known
+    (:class:`ShapeTracer`), which passes branches on shapes.
 
     Raises:
         TraceError: symbolic tracing failed (data-dependent control flow, unsupported Python).
@@ -59,12 +235,19 @@ def symbolic_trace(
     bound.apply_defaults()
     given = set(bound.signature.bind(*args, **kwargs).arguments)
     concrete = {name: value for name, value in bound.arguments.items() if name not in given}
-    tracer = LeafTracer(is_leaf)
+    def trace(tracer: LeafTracer) -> fx.GraphModule:
+        with _attributes_kept(model):  # the graph module copies the constants tracing put on the model
+            graph = tracer.trace(model, concrete_args=concrete or None)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        gm = trace(LeafTracer(is_leaf))
     except Exception as error:  # fx raises many kinds of errors on untraceable code
-        raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {first_lines(error)}") from error
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        logger.debug("plain symbolic tracing failed (%s); tracing with known shapes", first_lines(error, 1))
+        try:
+            gm = trace(ShapeTracer(is_leaf, dict(bound.arguments)))
+        except Exception as error:  # noqa: B025 - the second attempt's error is the one reported
+            raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {first_lines(error)}") from error
     placeholder_values = [bound.arguments[name] for name in bound.arguments if name in given]
     return gm, placeholder_values
 
@@ -118,7 +301,20 @@ class _ValueRecorder(fx.Interpreter):
                 shape[dim] = sum(t.shape[dim] for t in tensors)
                 dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
                 return torch.empty(shape, dtype=dtype, device="meta")
+        if self._shapes_only:
+            args, kwargs = _onto_meta_if_mixed(args, kwargs)
         return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._shapes_only:
+            args, kwargs = _onto_meta_if_mixed(args, kwargs)
+        return super().call_method(target, args, kwargs)
+
+    def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if self._shapes_only and isinstance(value, torch.Tensor) and not value.is_meta:
+            return torch.empty_like(value, device="meta")  # a plain tensor attribute, neither parameter nor buffer
+        return value
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -130,6 +326,22 @@ class _ValueRecorder(fx.Interpreter):
             if self._edit is not None:
                 result = self._edit(n.name, result)
         return result
+
+
+def _onto_meta_if_mixed(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Move real tensors onto ``meta`` when they meet meta tensors in one op.
+
+    Tensors a model makes during the forward pass (``torch.arange`` without a device, position
+    tables) are real while the weights are meta; an op mixing them has no kernel.
+    """
+    devices = {t.is_meta for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.ndim > 0}
+    if devices != {True, False}:
+        return args, kwargs
+
+    def to_meta(value: Any) -> Any:
+        return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) and not value.is_meta else value
+
+    return tree_map(to_meta, args), tree_map(to_meta, kwargs)
 
 
 def _recurrent_shapes(module: nn.RNNBase, x: torch.Tensor) -> Any:
