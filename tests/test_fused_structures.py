@@ -19,7 +19,10 @@ from tests.conftest import perturb_
 
 
 class FusedAttention(nn.Module):
-    """One ``qkv`` Linear split along a reshape factor: (3, H, D) as timm, or (H, 3, D) as BLOOM."""
+    """One ``qkv`` Linear split along a reshape factor: (3, H, D) as timm, or (H, 3, D) as BLOOM.
+
+    ``split``: ``unbind``, integer indexing, or ``merged`` (reshape to (3, B * H, N, D), then unbind).
+    """
 
     def __init__(self, dim: int, heads: int, layout: str, split: str) -> None:
         super().__init__()
@@ -35,19 +38,20 @@ class FusedAttention(nn.Module):
         head_dim = dim // self.heads
         if self.layout == "3hd":
             qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
-            parts = qkv.unbind(0) if self.split == "unbind" else (qkv[0], qkv[1], qkv[2])
         else:
             qkv = self.qkv(x).reshape(batch, tokens, self.heads, 3, head_dim).permute(3, 0, 2, 1, 4)
-            parts = qkv.unbind(0) if self.split == "unbind" else (qkv[0], qkv[1], qkv[2])
-        q, k, v = parts
+        if self.split == "merged":  # heads merged with the batch before the split (SAM's ViT)
+            q, k, v = qkv.reshape(3, batch * self.heads, tokens, head_dim).unbind(0)
+        else:
+            q, k, v = qkv.unbind(0) if self.split == "unbind" else (qkv[0], qkv[1], qkv[2])
         attention = (q @ k.transpose(-2, -1) / head_dim**0.5).softmax(-1)
-        out = (attention @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        out = (attention @ v).reshape(batch, self.heads, tokens, head_dim).transpose(1, 2).reshape(batch, tokens, dim)
         return self.head(x + self.proj(out))
 
 
 @settings(deadline=None, max_examples=12)
 @given(heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 3]), layout=st.sampled_from(["3hd", "h3d"]),
-       split=st.sampled_from(["unbind", "index"]), tracer=st.sampled_from(["fx", "export"]))
+       split=st.sampled_from(["unbind", "index", "merged"]), tracer=st.sampled_from(["fx", "export"]))
 def test_fused_qkv_gets_heads_and_per_head_dims(heads: int, head_dim: int, layout: str, split: str, tracer: str) -> None:
     torch.manual_seed(0)
     model = perturb_(FusedAttention(heads * head_dim, heads, layout, split)).double().eval()

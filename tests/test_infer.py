@@ -392,3 +392,48 @@ def test_recurrent_final_state_returned_keeps_its_units_fixed() -> None:
     spec = infer_spec(model, (x,))
     assert not spec.active_groups
     assert verify_spec(model, spec, (x,)).passed
+
+
+def test_slice_assignment_couples_the_written_values() -> None:
+    class Assign(nn.Module):  # MViTv2 adds relative-position terms into a slice of the attention map in place
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.g = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x)).transpose(1, 2).clone()  # (batch, units, tokens)
+            h[:, :, 1:] = h[:, :, 1:] * 2 + self.g(x[:, 1:]).transpose(1, 2)
+            return self.b(h.transpose(1, 2))
+
+    model = perturb_(Assign().double().eval())
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    spec = infer_spec(model, (x,))
+    assert spec.tracer == "export"  # torch.fx cannot record item assignment
+    assert all(verify_spec(model, spec, (x,), seed=seed).passed for seed in range(3))
+    assert [g.size for g in spec.active_groups] == [6]
+    assert {m.param for m in spec.active_groups[0].members} >= {"a.weight", "g.weight", "b.weight"}
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_unfold_and_fold_keep_channels_permutable(tracer: str) -> None:
+    class Patches(nn.Module):  # VOLO's outlook attention and TNT unfold channels into (channel, kernel position) rows
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.unfold = nn.Unfold(2, stride=2)
+            self.b = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            columns = self.unfold(h)  # (batch, 4 * 2 * 2, blocks)
+            weights = columns.view(h.shape[0], 4, 4, -1).softmax(2).flatten(1, 2)  # mixes kernel positions only
+            return self.b(F.fold(columns * weights, h.shape[-2:], 2, stride=2) + h)
+
+    model = perturb_(Patches().double().eval())
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    spec = infer_spec(model, (x,), tracer=tracer)
+    assert all(verify_spec(model, spec, (x,), seed=seed).passed for seed in range(3))
+    assert [g.size for g in spec.active_groups] == [4]
+    assert spec.completeness().share == 1.0

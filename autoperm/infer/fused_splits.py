@@ -16,7 +16,9 @@ projection's output first and reshapes and permutes the slice::
 which computes the same values, so each part gets axes of its own and the rule table sees
 only slices, reshapes and permutes. A factor that is not the outermost one of its axis
 (BLOOM's ``(H, 3, D)``) is split the same way after a reshape that merges it with the factors
-inside it. Chains whose intermediate tensors have other uses are left as they are.
+inside it, and a reshape after the permute that keeps the split axis whole (SAM's
+``reshape(3, B * H, N, D)``, heads merged with the batch) is redone on each part. Chains whose
+intermediate tensors have other uses are left as they are.
 """
 
 from __future__ import annotations
@@ -58,19 +60,17 @@ def split_fused_axes(traced: TracedGraph) -> TracedGraph:
         source, axis = found[0][0], found[0][1]
         if any(f[1] != axis for f in found):
             continue
-        chain = _chain(traced, source, producer, consumers, outputs)
-        if chain is None:
-            continue
-        reshape_index, permute_index, base, factors_at, permutation = chain
-        reshaped = traced.calls[reshape_index].outputs[0]
-        cut_axis = permutation[axis] if permutation is not None else axis
         parts = [part for f in found for part in f[2]]
-        new_calls = _rewrite(traced.calls[users[0]].node, base, reshaped, factors_at, cut_axis, permutation, parts)
-        if new_calls is None:
+        node = traced.calls[users[0]].node
+        done = _rewrite_chain(traced, node, source, axis, parts, producer, consumers, outputs)
+        if done is None:  # a reshape after the permute that keeps the split axis (SAM: heads merged with batch)
+            done = _rewrite_through_reshape(traced, node, source, axis, parts, producer, consumers, outputs)
+        if done is None:
             continue
+        new_calls, chain_calls = done
         inserted[users[0]] = new_calls
         removed.update(users)
-        removed.update(i for i in (reshape_index, permute_index) if i is not None)
+        removed.update(chain_calls)
     if not inserted:
         return traced
     calls: list[OpCall] = []
@@ -79,6 +79,56 @@ def split_fused_axes(traced: TracedGraph) -> TracedGraph:
         if index not in removed:
             calls.append(call)
     return replace(traced, calls=calls)
+
+
+def _rewrite_chain(traced: TracedGraph, node: str, source: TensorRef, axis: int, parts: list[tuple[int, TensorRef]],
+                   producer: dict[str, int], consumers: dict[str, list[int]], outputs: set[str]):
+    """The rewritten calls for a split of ``source`` along ``axis`` and the chain calls they replace, or None."""
+    chain = _chain(traced, source, producer, consumers, outputs)
+    if chain is None:
+        return None
+    reshape_index, permute_index, base, factors_at, permutation = chain
+    reshaped = traced.calls[reshape_index].outputs[0]
+    cut_axis = permutation[axis] if permutation is not None else axis
+    new_calls = _rewrite(node, base, reshaped, factors_at, cut_axis, permutation, parts)
+    if new_calls is None:
+        return None
+    return new_calls, [i for i in (reshape_index, permute_index) if i is not None]
+
+
+def _rewrite_through_reshape(traced: TracedGraph, node: str, source: TensorRef, axis: int,
+                             parts: list[tuple[int, TensorRef]], producer: dict[str, int],
+                             consumers: dict[str, list[int]], outputs: set[str]):
+    """Like :func:`_rewrite_chain` when ``source`` is a reshape of the chain's end that keeps ``axis`` whole.
+
+    ``qkv.permute(2, 0, 3, 1, 4).reshape(3, B * heads, N, D).unbind(0)``: each part is rewritten
+    up to the permuted shape without the split axis, then reshaped as the split part was.
+    """
+    index = producer.get(source.id)
+    if index is None or source.id in outputs:
+        return None
+    bound, _ = bind(traced.calls[index])
+    arguments = traced.calls[index].tensors()
+    if bound.op != "reshape_family" or len(arguments) != 1:
+        return None
+    middle = arguments[0]
+    if middle.id in outputs or consumers.get(middle.id) != [index]:
+        return None
+    kept = _factors(middle.shape, source.shape)
+    if kept is None or axis not in kept or kept[axis][1:] != (0, (source.shape[axis],)):
+        return None
+    middle_axis = kept[axis][0]
+    if sum(1 for d, found in kept.items() if found[0] == middle_axis) != 1:
+        return None
+    part_shape = tuple(size for d, size in enumerate(middle.shape) if d != middle_axis)
+    staged = [(i, TensorRef(f"{SYNTHETIC_PREFIX}{node}.{i}.staged", part_shape, floating=out.floating)) for i, out in parts]
+    done = _rewrite_chain(traced, node, middle, middle_axis, staged, producer, consumers, outputs)
+    if done is None:
+        return None
+    new_calls, chain_calls = done
+    for (i, out), (_, stage) in zip(parts, staged):
+        new_calls.append(_op(f"{SYNTHETIC_PREFIX}{node}.{i}.merge", "aten.reshape", (stage, list(out.shape)), ("input", "shape"), [out]))
+    return new_calls, [*chain_calls, index]
 
 
 def _split_of(call: OpCall) -> tuple[TensorRef, int, list[tuple[int, TensorRef]]] | None:

@@ -37,7 +37,7 @@ NARY = [
     "logaddexp", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor",
     "where", "masked_fill", "masked_fill_", "clamp", "clip", "clamp_min", "clamp_max", "lerp",
     "addcmul", "addcdiv", "add_", "sub_", "mul_", "div_", "copysign", "xlogy", "isclose",
-    "heaviside",
+    "heaviside", "copy_",
 ]
 _OPERATOR = {
     "add": [operator.add, operator.iadd], "sub": [operator.sub, operator.isub],

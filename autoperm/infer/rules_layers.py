@@ -357,6 +357,41 @@ def pad(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, amounts: S
             ctx.same(x, d, out, d)
 
 
+def patches(ctx: RuleContext, image: TensorRef | None, columns: TensorRef | None) -> None:
+    """``F.unfold`` / ``F.fold``: columns ``(B, C * k, L)`` against an image ``(B, C, *spatial)``.
+
+    Channel ``c`` of the image is rows ``c * k .. c * k + k - 1`` of the columns (one per kernel
+    position), so the column axis is the product of the channel axis and a fixed kernel-position
+    factor; the spatial and block axes stay fixed.
+    """
+    if image is None or columns is None or columns.ndim not in (2, 3) or image.ndim != columns.ndim + 1:
+        ctx.unknown([t for t in (image, columns) if t is not None])
+        return
+    channel = image.ndim - 3
+    per_channel, rest = divmod(columns.shape[channel], image.shape[channel])
+    if rest:
+        ctx.unknown([image, columns])
+        return
+    if channel:
+        ctx.same(image, 0, columns, 0)
+    kernel = ctx.atom(per_channel)
+    ctx.fix_node(kernel)
+    ctx.define(columns, channel, "product", [ctx.ax(image, channel), kernel])
+    ctx.fix(columns, channel + 1)
+    for d in range(channel + 1, image.ndim):
+        ctx.fix(image, d)
+
+
+@register_op_rule("unfold_patches", aliases=[F.unfold, "aten.im2col"], args=("input", "kernel_size"))
+def _unfold_patches(ctx: RuleContext, call: BoundCall) -> None:
+    patches(ctx, call.tensor("input"), call.out)
+
+
+@register_op_rule("fold_patches", aliases=[F.fold, "aten.col2im"], args=("input", "output_size", "kernel_size"))
+def _fold_patches(ctx: RuleContext, call: BoundCall) -> None:
+    patches(ctx, call.out, call.tensor("input"))
+
+
 @register_op_rule("prelu", aliases=[F.prelu, torch.prelu, "aten._prelu_kernel"], args=("input", "weight"))
 def _prelu(ctx: RuleContext, call: BoundCall) -> None:
     x, weight, out = call.tensor("input"), call.tensor("weight"), call.out
@@ -485,6 +520,14 @@ def _module_recurrent(ctx: RuleContext, call: BoundCall) -> None:
             ctx.same_node(ctx.ax(state, state.ndim - 1), hidden)
 
 
+def _module_unfold(ctx: RuleContext, call: BoundCall) -> None:
+    patches(ctx, call.input(0), call.out)
+
+
+def _module_fold(ctx: RuleContext, call: BoundCall) -> None:
+    patches(ctx, call.out, call.input(0))
+
+
 def _module_softmax(ctx: RuleContext, call: BoundCall) -> None:
     x = call.input(0)
     if x is not None and call.out is not None:
@@ -518,6 +561,8 @@ for _spatial, _types in ((1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, 
     for _type in _types:
         register_module_rule(_type, _module_pool(_spatial))
 register_module_rule(nn.Upsample, _module_upsample)
+register_module_rule(nn.Unfold, _module_unfold)
+register_module_rule(nn.Fold, _module_fold)
 for _type in (nn.RNN, nn.GRU, nn.LSTM):
     register_module_rule(_type, _module_recurrent)
 for _type in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
