@@ -36,11 +36,41 @@ class LeafTracer(fx.Tracer):
     def __init__(self, is_leaf: LeafPredicate):
         super().__init__()
         self._is_leaf = is_leaf
+        self._state_names: tuple[dict[int, str], dict[int, str]] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
         return self._is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+    # fx finds the name of a parameter or buffer by scanning the whole model on every access and
+    # every tensor argument: quadratic in the model's size (seconds for GhostNetV3). A table does it once.
+    def _state_name(self, tensor: torch.Tensor) -> str | None:
+        if self._state_names is None:
+            self._state_names = ({}, {})
+            for name, value in self.root.named_parameters():
+                self._state_names[0].setdefault(id(value), name)
+            for name, value in self.root.named_buffers():
+                self._state_names[1].setdefault(id(value), name)
+        if isinstance(tensor, nn.Parameter):
+            return self._state_names[0].get(id(tensor))
+        return self._state_names[1].get(id(tensor))
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if isinstance(attr_val, torch.Tensor) and (self.proxy_buffer_attributes or isinstance(attr_val, nn.Parameter)):
+            name = self._state_name(attr_val)
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            name = self._state_name(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
 
 _UNKNOWN = object()
