@@ -394,7 +394,8 @@ def test_recurrent_final_state_returned_keeps_its_units_fixed() -> None:
     assert verify_spec(model, spec, (x,)).passed
 
 
-def test_slice_assignment_couples_the_written_values() -> None:
+@pytest.mark.parametrize("tracer", ["auto", "export"])
+def test_slice_assignment_couples_the_written_values(tracer: str) -> None:
     class Assign(nn.Module):  # MViTv2 adds relative-position terms into a slice of the attention map in place
         def __init__(self) -> None:
             super().__init__()
@@ -409,8 +410,8 @@ def test_slice_assignment_couples_the_written_values() -> None:
 
     model = perturb_(Assign().double().eval())
     x = torch.randn(2, 5, 4, dtype=torch.float64)
-    spec = infer_spec(model, (x,))
-    assert spec.tracer == "export"  # torch.fx cannot record item assignment
+    spec = infer_spec(model, (x,), tracer=tracer)
+    assert spec.tracer == ("export" if tracer == "export" else "fx")  # item assignment is traced with known shapes
     assert all(verify_spec(model, spec, (x,), seed=seed).passed for seed in range(3))
     assert [g.size for g in spec.active_groups] == [6]
     assert {m.param for m in spec.active_groups[0].members} >= {"a.weight", "g.weight", "b.weight"}
@@ -437,3 +438,24 @@ def test_unfold_and_fold_keep_channels_permutable(tracer: str) -> None:
     assert all(verify_spec(model, spec, (x,), seed=seed).passed for seed in range(3))
     assert [g.size for g in spec.active_groups] == [4]
     assert spec.completeness().share == 1.0
+
+
+def test_scalar_write_into_some_units_keeps_them_fixed() -> None:
+    class Zeroes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x)).clone()
+            if h.shape[0] > 1:  # traced with known shapes
+                h[:, :2] = 0.0  # units 0 and 1 are written, the others are not
+            return self.b(h)
+
+    model = perturb_(Zeroes().double().eval())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    spec = infer_spec(model, (x,))
+    assert spec.tracer == "fx"
+    assert all(verify_spec(model, spec, (x,), seed=seed).passed for seed in range(3))
+    assert not spec.active_groups

@@ -300,6 +300,22 @@ def _getitem(ctx: RuleContext, call: BoundCall) -> None:
     _tensor_index(ctx, source, index, out)
 
 
+@register_op_rule("setitem", aliases=[operator.setitem], args=("input", "index", "value"))
+def _setitem(ctx: RuleContext, call: BoundCall) -> None:
+    """``x[index] = value`` in place: ``value`` is coupled to ``x[index]`` as a read of that slice would be."""
+    x, index, value = call.get("input"), call.get("index"), call.get("value")
+    if not isinstance(x, TensorRef):
+        ctx.unknown(call.tensors())
+        return
+    items = list(index) if isinstance(index, tuple) else [index]
+    plain = all(i is Ellipsis or isinstance(i, (int, slice)) for i in items) and items.count(Ellipsis) <= 1
+    kept = x.ndim - sum(1 for i in items if isinstance(i, int))
+    if not plain or not isinstance(value, TensorRef) or value.ndim != kept:
+        ctx.unknown(call.tensors())  # a broadcast or scalar write, or advanced indexing: kept fixed
+        return
+    _tensor_index(ctx, x, index, value)
+
+
 def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef) -> None:
     """Basic indexing: full slices keep an axis, partial slices and integers fix it."""
     items = list(index) if isinstance(index, tuple) else [index]

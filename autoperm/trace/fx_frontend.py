@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -133,6 +134,10 @@ class _ShapeProxy(fx.Proxy):
         if isinstance(value, (tuple, list)):
             return iter([self[i] for i in range(len(value))])
         return super().__iter__()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``x[key] = value`` (MViTv2 writes relative-position terms into a slice of its attention map)."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __bool__(self) -> bool:
         value = self._value()
