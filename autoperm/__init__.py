@@ -33,12 +33,12 @@ from autoperm.solvers import (
     MatchingResult,
     MergeResult,
     SteResult,
-    activation_matching,
     merge_many,
     ste_matching,
     weight_matching,
 )
 
+from autoperm.api import Repairer, activation_matching, repair
 from autoperm.data import load_data, load_digits
 from autoperm.evaluate import (
     InterpolationCurve,
@@ -49,8 +49,6 @@ from autoperm.evaluate import (
     l2_distance,
     loss_barrier,
     RepairResult,
-    Repairer,
-    repair,
     repair_sites,
     reset_bn_stats,
     singular_analyses,

@@ -278,7 +278,8 @@ def run_experiment(
         ``"gamma=0"`` and ``"gamma=0.3"``.
     """
     from autoperm.evaluate.plots import plot_alignment, plot_interpolation, plot_singular_values
-    from autoperm.solvers import activation_matching, merge_many, ste_matching, weight_matching
+    from autoperm.api import activation_matching
+    from autoperm.solvers import merge_many, ste_matching, weight_matching
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from autoperm.errors import SpecError
 from autoperm.spec import PermutationSpec, apply_permutation, random_permutation
-from autoperm.trace import _EvalMode
+from autoperm.trace import EvalMode
 from autoperm.trace.common import normalise_inputs
 
 __all__ = ["VerifyReport", "verify_spec", "model_outputs"]
@@ -47,9 +47,9 @@ class VerifyReport:
 def model_outputs(model: nn.Module, example_inputs: Any, state_dict: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The floating-point tensors ``model`` returns (eval mode, no grad), optionally with other weights."""
     args, kwargs = normalise_inputs(example_inputs)
-    with _EvalMode(model), torch.no_grad():
+    with EvalMode(model), torch.no_grad():
         model.train().eval()  # modules that cache tensors derived from their weights in eval mode
-        # (timm's attention-bias cache) rebuild them; _EvalMode restores every flag afterwards
+        # (timm's attention-bias cache) rebuild them; EvalMode restores every flag afterwards
         if state_dict is None:
             result = model(*args, **kwargs)
         else:

@@ -46,7 +46,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 import autoperm
-from autoperm.evaluate import InterpolationCurve, Repairer, barrier_summary, interpolation_curve
+from autoperm import Repairer
+from autoperm.evaluate import InterpolationCurve, barrier_summary, interpolation_curve
 from autoperm.models import MLP
 from autoperm.models.resnet import BasicBlock
 from autoperm.spec.schema import write_text_atomic

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autoperm import PermutationSpec, SolverError, apply_permutation, random_permutation
-from autoperm.solvers import activation_matching
+from autoperm import activation_matching
 from autoperm.solvers.activation_matching import correlation_matrix
 from _specs import MLP, mlp_spec
 

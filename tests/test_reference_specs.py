@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from autoperm import PermutationSpec
-from autoperm.models.reference import REFERENCE_MODELS, available, build_reference_spec
+from autoperm.reference import REFERENCE_MODELS, available, build_reference_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
@@ -20,14 +20,14 @@ def _structure(spec: PermutationSpec) -> list[tuple]:
 @pytest.mark.parametrize("reference", REFERENCE_MODELS, ids=lambda r: r.file)
 def test_bundled_spec_is_current(reference):
     path = SPECS / reference.file
-    assert path.exists(), f"{path} is missing: run python -m autoperm.models.reference"
+    assert path.exists(), f"{path} is missing: run python -m autoperm.reference"
     if not available(reference):
         pytest.skip(f"{reference.requires} is not installed")
     if reference.file.startswith("torchvision_vit"):
         pytest.skip("ViT-B/16 at 224x224 is too slow for the test budget")
     bundled = PermutationSpec.from_yaml(path)
     fresh = build_reference_spec(reference)
-    assert _structure(fresh) == _structure(bundled), f"{path} is stale: run python -m autoperm.models.reference"
+    assert _structure(fresh) == _structure(bundled), f"{path} is stale: run python -m autoperm.reference"
     assert fresh.shapes == bundled.shapes
 
 

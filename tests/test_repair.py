@@ -26,8 +26,9 @@ from torch.nn import functional as F
 import autoperm
 from autoperm.models import MLP
 from autoperm.errors import AutopermError, DataError, SpecError
-from autoperm.evaluate.repair import Repairer, repair, repair_sites
-from autoperm.trace import stream_activations
+from autoperm import Repairer, repair
+from autoperm.evaluate.repair import repair_sites
+from autoperm.trace import GraphRunner
 from tests.conftest import optional_import, perturb_
 
 
@@ -86,7 +87,7 @@ CASES = {
 
 
 def _site_moments(model, spec, sites, state_dict, x):
-    values = next(stream_activations(model, [s.node for s in sites], [x], tracer=spec.tracer, state_dict=state_dict))
+    values = next(GraphRunner.for_spec(spec, model).stream([s.node for s in sites], [x], state_dict))
     moments = {}
     for site in sites:
         rows = values[site.node].movedim(site.channel_axis, -1)[..., list(site.channels)].reshape(-1, len(site.channels))
@@ -122,13 +123,13 @@ def test_repaired_statistics_equal_the_goal(case):
 def test_sites_cover_every_permuted_producer_and_leave_the_conv_to_its_batchnorm():
     model = ConvBN()
     spec = autoperm.infer_spec(model, torch.randn(1, 2, 5, 5))
-    sites = {site.node: site for site in repair_sites(spec, model, torch.randn(1, 2, 5, 5))}
+    sites = {site.node: site for site in repair_sites(spec)}
     assert set(sites) == {"bn1", "bn2"}  # conv1 / conv2 feed only their BatchNorm; the head's outputs are fixed
     assert sites["bn1"].weight == "bn1.weight" and sites["bn1"].bias == "bn1.bias"
     transformer = TinyTransformer()
     example = torch.randn(1, 4, 3)
     spec = autoperm.infer_spec(transformer, example)
-    sites = {site.node: site for site in repair_sites(spec, transformer, example)}
+    sites = {site.node: site for site in repair_sites(spec)}
     assert {"embed", "ln", "qkv", "proj", "fc1", "fc2"} <= set(sites)
     assert "head" not in sites
     assert sites["fc1"].bias is None  # bias=False: scale-only correction
@@ -249,3 +250,27 @@ def test_cli_barrier_repair_writes_both_curves(tmp_path):
     bad.write_text("groups: 3\n")
     result = CliRunner().invoke(cli, [*common, "--spec", str(bad)])
     assert result.exit_code != 0 and isinstance(result.exception, SpecError) and "bad.yaml" in str(result.exception)
+
+
+def test_sites_come_from_the_spec_alone_and_survive_yaml(tmp_path):
+    model = ConvBN()
+    spec = autoperm.infer_spec(model, torch.randn(1, 2, 5, 5))
+    recorded = {site.node: site for site in spec.affine_sites}
+    assert recorded["conv1"].feeds == ("bn1",) and recorded["conv1"].module == "conv1"  # kept in the spec, skipped by REPAIR
+    loaded = autoperm.PermutationSpec.from_yaml(spec.to_yaml(tmp_path / "spec.yaml"))
+    assert repair_sites(loaded) == repair_sites(spec)
+    # groups marked fixed by hand drop their channels from REPAIR
+    fixed = set(repair_sites(spec)[0].groups)
+    data = loaded.model_dump()
+    for group in data["groups"]:
+        group["fixed"] = group["name"] in fixed
+    edited = autoperm.PermutationSpec.model_validate(data)
+    expected = [site.node for site in repair_sites(spec) if not set(site.groups) <= fixed]
+    assert [site.node for site in repair_sites(edited)] == expected and len(expected) < len(repair_sites(spec))
+
+
+def test_spec_without_affine_sites_is_refused_with_the_field_named():
+    model = ConvBN()
+    spec = autoperm.infer_spec(model, torch.randn(1, 2, 5, 5)).model_copy(update={"affine_sites": None})
+    with pytest.raises(SpecError, match="affine_sites"):
+        repair_sites(spec)

@@ -124,7 +124,7 @@ def _repairer(module: nn.Module, model_path: str, spec_path: str | None, checkpo
     """A :class:`autoperm.Repairer` for ``barrier --repair``; the spec is inferred on one training input if not given."""
     from autoperm.cli.common import load_spec_or_infer
     from autoperm.data import DataError, iter_batches
-    from autoperm.evaluate import Repairer
+    from autoperm.api import Repairer
 
     inputs = next((batch for batch, _ in iter_batches(train_data)), None)
     if inputs is None:

@@ -16,8 +16,8 @@ from autoperm.checkpoint import load_state_dict, save_state_dict
 from autoperm.cli.common import ModelArgs, load_spec_or_infer, model_settings
 from autoperm.errors import CheckpointError, ModelLoadError, SolverError
 from autoperm.pretrained import check_names, find_layout, is_checkpoint_directory, is_model_directory, save_directory, tied_names
+from autoperm.api import activation_matching
 from autoperm.solvers import (
-    activation_matching,
     check_state_dicts,
     merge_many,
     ste_matching,

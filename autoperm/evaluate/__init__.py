@@ -18,7 +18,7 @@ from autoperm.evaluate.barrier import (
     reset_bn_stats,
 )
 from autoperm.evaluate.distance import Distance, l2_distance
-from autoperm.evaluate.repair import RepairResult, RepairSite, Repairer, repair, repair_sites
+from autoperm.evaluate.repair import RepairResult, RepairSite, Repairer, repair_sites
 from autoperm.evaluate.singular import (
     LayerAlignment,
     SingularAnalysis,
@@ -44,7 +44,6 @@ __all__ = [
     "interpolation_curve",
     "l2_distance",
     "loss_barrier",
-    "repair",
     "repair_sites",
     "reset_bn_stats",
     "singular_analyses",

@@ -10,11 +10,13 @@ mean ``(1 - t) mu_A + t mu_B`` and std ``(1 - t) s_A + t s_B``; the affine corre
 folded into the layer's weights.
 
 The authors' code wraps hand-picked layers of each architecture. Here the sites come from the
-traced graph and the permutation spec: a *site* is a call of a layer with a per-channel affine
-(Linear, ConvNd, BatchNorm, LayerNorm, GroupNorm, RMSNorm, or their functional / ATen forms,
-including ``addmm`` as written by Hugging Face's ``Conv1D``) whose output channels are moved by
-an active permutation group. A layer whose output goes only into another site that is a norm
-(a conv feeding its BatchNorm) is left to that norm. As in the authors' code, the interpolated
+permutation spec, which records them at inference (``PermutationSpec.affine_sites``): a *site*
+is a call of a layer with a per-channel affine (Linear, ConvNd, BatchNorm, LayerNorm, GroupNorm,
+RMSNorm, or their functional / ATen forms, including ``addmm`` as written by Hugging Face's
+``Conv1D``) whose output channels are moved by an active permutation group. A layer whose output
+goes only into another site that is a norm (a conv feeding its BatchNorm) is left to that norm.
+REPAIR never looks at the graph: an :class:`autoperm.spec.runner.ActivationRunner` gives it the
+sites' outputs. As in the authors' code, the interpolated
 network's statistics are gathered in one pass in which every site is already renormalised with
 its batch statistics, so each site sees the corrected network upstream of it.
 
@@ -36,26 +38,23 @@ which changes the attention logits; nothing inside the softmax is corrected.
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from autoperm.data import Data, input_batches
 from autoperm.errors import AutopermError, DataError, SpecError
+from autoperm.evaluate.barrier import interpolate_state_dicts
 from autoperm.spec import PermutationSpec
 from autoperm.spec.apply import layout_positions
+from autoperm.spec.runner import ActivationRunner, NodeEdit
 
-__all__ = ["RepairSite", "RepairResult", "Repairer", "repair", "repair_sites"]
+__all__ = ["RepairSite", "RepairResult", "Repairer", "repair_sites"]
 
 logger = logging.getLogger(__name__)
-
-# canonical op / module class -> (channel axis of the output, output axis of the weight, arg names)
-_NORM_OPS = {"batch_norm", "layer_norm", "group_norm", "rms_norm", "instance_norm"}
 
 
 @dataclass(frozen=True)
@@ -115,122 +114,45 @@ class RepairResult:
 
 
 # ------------------------------------------------------------------------------ sites
-def _state_name(value: Any) -> str | None:
-    return getattr(value, "state_name", None)
+def repair_sites(spec: PermutationSpec) -> tuple[RepairSite, ...]:
+    """The layer calls whose permuted output channels REPAIR corrects, read from the spec.
 
-
-def _describe_call(call: Any, bound: Any) -> tuple[str, int, str, int, str | None] | None:
-    """``(op, channel axis, weight, weight axis, bias)`` for a call with a per-channel affine."""
-    op = bound.op
-    module = call.module
-    if module is not None:
-        prefix = f"{call.module_name}." if call.module_name else ""
-        has_bias = getattr(module, "bias", None) is not None
-        bias = f"{prefix}bias" if has_bias else None
-        if isinstance(module, nn.Linear):
-            return op, -1, f"{prefix}weight", 0, bias
-        if isinstance(module, nn.modules.conv._ConvNd):
-            if module.transposed:
-                return (op, 1, f"{prefix}weight", 1, bias) if module.groups == 1 else None
-            return op, 1, f"{prefix}weight", 0, bias
-        if getattr(module, "weight", None) is None:
-            return None
-        if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-            return op, 1, f"{prefix}weight", 0, bias
-        if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
-            if module.weight.dim() != 1:
-                return None
-            return op, -1, f"{prefix}weight", 0, bias
-        return None
-    if op == "linear":
-        weight = _state_name(bound.get("weight"))
-        return (op, -1, weight, 0, _state_name(bound.get("bias"))) if weight else None
-    if op in ("conv", "convolution"):
-        weight = _state_name(bound.get("weight"))
-        if not weight or bound.get("transposed", False):
-            return None
-        return op, 1, weight, 0, _state_name(bound.get("bias"))
-    if op == "addmm":  # input + mat1 @ mat2 with mat2 a (in, out) weight (Hugging Face Conv1D)
-        weight = _state_name(bound.get("mat2"))
-        bias = bound.get("input")
-        if not weight or _state_name(bound.get("mat1")) or (bias is not None and not _state_name(bias)):
-            return None
-        return op, -1, weight, 1, _state_name(bias)
-    if op in _NORM_OPS:
-        weight = _state_name(bound.get("weight"))
-        if not weight:
-            return None
-        return op, (-1 if op in ("layer_norm", "rms_norm") else 1), weight, 0, _state_name(bound.get("bias"))
-    return None
-
-
-def repair_sites(spec: PermutationSpec, model: nn.Module, example_inputs: Any) -> tuple[RepairSite, ...]:
-    """Find the layer calls of ``model`` whose permuted output channels REPAIR corrects.
-
-    The model is traced with the front-end the spec was made with; the names of the sites are
-    those of that traced graph.
+    Every affine site the spec records (``spec.affine_sites``) whose weight's output axis an
+    active group moves, except a layer that only feeds norm sites (a conv feeding its
+    BatchNorm), whose norm is corrected instead.
 
     Args:
-        spec: the permutation spec of ``model`` (only active groups count).
-        model: the model.
-        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        spec: a spec made by :func:`autoperm.infer_spec` (only active groups count).
 
     Returns:
         The sites, in graph order.
 
     Raises:
-        TraceError: the model cannot be traced.
+        SpecError: the spec records no affine sites (written by hand, or by an older autoperm).
     """
-    from autoperm.infer.registry import bind, has_module_rule
-    from autoperm.trace import trace_model
-
-    traced = trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=spec.tracer)
-    canonical = traced.aliases
-    candidates: list[tuple[Any, tuple[str, int, str, int, str | None]]] = []
-    consumers: dict[str, set[str]] = {}
-    for call in traced.calls:
-        for ref in call.tensors():
-            consumers.setdefault(ref.id, set()).add(call.node)
-        outputs = call.output_tensors()
-        if len(call.outputs) != 1 or not outputs or not outputs[0].floating:
-            continue
-        described = _describe_call(call, bind(call)[0])
-        if described is not None:
-            candidates.append((call, described))
+    if spec.affine_sites is None:
+        raise SpecError(
+            "REPAIR needs the spec's affine_sites (the layers whose channels it corrects), and this spec has none: "
+            "it was written by hand or by an older autoperm; make it again with `autoperm spec` or autoperm.infer_spec"
+        )
     sites: list[RepairSite] = []
-    weight_uses: dict[str, int] = {}
-    for call, (op, channel_axis, weight, weight_axis, bias) in candidates:
-        out = call.outputs[0]
+    for site in spec.affine_sites:
+        if site.feeds:
+            continue  # a conv feeding its BatchNorm: the norm is corrected instead
         channels: set[int] = set()
         groups: list[str] = []
-        for group, member in spec.members_by_param.get(weight, ()):
-            if member.axis != weight_axis:
-                continue
-            channels.update(int(p) for p in layout_positions(member, group.size).flatten())
-            groups.append(group.name)
-        size = out.shape[channel_axis] if out.ndim else 0
-        if not channels or out.ndim < 1 or size != spec.shapes.get(weight, (size,) * (weight_axis + 1))[weight_axis]:
-            continue
-        is_norm = op in _NORM_OPS or isinstance(call.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) \
-            or type(call.module).__name__ == "RMSNorm"
-        sites.append(RepairSite(
-            node=call.node, op=op, channel_axis=channel_axis, weight=weight, weight_axis=weight_axis, bias=bias,
-            channels=tuple(sorted(channels)), groups=tuple(dict.fromkeys(groups)), norm=is_norm,
-        ))
-        key = canonical.get(weight, weight)
-        weight_uses[key] = weight_uses.get(key, 0) + 1
-    norm_nodes = {site.node for site in sites if site.norm}
-    kept = []
-    for site in sites:
-        users = consumers.get(site.node, set())
-        if users and users <= norm_nodes and not site.norm:
-            continue  # a conv feeding its BatchNorm: the norm is corrected instead
-        if weight_uses[canonical.get(site.weight, site.weight)] > 1:
-            logger.warning("REPAIR: %s is used by several calls; its channels are left uncorrected", site.weight)
-            continue
-        kept.append(site)
-    logger.info("REPAIR: %d site(s) with %d channels", len(kept), sum(len(s.channels) for s in kept))
-    return tuple(kept)
+        for group, member in spec.members_by_param.get(site.weight, ()):
+            if member.axis == site.weight_axis:
+                channels.update(int(p) for p in layout_positions(member, group.size).flatten())
+                groups.append(group.name)
+        if channels:
+            sites.append(RepairSite(
+                node=site.node, op=site.kind, channel_axis=site.channel_axis, weight=site.weight,
+                weight_axis=site.weight_axis, bias=site.bias, channels=tuple(sorted(channels)),
+                groups=tuple(dict.fromkeys(groups)), norm=site.norm,
+            ))
+    logger.info("REPAIR: %d site(s) with %d channels", len(sites), sum(len(s.channels) for s in sites))
+    return tuple(sites)
 
 
 # -------------------------------------------------------------------------- statistics
@@ -302,26 +224,28 @@ class Repairer:
 
     Call it with an interpolated state dict and its ``t`` to get the repaired state dict, or
     use :meth:`repair` for the point ``t`` of the straight line. Pass it as ``transform`` to
-    :func:`autoperm.interpolation_curve` for a repaired barrier curve.
+    :func:`autoperm.interpolation_curve` for a repaired barrier curve. The sites come from the
+    spec (:func:`repair_sites`); ``runner`` runs the model to read their outputs
+    (:class:`autoperm.Repairer` builds it from the model).
 
     Args:
-        spec: the permutation spec of ``model`` (the sites are its permuted channels).
-        model: a module of the architecture (its own weights are not used, nor modified).
+        spec: the spec the sites are read from (made by :func:`autoperm.infer_spec`).
+        runner: yields the outputs of the spec's nodes, e.g. ``autoperm.trace.GraphRunner.for_spec(spec, model)``.
         state_dict_a: model A.
         state_dict_b: model B, already aligned to A (``apply_permutation`` of a matching).
         data: training data, ``(inputs, targets)`` batches or an ``(inputs, targets)`` pair.
         batch_size: batch size when ``data`` is a tensor pair.
         max_batches: use at most this many batches.
         eps: added to variances before dividing (as BatchNorm's eps).
-        sites: the sites to correct; by default :func:`repair_sites` on the first batch.
-        device: where to run.
+        sites: the sites to correct; by default :func:`repair_sites` of the spec.
+        device: where the batches go (the runner runs the model there).
 
     Raises:
-        SpecError: the state dicts do not fit the spec.
+        SpecError: the state dicts do not fit the spec, or the spec records no affine sites.
         DataError: no batches in ``data``.
 
     Example:
-        >>> repairer = Repairer(spec, model, sd_a, sd_b_aligned, (x_train, y_train))
+        >>> repairer = Repairer(spec, GraphRunner.for_spec(spec, model), sd_a, sd_b_aligned, (x_train, y_train))
         >>> midpoint = repairer.repair(0.5).state_dict
         >>> curve = interpolation_curve(model, sd_a, sd_b_aligned, splits, transform=repairer)
     """
@@ -329,7 +253,7 @@ class Repairer:
     def __init__(
         self,
         spec: PermutationSpec,
-        model: nn.Module,
+        runner: ActivationRunner,
         state_dict_a: Mapping[str, torch.Tensor],
         state_dict_b: Mapping[str, torch.Tensor],
         data: Data,
@@ -342,21 +266,13 @@ class Repairer:
         spec.check_state_dict(state_dict_a, "state dict A")
         spec.check_state_dict(state_dict_b, "state dict B")
         self.spec = spec
-        self.model = model if torch.device(device).type == "cpu" else copy.deepcopy(model).to(device)
+        self.runner = runner
         self.eps = eps
         self.device = torch.device(device)
         self.batches = [b.to(self.device) if isinstance(b, torch.Tensor) else b for b in _batches(data, batch_size, max_batches)]
-        self.sites = tuple(sites) if sites is not None else repair_sites(spec, model, self.batches[0][:1] if isinstance(self.batches[0], torch.Tensor) else self.batches[0])
+        self.sites = tuple(sites) if sites is not None else repair_sites(spec)
         if not self.sites:
             logger.warning("REPAIR: no layer with a per-channel affine writes a permuted channel; nothing to correct")
-        from autoperm.trace.common import state_aliases
-
-        self._aliases = state_aliases(model)[0]
-        self._graphs: dict[Any, Any] = {}
-        self._by_shape: dict[Any, list[Any]] = {}
-        for batch in self.batches:
-            key = tuple(batch.shape) if isinstance(batch, torch.Tensor) else None  # graphs may be shape-specialised
-            self._by_shape.setdefault(key, []).append(batch)
         self._channels = {site.node: torch.tensor(site.channels, dtype=torch.long) for site in self.sites}
         # None where a site corrects every channel of its output (no gather needed)
         self._selection = {
@@ -368,20 +284,9 @@ class Repairer:
         self.endpoint_moments = [self._moments(state_dict) for state_dict in (self.state_dict_a, self.state_dict_b)]
 
     # ------------------------------------------------------------------ passes
-    def _stream(self, state_dict: Mapping[str, torch.Tensor], edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
-        """Site outputs of every batch; one traced graph per input shape (exported graphs, and fx graphs traced with
-        known shapes, are specialised to their input shapes)."""
-        from autoperm.trace import runnable_graph, stream_activations
-
-        # tied weights (shared embeddings) go in once, under their canonical name
-        state = {name: tensor.to(self.device) for name, tensor in state_dict.items() if self._aliases.get(name, name) == name}
-        nodes = [site.node for site in self.sites]
-        for key, batches in self._by_shape.items():
-            if key not in self._graphs:
-                self._graphs[key] = runnable_graph(self.model, batches[0], self.spec.tracer)
-            yield from stream_activations(
-                self.model, nodes, batches, tracer=self.spec.tracer, state_dict=state, edit=edit, graph=self._graphs[key],
-            )
+    def _stream(self, state_dict: Mapping[str, torch.Tensor], edit: NodeEdit | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Site outputs of every batch."""
+        return self.runner.stream([site.node for site in self.sites], self.batches, state_dict, edit)
 
     def _moments(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, _Moments]:
         moments = {site.node: _Moments() for site in self.sites}
@@ -412,8 +317,6 @@ class Repairer:
             ``(1 - t) s_A + t s_B`` (1: no collapse; Jordan et al. report about 0.5 and less in
             the deep layers of plain-interpolated aligned networks without BatchNorm).
         """
-        from autoperm.evaluate.barrier import interpolate_state_dicts
-
         moments = self._moments(interpolate_state_dicts(self.state_dict_a, self.state_dict_b, t))
         goals = self.goal(t)
         return {node: float((m.std() / goals[node].std.clamp_min(1e-12)).mean()) for node, m in moments.items()}
@@ -424,8 +327,6 @@ class Repairer:
 
     def repair(self, t: float = 0.5) -> RepairResult:
         """Interpolate A and B at ``t`` and repair the result."""
-        from autoperm.evaluate.barrier import interpolate_state_dicts
-
         return self.correct(interpolate_state_dicts(self.state_dict_a, self.state_dict_b, t), t)
 
     def correct(self, state_dict: Mapping[str, torch.Tensor], t: float) -> RepairResult:
@@ -500,37 +401,3 @@ def _fold(state: dict[str, torch.Tensor], site: RepairSite, channels: torch.Tens
         bias = state[site.bias].double()
         bias[channels.to(bias.device)] = scale.to(bias.device) * bias[channels.to(bias.device)] + shift.to(bias.device)
         state[site.bias] = bias.to(state[site.bias].dtype)
-
-
-def repair(
-    spec: PermutationSpec,
-    model: nn.Module,
-    state_dict_a: Mapping[str, torch.Tensor],
-    state_dict_b: Mapping[str, torch.Tensor],
-    data: Data,
-    t: float = 0.5,
-    **options: Any,
-) -> RepairResult:
-    """REPAIR the interpolation of two aligned models at ``t`` (Jordan et al., arXiv 2211.08403).
-
-    Args:
-        spec: the permutation spec of ``model``.
-        model: a module of the architecture (not modified).
-        state_dict_a: model A.
-        state_dict_b: model B aligned to A.
-        data: training data; see :class:`Repairer`.
-        t: the interpolation coefficient (0.5: the midpoint).
-        **options: ``batch_size``, ``max_batches``, ``eps``, ``sites``, ``device`` of :class:`Repairer`.
-
-    Returns:
-        A :class:`RepairResult`; ``.state_dict`` is a plain state dict of the same architecture.
-
-    Raises:
-        SpecError: the state dicts do not fit the spec.
-        DataError: no batches in ``data``.
-
-    Example:
-        >>> res = autoperm.repair(spec, model, sd_a, autoperm.apply_permutation(spec, wm.perms, sd_b), (x, y))
-        >>> model.load_state_dict(res.state_dict)
-    """
-    return Repairer(spec, model, state_dict_a, state_dict_b, data, **options).repair(t)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from autoperm.infer import rules_attention, rules_core, rules_layers  # noqa: F401  (registers the rule table)
+from autoperm.infer.affine import affine_sites
 from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
 from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
@@ -224,6 +225,10 @@ def infer_spec(
                     )
 
     sites = _activation_sites(traced, resolved, sizes, set(members))
+    by_param: dict[str, list[Member]] = {}
+    for group_members in members.values():
+        for member in group_members:
+            by_param.setdefault(member.param, []).append(member)
     fibres = _fibres(ctx, resolved, sizes, members, traced)
     names = _group_names(ctx.producers, members, fibres)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
@@ -240,9 +245,21 @@ def infer_spec(
     hidden_units, kept_fixed = _completeness(ctx, traced, resolved, sizes, members)
     logger.info("inferred %d permutation groups (%s front-end)", len(groups), traced.tracer)
     return PermutationSpec(
-        model=model_name or type(model).__name__, tracer=traced.tracer, groups=tuple(groups),
-        hidden_units=hidden_units, kept_fixed=kept_fixed, shapes=shapes,
+        model=model_name or type(model).__name__, tracer=traced.tracer, leaf_modules=_leaf_modules(traced),
+        groups=tuple(groups), affine_sites=affine_sites(traced, by_param), hidden_units=hidden_units,
+        kept_fixed=kept_fixed, shapes=shapes,
     )
+
+
+def _leaf_modules(traced: TracedGraph) -> tuple[str, ...]:
+    """Modules the trace kept whole beyond torch.fx's own leaves (stock ``torch.nn`` layers)."""
+    if traced.tracer != "fx":
+        return ()
+    stock = torch.fx.Tracer()
+    return tuple(sorted({
+        call.module_name for call in traced.calls
+        if call.module is not None and call.module_name and not stock.is_leaf_module(call.module, call.module_name)
+    }))
 
 
 def _completeness(ctx: RuleContext, traced: TracedGraph, resolved: Resolved, sizes: dict[Hashable, int],

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from torch import nn
 
 from autoperm.data import input_batches
 from autoperm.errors import SolverError
 from autoperm.solvers.result import MatchingResult, check_state_dicts
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationSpec, identity_permutation, member_matrix
+from autoperm.spec.runner import ActivationRunner, record_activations
 
 __all__ = ["activation_matching", "correlation_matrix"]
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def activation_matching(
     spec: PermutationSpec,
-    model: nn.Module,
+    runner: ActivationRunner,
     state_dict_a: Mapping[str, torch.Tensor],
     state_dict_b: Mapping[str, torch.Tensor],
     data: Any,
@@ -42,15 +42,17 @@ def activation_matching(
 ) -> MatchingResult:
     """Match every group observable on an activation by correlation; the rest by weight matching.
 
-    For each plain group with activation sites, the activations of both models on ``data`` (run
-    in eval mode through the graph the spec was traced from) are viewed as ``(units, samples)``
+    For each plain group with activation sites, the activations of both models on ``data`` (from
+    ``runner``, which runs the graph the spec was traced from) are viewed as ``(units, samples)``
     per site, standardised per unit, and their cross-correlations summed over sites; one LAP
     (maximise) gives the permutation. Fibred groups and groups without sites fall back to weight
     matching, warm-started with the activation-matched groups held fixed.
 
     Args:
         spec: the permutation spec (its groups' ``activations`` name traced-graph nodes).
-        model: the module the spec was inferred from (its own weights are not used).
+        runner: yields the outputs of the spec's nodes, e.g.
+            ``autoperm.trace.GraphRunner.for_spec(spec, model)`` (:func:`autoperm.activation_matching`
+            builds it from the model).
         state_dict_a, state_dict_b: the two models' state dicts.
         data: ``(inputs, targets)`` batches or an ``(inputs, targets)`` pair; targets are ignored.
         batch_size: batch size when ``data`` is a tensor pair.
@@ -64,18 +66,13 @@ def activation_matching(
     Raises:
         SolverError: mismatched state dicts, or no batches in ``data``.
     """
-    from autoperm.trace import record_activations
-
     check_state_dicts(spec, [state_dict_a, state_dict_b])
     observed = [g for g in spec.active_groups if g.activations and g.per is None]
     batches = input_batches(data, batch_size, max_batches)
     if not batches:
         raise SolverError("activation matching got no batches from data; give (inputs, targets) batches")
     nodes = sorted({site.node for group in observed for site in group.activations})
-    recorded = [
-        record_activations(model, nodes, batches, tracer=spec.tracer, state_dict=dict(sd)) if nodes else {}
-        for sd in (state_dict_a, state_dict_b)
-    ]
+    recorded = [record_activations(runner, nodes, batches, state_dict) if nodes else {} for state_dict in (state_dict_a, state_dict_b)]
     perms = identity_permutation(spec)
     for group in observed:
         correlation = sum(

@@ -30,7 +30,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from autoperm.errors import SpecError
 
-__all__ = ["Layout", "Member", "ActivationSite", "Completeness", "FixedAxis", "PermutationGroup", "PermutationSpec"]
+__all__ = [
+    "Layout",
+    "Member",
+    "ActivationSite",
+    "AffineSite",
+    "Completeness",
+    "FixedAxis",
+    "PermutationGroup",
+    "PermutationSpec",
+]
 
 SPEC_VERSION = 1
 
@@ -80,6 +89,39 @@ class ActivationSite(Layout):
     """An activation of the traced graph on which a group's axis is observable."""
 
     node: str
+
+
+class AffineSite(BaseModel):
+    """A layer call with a per-channel affine on its output, whose output channels a group moves.
+
+    REPAIR (Jordan et al., arXiv 2211.08403) renormalises these channels and folds the correction
+    into ``weight`` (and ``bias``). Which groups move a site's channels follows from the groups'
+    members on ``weight`` along ``weight_axis``.
+
+    Attributes:
+        node: the traced-graph node of the call (its output is the channels' activation).
+        module: the module's qualified name for a module call, ``None`` for a functional one.
+        kind: the op or module class (``"Conv2d"``, ``"linear"``, ``"addmm"``, ``"layer_norm"``).
+        channel_axis: the axis of the node's output that holds the channels.
+        weight: state-dict name of the tensor scaled per channel.
+        weight_axis: the axis of ``weight`` that runs over the output channels.
+        bias: state-dict name of the per-channel shift; ``None`` means a scale-only correction.
+        norm: whether the layer is a normalisation layer.
+        feeds: the norm sites that alone read this call's output (a conv feeding its BatchNorm);
+            REPAIR corrects those norms instead.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node: str
+    module: str | None = None
+    kind: str
+    channel_axis: int
+    weight: str
+    weight_axis: int
+    bias: str | None = None
+    norm: bool = False
+    feeds: tuple[str, ...] = ()
 
 
 class PermutationGroup(BaseModel):
@@ -150,6 +192,13 @@ class PermutationSpec(BaseModel):
     ``hidden_units`` counts the output units of every conv / linear weight that are not model
     outputs, ``kept_fixed`` lists the hidden axes some of whose units no group moves, with the
     reason (filled in by :func:`autoperm.infer_spec`; empty for hand-written specs).
+
+    The spec is the one contract between inference and everything after it: besides the groups
+    it records what later stages need from the traced graph, so that none of them looks at the
+    graph again: each group's ``activations`` (activation matching), ``affine_sites`` (REPAIR;
+    ``None`` when not recorded, as in hand-written specs) and ``leaf_modules``, the modules
+    beyond torch's own layers that the trace kept whole (so the graph that records activations
+    has the node names the spec uses).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -157,7 +206,9 @@ class PermutationSpec(BaseModel):
     version: int = SPEC_VERSION
     model: str | None = None
     tracer: Literal["fx", "export"] = "fx"
+    leaf_modules: tuple[str, ...] = ()
     groups: tuple[PermutationGroup, ...]
+    affine_sites: tuple[AffineSite, ...] | None = None
     hidden_units: int | None = None
     kept_fixed: tuple[FixedAxis, ...] = ()
     shapes: dict[str, tuple[int, ...]] = {}
@@ -186,6 +237,13 @@ class PermutationSpec(BaseModel):
                         f"{member_where}: layout reaches position {member.extent(group.size) - 1}"
                         f" but axis {member.axis} has size {shape[member.axis]}"
                     )
+        for index, site in enumerate(self.affine_sites or ()):
+            for field, name in (("weight", site.weight), ("bias", site.bias)):
+                if name is not None and self.shapes and name not in self.shapes:
+                    raise ValueError(f"affine_sites[{index}] ({site.node!r}).{field}: parameter {name!r} not listed in 'shapes'")
+            shape = self.shapes.get(site.weight)
+            if shape is not None and not 0 <= site.weight_axis < len(shape):
+                raise ValueError(f"affine_sites[{index}] ({site.node!r}).weight_axis: {site.weight_axis} out of range for shape {list(shape)}")
         for index, group in enumerate(self.groups):
             if group.per is None:
                 continue
@@ -299,6 +357,8 @@ class PermutationSpec(BaseModel):
             group["members"] = [_name_first(m, "param") for m in group["members"]]
             if "activations" in group:
                 group["activations"] = [_name_first(a, "node") for a in group["activations"]]
+        if data.get("affine_sites") is not None:
+            data["affine_sites"] = [_name_first(site, "node") for site in data["affine_sites"]]
         text = yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, width=100)
         if path is not None:
             write_text_atomic(Path(path), text)

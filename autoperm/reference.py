@@ -1,6 +1,6 @@
 """The reference architectures whose specs ship in ``specs/``, and how to regenerate them.
 
-Run ``python -m autoperm.models.reference [SPECS_DIR]`` to rewrite every spec whose model can
+Run ``python -m autoperm.reference [SPECS_DIR]`` to rewrite every spec whose model can
 be built here (torchvision / transformers entries need those packages).
 """
 
@@ -68,7 +68,7 @@ def build_reference_spec(reference: ReferenceModel):
 
 
 def main(argv: list[str]) -> None:
-    folder = Path(argv[0]) if argv else Path(__file__).resolve().parents[2] / "specs"
+    folder = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "specs"
     for reference in REFERENCE_MODELS:
         if not available(reference):
             continue
