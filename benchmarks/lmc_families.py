@@ -49,7 +49,7 @@ import autoperm
 from autoperm.evaluate import InterpolationCurve, Repairer, barrier_summary, interpolation_curve
 from autoperm.models import MLP
 from autoperm.models.resnet import BasicBlock
-from autoperm.spec.schema import write_text_atomic
+from autoperm.io import write_text_atomic
 
 StateDict = dict[str, torch.Tensor]
 Split = tuple[torch.Tensor, torch.Tensor]
