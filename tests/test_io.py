@@ -16,8 +16,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from autoperm import Member, PermutationGroup, PermutationSpec, load_state_dict, save_state_dict
-from autoperm.io import find_layout, save_directory, write_safetensors, write_text_atomic
+from autoperm import (
+    Member,
+    PermutationGroup,
+    PermutationSpec,
+    load_state_dict,
+    save_state_dict,
+)
+from autoperm.io import (
+    find_layout,
+    save_directory,
+    write_safetensors,
+    write_text_atomic,
+)
 
 MASKS = [0o022, 0o077]
 

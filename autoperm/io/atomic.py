@@ -104,9 +104,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     Raises:
         OSError: the file cannot be written; nothing is left behind.
     """
-    with atomic_file(path) as temporary:
-        with open(temporary, "w") as stream:
-            stream.write(text)
+    with atomic_file(path) as temporary, open(temporary, "w") as stream:
+        stream.write(text)
 
 
 def _flush(path: Path) -> None:

@@ -29,7 +29,12 @@ import torch
 
 from autoperm.errors import CheckpointError
 from autoperm.io.atomic import atomic_directory
-from autoperm.io.formats import read_torch_file, safetensors_dtypes, safetensors_keys, safetensors_metadata
+from autoperm.io.formats import (
+    read_torch_file,
+    safetensors_dtypes,
+    safetensors_keys,
+    safetensors_metadata,
+)
 
 __all__ = ["CheckpointLayout", "Transform", "find_layout", "is_checkpoint_directory", "load_directory", "save_directory"]
 
