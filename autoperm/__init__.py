@@ -28,7 +28,7 @@ from autoperm.spec import (
 from autoperm.infer import UnsupportedOpWarning, infer_spec, register_alias, register_module_rule, register_op_rule
 from autoperm.verify import VerifyReport, verify_spec
 
-from autoperm.checkpoint import load_state_dict, save_state_dict
+from autoperm.io import load_state_dict, save_state_dict
 from autoperm.solvers import (
     MatchingResult,
     MergeResult,

@@ -50,7 +50,7 @@ from autoperm.infer import infer_spec
 from autoperm.models import MLP
 from autoperm.solvers.ste import SteResult
 from autoperm.spec import PermutationSpec, apply_permutation
-from autoperm.spec.schema import write_text_atomic
+from autoperm.io import write_text_atomic
 
 __all__ = ["DemoConfig", "run_demo", "run_experiment", "format_report", "train_classifier"]
 

@@ -66,7 +66,7 @@ def _init(name: str, shape: list[int], dtype: torch.dtype, seed: int) -> torch.T
 def create_checkpoints(spec, workdir: Path, dtype: torch.dtype, noise: float, pairs: list[str]) -> dict[str, Path]:
     """Write ``a`` and the B models of ``pairs`` (skipping files that exist) and the planted perms."""
     import autoperm
-    from autoperm.solvers.mmap_weights import mmap_safetensors, write_safetensors
+    from autoperm.io import mmap_safetensors, write_safetensors
     from autoperm.spec import permute_tensor
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def run_one(args: argparse.Namespace) -> None:
     heads_module = importlib.import_module("autoperm.solvers.heads")
     wm = importlib.import_module("autoperm.solvers.weight_matching")
     from autoperm.solvers.lap import linear_assignment
-    from autoperm.solvers.mmap_weights import mmap_safetensors
+    from autoperm.io import mmap_safetensors
     from autoperm.spec import PermutationSpec, invert_permutation, permute_tensor
 
     torch.set_num_threads(args.threads)

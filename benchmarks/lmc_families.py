@@ -50,7 +50,7 @@ from autoperm import Repairer
 from autoperm.evaluate import InterpolationCurve, barrier_summary, interpolation_curve
 from autoperm.models import MLP
 from autoperm.models.resnet import BasicBlock
-from autoperm.spec.schema import write_text_atomic
+from autoperm.io import write_text_atomic
 
 StateDict = dict[str, torch.Tensor]
 Split = tuple[torch.Tensor, torch.Tensor]

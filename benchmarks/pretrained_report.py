@@ -67,8 +67,9 @@ def build(name: str) -> torch.nn.Module:
 
 def report(name: str, workdir: Path) -> str:
     import autoperm
+    from autoperm.io import find_layout, save_directory
     from autoperm.pretrained import (
-        build_from_directory, default_inputs, find_layout, load_pretrained, read_model_directory, save_directory, tied_names,
+        build_from_directory, default_inputs, load_pretrained, read_model_directory, tied_names,
     )
 
     torch.manual_seed(0)

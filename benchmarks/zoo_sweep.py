@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from autoperm.spec.schema import write_text_atomic
+from autoperm.io import write_text_atomic
 
 MODELS_FILE = Path(__file__).with_name("zoo_models.txt")
 SOUND_TOLERANCE = 1e-9

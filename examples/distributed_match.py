@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 import autoperm
 from autoperm.solvers.distributed import shard_parameters
-from autoperm.solvers.mmap_weights import mmap_safetensors
+from autoperm.io import mmap_safetensors
 
 
 def main() -> None:

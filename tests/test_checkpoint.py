@@ -32,7 +32,7 @@ def test_wrapped_checkpoint_is_unwrapped_and_logged(tmp_path: Path, key: str, ca
     sd = _state_dict()
     path = tmp_path / "wrapped.pt"
     torch.save({key: sd, "epoch": 3, "optimizer": {"lr": 0.1}}, path)
-    with caplog.at_level(logging.INFO, logger="autoperm.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="autoperm.io"):
         loaded = load_state_dict(path)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
     assert f"under {key!r}" in caplog.text

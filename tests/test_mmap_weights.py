@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import autoperm
 from autoperm.models import MLP
 from autoperm.errors import CheckpointError
-from autoperm.solvers.mmap_weights import mmap_safetensors, write_safetensors
+from autoperm.io import mmap_safetensors, write_safetensors
 
 
 def _digest(path: Path) -> str:

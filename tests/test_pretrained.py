@@ -25,7 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from autoperm import apply_permutation, infer_spec, random_permutation  # noqa: E402
 from autoperm.cli import cli  # noqa: E402
-from autoperm.pretrained import find_layout  # noqa: E402
+from autoperm.io import find_layout  # noqa: E402
 from autoperm.spec import PermutationSpec  # noqa: E402
 
 SHARD = "40KB"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import fractions
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -15,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from autoperm import CheckpointError, load_state_dict, save_state_dict
+from autoperm import CheckpointError, load_state_dict
 from autoperm.cli import cli
 
 transformers = pytest.importorskip("transformers")
@@ -138,15 +137,6 @@ def test_unsafe_and_corrupt_torch_files_say_so_briefly(tmp_path: Path) -> None:
     assert "corrupt.pt" in message and "weights_only" not in message and len(message) < 300
     torch.save(collections.OrderedDict(w=torch.ones(3)), tmp_path / "fine.pt")
     assert torch.equal(load_state_dict(tmp_path / "fine.pt")["w"], torch.ones(3))
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_single_file_outputs_follow_the_umask(tmp_path: Path, suffix: str) -> None:
-    path = tmp_path / f"out{suffix}"
-    save_state_dict({"w": torch.ones(2)}, path)
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
 
 
 def test_legacy_bin_shards_are_read_with_weights_only(tmp_path: Path) -> None:

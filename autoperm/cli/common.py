@@ -215,7 +215,8 @@ class ModelArgs:
     def _build_directory(
         self, weights: bool, device: str = "meta"
     ) -> tuple[nn.Module, tuple[torch.Tensor, ...] | dict[str, Any]]:
-        from autoperm.pretrained import build_from_directory, default_inputs, is_checkpoint_directory, load_pretrained
+        from autoperm.io import is_checkpoint_directory
+        from autoperm.pretrained import build_from_directory, default_inputs, load_pretrained
 
         directory = self.directory
         if weights:

@@ -17,7 +17,7 @@ __all__ = ["register", "barrier_command", "analyze_command", "demo_command"]
 
 
 def _write_json(path: str, payload: Mapping[str, Any]) -> None:
-    from autoperm.spec.schema import write_text_atomic
+    from autoperm.io import write_text_atomic
 
     write_text_atomic(Path(path), json.dumps(payload, indent=2))
     click.echo(f"wrote {path}")
@@ -25,7 +25,7 @@ def _write_json(path: str, payload: Mapping[str, Any]) -> None:
 
 def _load_checkpoints(model: nn.Module, paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Load each checkpoint and check that it fits ``model`` (names and shapes)."""
-    from autoperm.checkpoint import load_state_dict
+    from autoperm.io import load_state_dict
 
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     loaded = {}

@@ -12,11 +12,18 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from autoperm.checkpoint import load_state_dict, save_state_dict
+from autoperm.api import activation_matching
 from autoperm.cli.common import ModelArgs, load_spec_or_infer, model_settings
 from autoperm.errors import CheckpointError, ModelLoadError, SolverError
-from autoperm.pretrained import check_names, find_layout, is_checkpoint_directory, is_model_directory, save_directory, tied_names
-from autoperm.api import activation_matching
+from autoperm.io import (
+    find_layout,
+    is_checkpoint_directory,
+    load_state_dict,
+    save_directory,
+    save_state_dict,
+    write_text_atomic,
+)
+from autoperm.pretrained import check_names, is_model_directory, tied_names
 from autoperm.solvers import (
     check_state_dicts,
     merge_many,
@@ -25,7 +32,6 @@ from autoperm.solvers import (
 )
 from autoperm.spec import apply_permutation
 from autoperm.spec.apply import permute_tensor
-from autoperm.spec.schema import write_text_atomic
 
 __all__ = ["register", "match", "merge"]
 

@@ -2,8 +2,8 @@
 
 ``config.json`` says which class to build (``architectures`` for transformers, ``_class_name``
 for diffusers); the model is built from it on the meta device (no weights allocated) with
-example inputs that fit its type. Weights are read lazily from single files or shards and
-written back in the same layout (:mod:`autoperm.pretrained.shards`).
+example inputs that fit its type. Weights are read and written only through :mod:`autoperm.io`
+(single files or shards, read lazily, written back in the same layout).
 """
 
 from autoperm.pretrained.directory import (
@@ -16,20 +16,14 @@ from autoperm.pretrained.directory import (
     read_model_directory,
     tied_names,
 )
-from autoperm.pretrained.shards import CheckpointLayout, find_layout, is_checkpoint_directory, load_directory, save_directory
 
 __all__ = [
-    "CheckpointLayout",
     "ModelDirectory",
     "build_from_directory",
     "check_names",
     "default_inputs",
-    "find_layout",
-    "is_checkpoint_directory",
     "is_model_directory",
-    "load_directory",
     "load_pretrained",
     "read_model_directory",
-    "save_directory",
     "tied_names",
 ]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from autoperm.errors import CheckpointError, ModelLoadError
+from autoperm.io import load_state_dict
 
 __all__ = [
     "ModelDirectory",
@@ -162,8 +163,6 @@ def load_pretrained(directory: ModelDirectory, checkpoint: str | os.PathLike[str
         ModelLoadError: see :func:`build_from_directory`.
         CheckpointError: the weights cannot be read or do not fit the model (names the keys).
     """
-    from autoperm.checkpoint import load_state_dict
-
     model = build_from_directory(directory, device="cpu")
     source = checkpoint if checkpoint is not None else directory.path
     state_dict = load_state_dict(source, tied=tied_names(model))

@@ -19,7 +19,6 @@ over that group's index. Convention everywhere: applying ``p`` along an axis mea
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from autoperm.errors import SpecError
+from autoperm.io.atomic import write_text_atomic
 
 __all__ = [
     "Layout",
@@ -347,7 +347,8 @@ class PermutationSpec(BaseModel):
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
         """Dump the spec as YAML (defaults left out, number lists on one line).
 
-        If ``path`` is given the file is written atomically (temporary file, then rename).
+        If ``path`` is given the file is written atomically (temporary file, then rename), with the
+        mode the umask gives new files.
         """
         dumped = self.model_dump(mode="json", exclude_defaults=True)
         data: dict[str, Any] = {"version": self.version, **dumped}
@@ -426,26 +427,6 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
         return path.read_text(), str(path)
     except OSError as error:
         raise SpecError(f"cannot read spec file {str(path)!r}: {error.strerror}") from error
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _SpecDumper(yaml.SafeDumper):

@@ -11,7 +11,8 @@ Reading is lazy: safetensors tensors are memory-mapped views of the files, torch
 loaded with ``torch.load(mmap=True, weights_only=True)``; nothing is copied until a tensor is
 used. Writing follows the source layout file by file (same shard names, same keys in each shard,
 so the same shard size), one shard in memory at a time, into a temporary directory that is
-renamed at the end; the other files of the directory (config, tokenizer, ...) are copied.
+renamed at the end (:func:`autoperm.io.atomic.atomic_directory`); the other files of the
+directory (config, tokenizer, ...) are copied.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,15 @@ from pathlib import Path
 import torch
 
 from autoperm.errors import CheckpointError
+from autoperm.io.atomic import atomic_directory
+from autoperm.io.formats import (
+    read_torch_file,
+    safetensors_dtypes,
+    safetensors_keys,
+    safetensors_metadata,
+)
 
-__all__ = ["CheckpointLayout", "find_layout", "is_checkpoint_directory", "load_directory", "save_directory"]
+__all__ = ["CheckpointLayout", "Transform", "find_layout", "is_checkpoint_directory", "load_directory", "save_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ _CANDIDATES: tuple[tuple[str, str, str], ...] = (
 )
 
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
+"""Called with a tensor's name and the tensor, returns the tensor to write in its place."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class CheckpointLayout:
 
     @property
     def keys(self) -> list[str]:
+        """Every tensor name of the layout, shard by shard in file order."""
         return [key for names in self.shards.values() for key in names]
 
 
@@ -127,7 +136,7 @@ def _sharded_layout(directory: Path, index: str, kind: str) -> CheckpointLayout:
         )
     if kind == "safetensors":
         for file, keys in shards.items():
-            present = set(_keys_of(directory / file, kind))
+            present = set(safetensors_keys(directory / file))
             absent = [key for key in keys if key not in present]
             if absent:
                 raise CheckpointError(
@@ -138,21 +147,9 @@ def _sharded_layout(directory: Path, index: str, kind: str) -> CheckpointLayout:
 
 
 def _keys_of(path: Path, kind: str) -> list[str]:
-    if kind != "safetensors":
-        return list(_load_torch_file(path))
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception as error:  # safetensors raises its own error types on corrupt headers
-        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {error}") from error
-
-
-def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    from autoperm.checkpoint import read_torch_file
-
-    return read_torch_file(path)
+    if kind == "safetensors":
+        return safetensors_keys(path)
+    return list(read_torch_file(path))
 
 
 def load_directory(
@@ -186,7 +183,7 @@ def load_directory(
             except Exception as error:  # corrupt data section
                 raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {error}") from error
         else:
-            loaded = _load_torch_file(path)
+            loaded = read_torch_file(path)
             absent = [key for key in keys if key not in loaded]
             if absent:
                 raise CheckpointError(f"shard {str(path)!r} lacks {len(absent)} tensor(s) its index lists, e.g. {absent[:3]}")
@@ -215,6 +212,7 @@ def save_directory(
     shard sizes and the index stay the same, and a tensor stored once for tied weights is
     written once. Shards are written one at a time, ``transform(name, tensor)`` being applied to
     each tensor as its shard is written (so a permutation needs one shard of extra memory).
+    Files and folders get the modes the umask gives new ones.
 
     Args:
         state_dict: ``{name: tensor}`` holding at least every tensor of the layout.
@@ -239,30 +237,19 @@ def save_directory(
     if missing:
         raise CheckpointError(f"cannot write {str(output)!r}: the state dict lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+        with atomic_directory(output) as temporary:
+            _copy_other_files(layout, temporary)
+            total = 0
+            for file, keys in layout.shards.items():
+                total += _write_shard(layout, file, keys, state_dict, transform, temporary / file)
+            if layout.index:
+                data = dict(layout.index_data or {})
+                metadata = dict(data.get("metadata") or {})
+                metadata["total_size"] = total
+                data["metadata"] = metadata
+                (temporary / layout.index).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     except OSError as error:
         raise CheckpointError(f"cannot write {str(output)!r}: {error}") from error
-    try:
-        _copy_other_files(layout, temporary)
-        total = 0
-        for file, keys in layout.shards.items():
-            total += _write_shard(layout, file, keys, state_dict, transform, temporary / file)
-        if layout.index:
-            data = dict(layout.index_data or {})
-            metadata = dict(data.get("metadata") or {})
-            metadata["total_size"] = total
-            data["metadata"] = metadata
-            (temporary / layout.index).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        _follow_umask(temporary, directory=True)
-        for child in temporary.rglob("*"):
-            _follow_umask(child, directory=child.is_dir())
-        os.rename(temporary, output)
-    except BaseException as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if isinstance(error, OSError):
-            raise CheckpointError(f"cannot write {str(output)!r}: {error}") from error
-        raise
     logger.info("wrote %s (%d file(s) of weights, %d bytes)", output, len(layout.shards), total)
 
 
@@ -304,7 +291,9 @@ def _write_shard(
             if pointer in seen:
                 tensors[key] = tensor.clone()
             seen.add(pointer)
-        save_file(tensors, str(path), metadata=_metadata(layout, file))
+        metadata = safetensors_metadata(layout.directory / file)
+        metadata.setdefault("format", "pt")  # transformers refuses safetensors files without it
+        save_file(tensors, str(path), metadata=metadata)
     else:
         torch.save(tensors, path)
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -313,33 +302,7 @@ def _write_shard(
 def _source_dtypes(layout: CheckpointLayout, file: str, keys: list[str]) -> dict[str, torch.dtype]:
     """The dtype each tensor has in the source shard (outputs keep it)."""
     path = layout.directory / file
-    if layout.format != "safetensors":
-        loaded = _load_torch_file(path)
-        return {key: loaded[key].dtype for key in keys if key in loaded}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        names = {key: handle.get_slice(key).get_dtype() for key in keys}
-    return {key: _SAFETENSORS_DTYPES[name] for key, name in names.items() if name in _SAFETENSORS_DTYPES}
-
-
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _metadata(layout: CheckpointLayout, file: str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(layout.directory / file), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-    metadata.setdefault("format", "pt")  # transformers refuses safetensors files without it
-    return metadata
-
-
-def _follow_umask(path: Path, directory: bool = False) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    if layout.format == "safetensors":
+        return safetensors_dtypes(path, keys)
+    loaded = read_torch_file(path)
+    return {key: loaded[key].dtype for key in keys if key in loaded}

@@ -1,26 +1,27 @@
-"""Reading and writing state dicts as ``.pt`` / ``.pth`` / ``.bin`` (torch) or ``.safetensors``.
+"""State dicts by path: one loader that dispatches on the format, one saver.
 
-Reading never unpickles arbitrary objects (``torch.load(weights_only=True)``); writing goes
-through a temporary file and a rename, and refuses to replace a file given as an input.
-A directory written by ``save_pretrained`` (Hugging Face or diffusers, sharded or not) is read
-through :mod:`autoperm.pretrained.shards`.
+A path is read as a ``save_pretrained`` directory (:mod:`autoperm.io.directories`), a
+``.safetensors`` file, or a torch checkpoint (``.pt`` / ``.pth`` / ``.bin``, read with
+``weights_only``); the rest of autoperm asks for a state dict by path and never opens a file.
+Writing goes through :func:`autoperm.io.atomic.atomic_file` and refuses to replace a file given
+as an input.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from autoperm.errors import CheckpointError
+from autoperm.io.atomic import atomic_file
+from autoperm.io.directories import load_directory
+from autoperm.io.formats import read_safetensors_file, read_torch_file
 
-__all__ = ["load_state_dict", "save_state_dict", "read_torch_file"]
+__all__ = ["load_state_dict", "save_state_dict"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,50 +56,12 @@ def load_state_dict(
     """
     path = Path(path)
     if path.is_dir():
-        from autoperm.pretrained.shards import load_directory
-
         return load_directory(path, tied)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            loaded = load_file(str(path))
-        except Exception as error:  # safetensors raises its own types for corrupt files
-            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: not a valid safetensors file ({error})") from error
-        return _unwrap(loaded, str(path))
+        return _unwrap(read_safetensors_file(path), str(path))
     return _unwrap(read_torch_file(path), str(path))
-
-
-def read_torch_file(path: Path) -> object:
-    """``torch.load(path, weights_only=True)`` (memory-mapped where the format allows it).
-
-    Raises:
-        CheckpointError: a short message: the file is corrupt or not a torch file, or it holds
-            Python objects other than tensors and plain containers (named; such files are
-            refused, never unpickled).
-    """
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r}: it holds Python objects other than tensors{what}, which "
-            "autoperm does not unpickle; save the model's state_dict() (torch.save or safetensors) instead"
-        ) from None
-    except Exception as error:  # torch raises many types for corrupt files
-        first = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r}: not a readable torch checkpoint ({first}); "
-            "autoperm reads state dicts saved with torch.save or safetensors"
-        ) from None
 
 
 def _unwrap(loaded: object, where: str) -> dict[str, torch.Tensor]:
@@ -125,6 +88,8 @@ def save_state_dict(
 ) -> None:
     """Write a state dict atomically, as safetensors if ``path`` ends in ``.safetensors``.
 
+    The file gets the mode the umask gives new files.
+
     Args:
         state_dict: ``{name: tensor}`` to write (tensors are copied to the CPU).
         path: the output file; its folder is created if needed.
@@ -139,28 +104,12 @@ def save_state_dict(
             raise CheckpointError(f"refusing to overwrite input file {str(path)!r}; choose another output path")
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
+        with atomic_file(path) as temporary:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                save_file({k: v.clone() for k, v in tensors.items()}, str(temporary))
+            else:
+                torch.save(tensors, temporary)
     except OSError as error:
-        raise CheckpointError(f"cannot write {str(path)!r}: {error.strerror}") from error
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.clone() for k, v in tensors.items()}, temporary)
-        else:
-            torch.save(tensors, temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; follow the umask like other outputs
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise CheckpointError(f"cannot write {str(path)!r}: {error}") from error
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        raise CheckpointError(f"cannot write {str(path)!r}: {error}") from error

@@ -6,7 +6,7 @@ are only read. :func:`mmap_safetensors` maps a ``.safetensors`` file privately (
 used, pages are shared with the page cache, and nothing written to a tensor can reach the
 file. :func:`write_safetensors` writes a file from a producer called once per tensor, so a
 checkpoint larger than memory can be created (the benchmark's planted models), atomically
-(temporary file, then rename).
+(:func:`autoperm.io.atomic.atomic_file`).
 
 The file format (https://github.com/huggingface/safetensors): an 8-byte little-endian header
 length, a JSON header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` (offsets
@@ -19,29 +19,18 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from autoperm.errors import CheckpointError
+from autoperm.io.atomic import atomic_file
+from autoperm.io.formats import SAFETENSORS_DTYPES
 
-__all__ = ["mmap_safetensors", "write_safetensors"]
+__all__ = ["TensorProducer", "mmap_safetensors", "write_safetensors"]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -83,7 +72,7 @@ def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _DTYPES[entry["dtype"]]
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
             shape = [int(s) for s in entry["shape"]]
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as error:
@@ -112,14 +101,18 @@ def write_safetensors(
 ) -> None:
     """Write a ``.safetensors`` file one tensor at a time, atomically.
 
+    The file gets the mode the umask gives new files, as every output of autoperm does.
+
     Args:
-        path: the file to create (replaced only once it is complete).
+        path: the file to create (replaced only once it is complete; its folder is created
+            if needed).
         layout: ``{name: (shape, dtype)}`` of every tensor, in file order.
         produce: called once per name, in order; only one produced tensor is alive at a time.
 
     Raises:
         CheckpointError: a produced tensor does not have its announced shape or dtype, or
             a dtype cannot be stored.
+        OSError: the file cannot be written; nothing is left behind.
     """
     path = Path(path)
     header: dict[str, dict[str, object]] = {}
@@ -135,21 +128,15 @@ def write_safetensors(
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keeps every tensor 8-byte aligned
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            for name, (shape, dtype) in layout.items():
-                tensor = produce(name)
-                if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                    raise CheckpointError(
-                        f"{path}: tensor {name!r} was produced with shape {list(tensor.shape)} and dtype {tensor.dtype}, "
-                        f"announced {list(shape)} and {dtype}"
-                    )
-                data = tensor.detach().cpu().contiguous().reshape(-1)
-                out.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temporary, open(temporary, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name, (shape, dtype) in layout.items():
+            tensor = produce(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} was produced with shape {list(tensor.shape)} and dtype {tensor.dtype}, "
+                    f"announced {list(shape)} and {dtype}"
+                )
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            out.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
