@@ -14,7 +14,8 @@ coordinate-descent schedule's business (:mod:`autoperm.solvers.weight_matching`)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,7 +138,7 @@ class CostCache:
         return cached[1]
 
     # ----------------------------------------------------------------------- cost
-    def group_cost(self, group: PermutationGroup, waiting: Set[str] = frozenset()) -> np.ndarray | None:
+    def group_cost(self, group: PermutationGroup, waiting: AbstractSet[str] = frozenset()) -> np.ndarray | None:
         """``sum_m A_m @ B_m'^T`` over the members held here, as a float64 array (``(per, n, n)``
         for a fibred group), without the terms that depend on a group in ``waiting``; ``None``
         when no term is left."""

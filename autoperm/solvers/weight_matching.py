@@ -396,6 +396,7 @@ def _assign(cost: np.ndarray, current: torch.Tensor, method: LapMethod = "auto")
 
 
 def _validate_groups(spec: PermutationSpec, groups: Collection[str]) -> None:
+    """Raise :class:`SolverError` naming the entries of ``groups`` that are not groups of ``spec``."""
     unknown = [name for name in groups if name not in spec.group_by_name]
     if unknown:
         raise SolverError(f"unknown permutation group(s) {unknown[:5]}; the spec has {[g.name for g in spec.groups][:5]}...")
