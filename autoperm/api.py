@@ -42,7 +42,7 @@ def activation_matching(
         model: the module the spec was inferred from (its own weights are not used, nor modified).
         state_dict_a, state_dict_b: the two models' state dicts.
         data: ``(inputs, targets)`` batches or an ``(inputs, targets)`` pair; targets are ignored.
-        **options: ``batch_size``, ``max_batches``, ``max_iter``, ``seed``, ``device`` of
+        **options: ``batch_size``, ``max_batches``, ``max_iter``, ``seed``, ``device``, ``lap`` of
             :func:`autoperm.solvers.activation_matching`.
 
     Returns:

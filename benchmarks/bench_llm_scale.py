@@ -106,6 +106,7 @@ def run_one(args: argparse.Namespace) -> None:
 
     heads_module = importlib.import_module("autoperm.solvers.heads")
     wm = importlib.import_module("autoperm.solvers.weight_matching")
+    costs = importlib.import_module("autoperm.solvers.costs")
     from autoperm.solvers.lap import linear_assignment
     from autoperm.io import mmap_safetensors
     from autoperm.spec import PermutationSpec, invert_permutation, permute_tensor
@@ -121,12 +122,6 @@ def run_one(args: argparse.Namespace) -> None:
         spent["lap"] += time.perf_counter() - start
         spent["lap_calls"] += 1
         spent["lap_max_n"] = max(spent["lap_max_n"], n)
-
-    def timed_scipy(cost, maximize=False):  # scipy's signature (the head solver's small LAPs)
-        start = time.perf_counter()
-        result = linear_assignment(cost, maximize=maximize, method="scipy")
-        count_lap(start, cost.shape[0])
-        return torch.arange(cost.shape[0]).numpy(), result.columns
 
     def timed_assignment(cost, maximize=True, method="auto", **options):
         start = time.perf_counter()
@@ -147,17 +142,13 @@ def run_one(args: argparse.Namespace) -> None:
             return out
         return wrapper
 
-    heads_module.linear_sum_assignment = timed_scipy
-    options = {}
-    if hasattr(wm, "linear_assignment"):  # weight matching with the LAP dispatcher
-        wm.linear_assignment = timed_assignment
-        options["lap"] = args.lap
-    else:
-        wm.linear_sum_assignment = lambda cost, maximize=False: (None, timed_assignment(cost, maximize, args.lap).columns)
+    heads_module.linear_assignment = timed_assignment  # the head solver's small LAPs
+    wm.linear_assignment = timed_assignment
+    options: dict = {"lap": args.lap}
     if args.cache_gib is not None:
         options["cache_bytes"] = int(args.cache_gib * 2**30)
-    wm._CoordinateDescent._product = timed(wm._CoordinateDescent._product)
-    wm._CoordinateDescent._refresh = timed(wm._CoordinateDescent._refresh)
+    costs.CostCache._product = timed(costs.CostCache._product)
+    costs.CostCache._refresh = timed(costs.CostCache._refresh)
     sweep_times: list[float] = []
     last = [time.perf_counter()]
 

@@ -119,4 +119,20 @@ def train_briefly(model: nn.Module, inputs: torch.Tensor, steps: int = 5, seed: 
     return model
 
 
-__all__ = ["ConvNet", "MLP", "build_spec", "convnet_spec", "mlp_spec", "resnet20", "resnet20_spec", "train_briefly"]
+def record_lap_methods(monkeypatch, module) -> list[str]:
+    """Record the ``method`` of every ``linear_assignment`` call ``module`` makes (it still solves)."""
+    methods: list[str] = []
+    original = module.linear_assignment
+
+    def recording(score, *args, method="auto", **options):
+        methods.append(method)
+        return original(score, *args, method=method, **options)
+
+    monkeypatch.setattr(module, "linear_assignment", recording)
+    return methods
+
+
+__all__ = [
+    "ConvNet", "MLP", "build_spec", "convnet_spec", "mlp_spec", "record_lap_methods", "resnet20", "resnet20_spec",
+    "train_briefly",
+]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from autoperm import PermutationSpec, SolverError, apply_permutation, random_permutation
 from autoperm import activation_matching
 from autoperm.solvers.activation_matching import correlation_matrix
-from _specs import MLP, mlp_spec
+from _specs import MLP, mlp_spec, record_lap_methods
 
 
 def _spec_with_sites(model: MLP, observed: dict[str, list[str]]) -> PermutationSpec:
@@ -67,3 +69,17 @@ def test_correlation_matches_numpy_over_chunks() -> None:
     expected = np.corrcoef(a.numpy(), b.numpy())[:5, 5:]
     np.testing.assert_allclose(chunks, expected, atol=1e-6)
     assert chunks[3, 2] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("lap", ["scipy", "lapx", "auction"])
+def test_lap_backend_reaches_every_group(monkeypatch, lap: str) -> None:
+    if lap == "lapx":
+        pytest.importorskip("lap")
+    model, sd_a = _planted()
+    spec = _spec_with_sites(model, {"hidden0": ["layers_0"], "hidden1": ["layers_1"]})
+    sd_b = apply_permutation(spec, random_permutation(spec, seed=6), sd_a)
+    methods = record_lap_methods(monkeypatch, sys.modules["autoperm.solvers.activation_matching"])
+    result = activation_matching(spec, model, sd_a, sd_b, (torch.randn(128, 16), torch.zeros(128)), lap=lap)
+    assert methods == [lap, lap]  # one LAP per observed group; hidden2 falls back to weight matching
+    aligned = apply_permutation(spec, result.perms, sd_b)
+    assert all(torch.equal(aligned[k], sd_a[k]) for k in sd_a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 import autoperm
 from autoperm import PermutationSpec
 from autoperm.errors import SolverError
+from autoperm.solvers.collective import Placement, TorchCollective
 from autoperm.solvers.distributed import shard_parameters
 
 SPEC_PATH = Path(__file__).resolve().parents[1] / "specs" / "llama_tiny.yaml"
@@ -70,6 +72,47 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
         if planted:
             aligned = autoperm.apply_permutation(spec, single.perms, sd_b)
             assert all(float((aligned[k] - sd_a[k]).abs().max()) < 0.5 for k in sd_a)
+
+
+def _collective_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        collective = TorchCollective()
+        placement = Placement(collective, {"x": 0, "y": 1, "z": 1})
+        found = {
+            "rank": collective.rank,
+            "all_sum": collective.all_sum(rank + 0.5),
+            "reduce_sum": collective.reduce_sum(np.full(3, rank + 1.0), 0).tolist(),
+            "broadcast": collective.broadcast({"from": rank}, 1),
+            "all_gather": collective.all_gather([rank]),
+            # held by rank 1 alone: its share is the whole cost; spread: the shares summed on rank 0
+            "owned": placement.whole_cost(np.full((2, 2), 7.0) if rank == 1 else None, (2, 2), 1),
+            "spread": placement.whole_cost(np.full((2, 2), rank + 1.0), (2, 2), None),
+            "nothing": placement.whole_cost(None, (2, 2), None),
+            "solved": placement.solve_on(1, lambda: f"solved on {rank}"),
+        }
+        torch.save(found, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_collective_on_two_gloo_ranks(tmp_path: Path) -> None:
+    out = str(tmp_path / "result")
+    mp.start_processes(_collective_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, start_method="spawn")
+    found = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    for rank, result in enumerate(found):
+        assert result["rank"] == rank
+        assert result["all_sum"] == 2.0
+        assert result["broadcast"] == {"from": 1}
+        assert result["all_gather"] == [[0], [1]]
+        assert result["solved"] == "solved on 1"
+        assert result["nothing"] == (None, 0)
+        owned, source = result["owned"]
+        assert source == 1 and np.array_equal(owned, np.full((2, 2), 7.0 if rank == 1 else 0.0))
+        spread, source = result["spread"]
+        assert source == 0 and np.array_equal(spread, np.full((2, 2), 3.0 if rank == 0 else 0.0))
+    assert found[0]["reduce_sum"] == [3.0, 3.0, 3.0]
 
 
 def test_shards_cover_the_spec_and_keep_attention_blocks_together() -> None:

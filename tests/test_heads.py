@@ -10,6 +10,7 @@ from torch.nn import functional as F
 import autoperm
 from autoperm.verify import verify_spec
 from tests.conftest import perturb_
+from _specs import record_lap_methods
 
 
 class Block(nn.Module):
@@ -90,6 +91,43 @@ def test_multihead_attention_module():
 
     spec = _planted_recovery(Encoder(), torch.randn(2, 5, 3), seed=5)
     assert sorted((g.size, g.per is not None) for g in spec.active_groups) == [(2, False), (4, True), (4, True), (8, False)]
+
+
+class GroupedConvStream(nn.Module):
+    """A residual stream read by a grouped conv: its channels are heads x one shared within-head
+    permutation (the grouped conv's input side cannot tell its groups apart)."""
+
+    def __init__(self, groups: int = 2, width: int = 3):
+        super().__init__()
+        self.embed = nn.Conv2d(2, groups * width, 1)
+        self.grouped = nn.Conv2d(groups * width, groups * width, 3, padding=1, groups=groups)
+        self.projection = nn.Conv2d(groups * width, groups * width, 1)
+        self.head = nn.Linear(groups * width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.projection(torch.relu(self.grouped(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", ["block", "grouped_conv"])
+def test_lap_backend_reaches_the_head_solver(monkeypatch, model: str):
+    from autoperm.solvers import heads
+
+    if model == "block":
+        module, inputs = perturb_(Block().eval(), seed=2), torch.randn(2, 6, 5)
+    else:
+        module, inputs = perturb_(GroupedConvStream().eval()), torch.randn(1, 2, 5, 5)
+    spec = autoperm.infer_spec(module, inputs)
+    if model == "grouped_conv":  # heads and a within-head group every head shares (solve_shared)
+        assert any(heads.shared_within(spec, g) for g in spec.active_groups)
+    state = module.state_dict()
+    permuted = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=4), state)
+    methods = record_lap_methods(monkeypatch, heads)
+    result = autoperm.weight_matching(spec, state, permuted, lap="scipy")
+    assert methods and set(methods) == {"scipy"}
+    recovered = autoperm.apply_permutation(spec, result.perms, permuted)
+    assert all(torch.allclose(recovered[name], state[name]) for name in state)
 
 
 def test_random_permutation_of_fibred_group_has_one_row_per_head():

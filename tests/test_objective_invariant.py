@@ -35,9 +35,9 @@ def _checked_run(monkeypatch, spec, sd_a, sd_b, **kwargs):
     original = solver_module._CoordinateDescent.solve_group
     checks = []
 
-    def checked(self, group, tol):
-        moved = original(self, group, tol)
-        true = _true_objective(spec, sd_a, sd_b, self.perms)
+    def checked(self, group):
+        moved = original(self, group)
+        true = _true_objective(spec, sd_a, sd_b, self.state.perms)
         assert self.value == pytest.approx(true, rel=1e-9, abs=1e-9), group.name
         checks.append(group.name)
         return moved

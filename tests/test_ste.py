@@ -12,7 +12,7 @@ from autoperm import SolverError, apply_permutation, random_permutation
 from autoperm.solvers import ste_matching, weight_matching
 from autoperm.solvers.projection import WarmProjection, _certify
 from autoperm.spec import identity_permutation
-from _specs import MLP, ConvNet, convnet_spec, mlp_spec, train_briefly
+from _specs import MLP, ConvNet, convnet_spec, mlp_spec, record_lap_methods, train_briefly
 
 
 def _pair(hidden: int = 16, seed: int = 0):
@@ -50,6 +50,18 @@ def test_projection_recovers_a_planted_permutation_and_is_coordinate_optimal() -
     again = WarmProjection(spec, sd_b, wm.perms).project(sd_a)
     check = weight_matching(spec, sd_a, sd_b, init_perms=again)
     assert all(torch.equal(check.perms[g], again[g]) for g in again)
+
+
+def test_lap_backend_reaches_the_projection(monkeypatch) -> None:
+    from autoperm.solvers import projection as module
+
+    _, spec, (sd_a, _), _ = _pair()
+    permuted_a = apply_permutation(spec, random_permutation(spec, seed=3), sd_a)
+    methods = record_lap_methods(monkeypatch, module)
+    perms = WarmProjection(spec, permuted_a, identity_permutation(spec), lap="scipy").project(sd_a)
+    assert methods and set(methods) == {"scipy"}
+    restored = apply_permutation(spec, perms, permuted_a)
+    assert all(torch.equal(restored[k], sd_a[k]) for k in sd_a)
 
 
 def test_projection_handles_bn_convnets_and_counts_its_work() -> None:

@@ -189,7 +189,7 @@ def test_mismatched_state_dicts_name_the_offending_keys() -> None:
 @pytest.mark.parametrize("case", ["convnet", "resnet20"])
 def test_sliced_products_recover_planted_permutation_and_equal_reference(case: str, monkeypatch) -> None:
     """Large tensors are multiplied a slice at a time; force that path on small models."""
-    module = importlib.import_module("autoperm.solvers.weight_matching")
+    module = importlib.import_module("autoperm.solvers.costs")
     monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 64)
     factory, make_spec, _ = _cases()[case]
     torch.manual_seed(0)

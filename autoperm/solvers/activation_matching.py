@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from autoperm.data import input_batches
 from autoperm.errors import SolverError
+from autoperm.solvers.lap import LapMethod, linear_assignment
 from autoperm.solvers.result import MatchingResult, check_state_dicts
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationSpec, identity_permutation, member_matrix
@@ -39,6 +39,7 @@ def activation_matching(
     max_iter: int = 100,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    lap: LapMethod = "auto",
 ) -> MatchingResult:
     """Match every group observable on an activation by correlation; the rest by weight matching.
 
@@ -58,6 +59,8 @@ def activation_matching(
         batch_size: batch size when ``data`` is a tensor pair.
         max_batches: use at most this many batches.
         max_iter, seed, device: passed to weight matching for the fallback groups.
+        lap: the linear assignment backend of every group's LAP and of the fallback
+            (:func:`autoperm.solvers.lap.linear_assignment`).
 
     Returns:
         A :class:`MatchingResult`; ``fallback_groups`` lists the groups solved by weight matching,
@@ -82,14 +85,14 @@ def activation_matching(
             )
             for site in group.activations
         )
-        _, columns = linear_sum_assignment(np.asarray(correlation), maximize=True)
+        columns = linear_assignment(np.asarray(correlation), method=lap).columns
         perms[group.name] = torch.as_tensor(columns, dtype=torch.long)
     fallback = tuple(g.name for g in spec.active_groups if g not in observed)
     if fallback:
         logger.info("activation matching: %d group(s) have no activation; using weight matching for %s", len(fallback), list(fallback))
     result = weight_matching(
         spec, state_dict_a, state_dict_b, init_perms=perms, groups=fallback, max_iter=max_iter if fallback else 0,
-        seed=seed, device=device,
+        seed=seed, device=device, lap=lap,
     )
     return MatchingResult(
         perms=result.perms, objective=result.objective, n_iter=result.n_iter, converged=result.converged or not fallback,

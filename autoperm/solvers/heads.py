@@ -21,8 +21,8 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
+from autoperm.solvers.lap import LapMethod, linear_assignment
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, member_matrix, permute_tensor
 
 __all__ = ["attach_fibres", "carry_fibres", "fibre_parts", "fibred_over", "shared_within", "solve_heads", "solve_shared"]
@@ -114,6 +114,7 @@ def solve_heads(
     b: Mapping[str, torch.Tensor],
     perms: Mapping[str, torch.Tensor],
     leave_out: Collection[str] = (),
+    method: LapMethod = "auto",
 ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Re-solve head group ``group`` together with the fibres in ``part``, the others held fixed.
 
@@ -126,6 +127,7 @@ def solve_heads(
             (:func:`attach_fibres`); not modified.
         leave_out: tensors whose terms are left out of the scores (an informed first sweep leaves
             out the tensors of groups it has not visited yet).
+        method: the linear assignment backend (:func:`autoperm.solvers.lap.linear_assignment`).
 
     Returns:
         ``(new permutations of group and the fibres of part, old objective part, new objective
@@ -158,12 +160,12 @@ def solve_heads(
         assignment = np.zeros((heads, heads, size), dtype=np.int64)
         for i in range(heads):
             for j in range(heads):
-                rows, columns = linear_sum_assignment(cost[i, j], maximize=True)
-                assignment[i, j] = columns
-                scores[i, j] += cost[i, j][rows, columns].sum()
+                solution = linear_assignment(cost[i, j], method=method)
+                assignment[i, j] = solution.columns
+                scores[i, j] += solution.value
         best[name] = assignment
     old_value = _value(head_scores, pair_costs, perms, group, part)
-    _, head_assignment = linear_sum_assignment(scores, maximize=True)
+    head_assignment = linear_assignment(scores, method=method).columns
     new_perms = {group.name: torch.as_tensor(head_assignment, dtype=torch.long)}
     for fibre in part:
         if fibre.name in best:
@@ -219,6 +221,7 @@ def solve_shared(
     b: Mapping[str, torch.Tensor],
     perms: Mapping[str, torch.Tensor],
     leave_out: Collection[str] = (),
+    method: LapMethod = "auto",
 ) -> tuple[dict[str, torch.Tensor], float, float] | None:
     """Re-solve head group ``group`` together with ``shared``, a within-head group common to all heads.
 
@@ -229,6 +232,7 @@ def solve_shared(
     planted permutation every pair's best within-head assignment is the planted one, so both are
     recovered.) Members of the shared group that are not laid over the heads (a grouped conv's
     input axis) are left to its own solve; the caller measures the exact gain of the move.
+    ``method`` is the linear assignment backend of every LAP (as in :func:`solve_heads`).
 
     Returns:
         ``(new permutations of group and shared, old value, new value)`` in the same terms, or
@@ -255,12 +259,11 @@ def solve_shared(
     scores = head_scores.copy()
     for i in range(heads):
         for j in range(heads):
-            rows, columns = linear_sum_assignment(costs[i, j], maximize=True)
-            scores[i, j] += costs[i, j][rows, columns].sum()
-    _, head_assignment = linear_sum_assignment(scores, maximize=True)
+            scores[i, j] += linear_assignment(costs[i, j], method=method).value
+    head_assignment = linear_assignment(scores, method=method).columns
     index = np.arange(heads)
     within_cost = costs[index, head_assignment].sum(axis=0)
-    _, within = linear_sum_assignment(within_cost, maximize=True)
+    within = linear_assignment(within_cost, method=method).columns
     current_heads = perms[group.name].cpu().numpy()
     current_within = perms[shared.name].cpu().numpy()
     old_value = float(head_scores[index, current_heads].sum()) + float(

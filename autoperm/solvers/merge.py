@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autoperm.errors import SolverError
-from autoperm.solvers.result import MergeResult, check_state_dicts
+from autoperm.solvers.result import MergeResult, check_state_dicts, is_improvement
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import (
     PermutationSpec,
@@ -124,7 +124,7 @@ def _merge_many(
             result = weight_matching(
                 spec, others, state_dicts[k], init_perms=perms[k], seed=int(generator.integers(2**31)), device=device
             )
-            if result.objective - result.history[0] > tol * max(1.0, abs(result.history[0])):
+            if is_improvement(result.objective - result.history[0], result.history[0], tol):
                 improved = True
             perms[k] = result.perms
             aligned[k] = apply_permutation(spec, result.perms, state_dicts[k])

@@ -14,7 +14,7 @@ exploits that:
   for all ``k, j`` (no positive cycle in the exchange graph; LP duality). Bellman-Ford passes,
   warm-started from the group's potentials of the previous step, find them in a few passes
   when the assignment is still optimal; only when they do not settle is the LAP solved
-  (``scipy.optimize.linear_sum_assignment``);
+  (:func:`autoperm.solvers.lap.linear_assignment`, with the backend chosen by ``lap``);
 - coordinate descent sweeps the groups in a fresh random order until no group changes, as
   weight matching does (the result is a coordinate-wise optimum).
 
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from autoperm.solvers.result import is_cost_tensor
+from autoperm.solvers.lap import LapMethod, linear_assignment
+from autoperm.solvers.result import is_cost_tensor, is_improvement
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationGroup, PermutationSpec, member_matrix
 from autoperm.spec.apply import permute_tensor
@@ -81,6 +81,8 @@ class WarmProjection:
         device: where the cost matmuls run.
         max_sweeps: the most coordinate-descent sweeps per projection.
         tol: relative gain below which a LAP solution does not replace the current assignment.
+        lap: the linear assignment backend (:func:`autoperm.solvers.lap.linear_assignment`), also
+            of the weight matching that projects specs with fibred groups.
 
     Example:
         >>> projection = WarmProjection(spec, sd_b, weight_matching(spec, sd_a, sd_b).perms)
@@ -97,8 +99,10 @@ class WarmProjection:
         device: str | torch.device = "cpu",
         max_sweeps: int = 100,
         tol: float = 1e-9,
+        lap: LapMethod = "auto",
     ):
         self.spec = spec
+        self.lap: LapMethod = lap
         self.device = torch.device(device)
         self.b = {name: t.detach().to(self.device) for name, t in state_dict_b.items()}
         self.perms = {name: p.clone().to(torch.long).cpu() for name, p in perms.items()}
@@ -148,10 +152,10 @@ class WarmProjection:
             self.potentials[group.name] = potentials
             return False
         self.statistics.lap_solves += 1
-        rows, columns = linear_sum_assignment(cost, maximize=True)
+        solution = linear_assignment(cost, method=self.lap)
+        columns = solution.columns
         old_value = float(np.trace(cost))
-        new_value = float(cost[rows, columns].sum())
-        if new_value - old_value <= self.tol * max(1.0, abs(old_value)):
+        if not is_improvement(solution.value - old_value, old_value, self.tol):
             # optimal after all: settle the potentials so that the next step's check starts from them
             settled = _certify(cost, self.potentials[group.name], self.tol, passes=group.size)
             if settled is not None:
@@ -182,7 +186,7 @@ class WarmProjection:
         full_target = {**self.b, **{name: t.detach() for name, t in target.items()}}
         result = weight_matching(
             self.spec, full_target, self.b, init_perms=self.perms, seed=int(self.generator.integers(2**31)),
-            device=self.device,
+            device=self.device, lap=self.lap,
         )
         self.statistics.sweeps += result.n_iter
         self.perms = {name: p.clone() for name, p in result.perms.items()}

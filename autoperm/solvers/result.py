@@ -1,4 +1,4 @@
-"""Result objects the solvers return, and the state-dict checks they share."""
+"""Result objects the solvers return, and the state-dict and progress checks they share."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from autoperm.errors import SolverError
 from autoperm.spec import PermutationSpec
 
-__all__ = ["MatchingResult", "MergeResult", "check_state_dicts", "is_cost_tensor"]
+__all__ = ["MatchingResult", "MergeResult", "check_state_dicts", "is_cost_tensor", "is_improvement"]
 
 _RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -70,6 +70,15 @@ def is_cost_tensor(name: str, tensor: torch.Tensor) -> bool:
     not (they are still permuted when a permutation is applied).
     """
     return tensor.is_floating_point() and name.rsplit(".", 1)[-1] not in _RUNNING_STATISTICS
+
+
+def is_improvement(gain: float, reference: float, tol: float) -> bool:
+    """Whether ``gain`` improves an objective of about ``reference`` by more than ``tol``, relatively.
+
+    The one progress test of the solvers: a move, a LAP solution or a MergeMany round counts
+    only when it gains more than ``tol * max(1, |reference|)``.
+    """
+    return gain > tol * max(1.0, abs(reference))
 
 
 def check_state_dicts(

@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from autoperm.data import iter_batches
 from autoperm.errors import SolverError
+from autoperm.solvers.lap import LapMethod
 from autoperm.solvers.projection import ProjectionStatistics, WarmProjection
 from autoperm.solvers.result import MatchingResult, check_state_dicts, is_cost_tensor
 from autoperm.solvers.weight_matching import weight_matching
@@ -97,6 +98,7 @@ def ste_matching(
     select: Literal["final", "best"] = "final",
     interpolation: Literal["midpoint", "random"] = "midpoint",
     init_perms: Mapping[str, torch.Tensor] | None = None,
+    lap: LapMethod = "auto",
 ) -> SteResult:
     """Learn permutations of B that minimise the loss between A and B (straight-through).
 
@@ -138,6 +140,8 @@ def ste_matching(
         select: ``"final"`` (default) or ``"best"`` (lowest batch loss).
         interpolation: ``"midpoint"`` (default) or ``"random"``.
         init_perms: the starting permutation; default weight matching of A against B.
+        lap: the linear assignment backend of that weight matching and of every projection
+            (:func:`autoperm.solvers.lap.linear_assignment`).
 
     Returns:
         A :class:`SteResult`.
@@ -164,7 +168,7 @@ def ste_matching(
     a = {name: t.detach().to(device) for name, t in state_dict_a.items()}
     b = {name: t.detach().to(device) for name, t in state_dict_b.items()}
     if init_perms is None:
-        init_perms = weight_matching(spec, a, b, seed=seed, device=device).perms
+        init_perms = weight_matching(spec, a, b, seed=seed, device=device, lap=lap).perms
     check_permutations(spec, init_perms)
     learnable = [name for name in spec.members_by_param if is_cost_tensor(name, a[name])]
     theta = {name: a[name].clone().requires_grad_(True) for name in learnable}
@@ -172,7 +176,7 @@ def ste_matching(
         opt: torch.optim.Optimizer = torch.optim.Adam(list(theta.values()), lr=lr)
     else:
         opt = torch.optim.SGD(list(theta.values()), lr=lr, momentum=momentum)
-    projection = WarmProjection(spec, b, init_perms, seed=seed, device=device)
+    projection = WarmProjection(spec, b, init_perms, seed=seed, device=device, lap=lap)
     generator = torch.Generator().manual_seed(seed)
     start_loss = midpoint_loss(spec, model, a, b, init_perms, data, loss_fn, batch_size, device)
     history: list[float] = []
