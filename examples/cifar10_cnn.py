@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from lmc_common import add_common_arguments, run, torchvision_dataset, torchvision_transforms
 
@@ -35,11 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, Dataset]:
+    """CIFAR-10 from ``--root``: the augmented training set (flips, 4-pixel crops), the same set
+    without augmentation (for matching, BatchNorm resets and train barriers), and the test set."""
     transforms = torchvision_transforms()
-
     normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     augment = transforms.Compose(
         [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
@@ -48,9 +49,17 @@ def main(argv: list[str] | None = None) -> None:
     train = torchvision_dataset("CIFAR10", args.root, args.download, True, augment)
     match = torchvision_dataset("CIFAR10", args.root, args.download, True, plain)
     test = torchvision_dataset("CIFAR10", args.root, args.download, False, plain)
+    return train, match, test
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the example; returns the report it wrote to ``--out``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    train, match, test = datasets(args)
     factory = ARCHITECTURES[args.arch]
-    run(args, lambda: factory(width=args.width), torch.zeros(2, 3, 32, 32), train, test, optimizer="sgd",
-        setting=f"{args.arch} x{args.width} on CIFAR-10", match_set=match)
+    return run(args, lambda: factory(width=args.width), torch.zeros(2, 3, 32, 32), train, test, optimizer="sgd",
+               setting=f"{args.arch} x{args.width} on CIFAR-10", match_set=match)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ste-epochs", type=float, default=10, help="STE epochs over the training set (STE-MM: 10)")
     parser.add_argument("--ste-optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--am-batches", type=int, default=None, help="batches of 500 activation matching records")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: load in the main process)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("lmc-out"), help="folder for checkpoints, JSON and plots")
 
@@ -122,7 +123,7 @@ def run(
     """
     args.out.mkdir(parents=True, exist_ok=True)
     match_set = match_set if match_set is not None else train_set
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=2)
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=True, num_workers=args.workers)
     state_dicts = {}
     for name, seed in zip("ABC", args.seeds):
         path = args.out / f"model_{name}.safetensors"
@@ -138,7 +139,7 @@ def run(
     template = build()
     spec = infer_spec(template, (example_input,))
     ste_batch = 256 if args.ste_optimizer == "adam" else 1000
-    ste_loader = DataLoader(match_set, ste_batch, shuffle=True, num_workers=2, drop_last=True)
+    ste_loader = DataLoader(match_set, ste_batch, shuffle=True, num_workers=args.workers, drop_last=True)
     config = DemoConfig(
         num_points=args.points,
         wm_seeds=args.wm_seeds,
@@ -151,9 +152,9 @@ def run(
         seeds=tuple(args.seeds),
     )
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules())
-    evaluation = DataLoader(match_set, 1000, num_workers=2)
-    splits = {"train": evaluation, "test": DataLoader(test_set, 1000, num_workers=2)}
-    am_loader = DataLoader(match_set, 500, shuffle=True, num_workers=2)
+    evaluation = DataLoader(match_set, 1000, num_workers=args.workers)
+    splits = {"train": evaluation, "test": DataLoader(test_set, 1000, num_workers=args.workers)}
+    am_loader = DataLoader(match_set, 500, shuffle=True, num_workers=args.workers)
     report = run_experiment(
         spec, template, state_dicts, splits, ste_loader, config, args.out,
         progress=logger.info, reset_bn=evaluation if has_bn else None, device=args.device, setting=setting,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
@@ -53,12 +54,13 @@ def datasets(args: argparse.Namespace):
     return train, test, 28 * 28
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the example; returns the report it wrote to ``--out``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     train, test, features = datasets(args)
-    run(args, lambda: MLP(features, hidden=args.hidden, depth=3, num_classes=10), torch.zeros(2, features),
-        train, test, optimizer="adam", setting=f"3 x {args.hidden} MLP on {args.dataset}")
+    return run(args, lambda: MLP(features, hidden=args.hidden, depth=3, num_classes=10), torch.zeros(2, features),
+               train, test, optimizer="adam", setting=f"3 x {args.hidden} MLP on {args.dataset}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""`run_demo` in its quick mode: every section present, every number finite, files written."""
+"""`run_demo` in its quick mode: what each section measures, the findings' verdicts, one evaluation and one write."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
+import matplotlib.image
 import pytest
 
+import autoperm.demo_experiment
 from autoperm.demo import DemoConfig, format_report, run_demo
+from autoperm.demo_report import findings
 
 METHODS = {"naive", "weight_matching", "activation_matching", "ste"}
 ANCHOR_METHODS = {"naive", "weight_matching", "ste"}
@@ -28,79 +32,107 @@ def walk_numbers(value, path="report"):
 
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory):
+def quick_run(tmp_path_factory):
+    """The quick demo, counting the models it evaluates and the times it writes report.json."""
     out = tmp_path_factory.mktemp("demo")
     messages: list[str] = []
-    report = run_demo(out, quick=True, progress=messages.append)
-    return out, report, messages
+    evaluated: list[str] = []
+    writes: list[str] = []
+    evaluate_model, write_text_atomic = autoperm.demo_experiment.evaluate_model, autoperm.demo_experiment.write_text_atomic
+
+    def counting_evaluate(model, data, **options):
+        evaluated.append(type(model).__name__)
+        return evaluate_model(model, data, **options)
+
+    def counting_write(path, text):
+        writes.append(str(path))
+        return write_text_atomic(path, text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(autoperm.demo_experiment, "evaluate_model", counting_evaluate)
+        patch.setattr(autoperm.demo_experiment, "write_text_atomic", counting_write)
+        report = run_demo(out, quick=True, progress=messages.append)
+    return out, report, messages, evaluated, writes
 
 
-def test_quick_report_has_every_section_with_finite_numbers(quick_report):
-    out, report, messages = quick_report
-    assert set(report) >= {
-        "config", "models", "pair", "weight_matching_seeds", "ste", "anchor", "merge", "findings", "files", "seconds",
-    }
+@pytest.fixture(scope="module")
+def quick_report(quick_run):
+    return quick_run[1]
+
+
+def test_each_model_is_evaluated_once_and_the_report_written_once(quick_run):
+    out, report, _, evaluated, writes = quick_run
+    splits = 2  # train and test
+    assert len(evaluated) == 5 * splits  # A, B, C, the MergeMany model and the naive average
+    assert writes == [str(out / "report.json")]
+    assert report["merge"]["individual"] == report["models"]
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert report["seconds"]["total"] >= report["seconds"]["training"] + report["seconds"]["analysis"] - 1e-9
+
+
+def test_every_section_holds_every_method_with_finite_numbers(quick_run):
+    _, report, messages, _, _ = quick_run
     pair = report["pair"]
-    assert set(pair["barriers"]) == METHODS
-    for barriers in pair["barriers"].values():
-        assert set(barriers) == {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}
-        assert all(set(kinds) == {"mean", "linear"} for kinds in barriers.values())
-    assert set(pair["l2_distance"]) == METHODS and set(pair["l2_reduction"]) == METHODS - {"naive"}
-    for key in ("alignment", "alignment_mean_over_layers", "alignment_per_layer"):
-        assert set(pair[key]) == METHODS and all(set(v) == GAMMAS for v in pair[key].values())
+    for key in ("barriers", "l2_distance", "alignment", "alignment_mean_over_layers", "alignment_per_layer"):
+        assert set(pair[key]) == METHODS, key
+    assert all(set(v) == GAMMAS for v in pair["alignment"].values())
+    assert set(pair["barriers"]["ste"]) == {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}
+    config = DemoConfig.quick()
     seeds = report["weight_matching_seeds"]
-    assert len(seeds["runs"]) == DemoConfig.quick().wm_seeds
-    assert {"test_loss_barrier", "l2_reduction", "R gamma=0", "R gamma=0.3"} <= set(seeds)
-    assert all(set(seeds[k]) == {"mean", "std"} for k in seeds if k != "runs")
-    assert report["ste"]["steps"] == DemoConfig.quick().ste_steps and report["ste"]["steps_per_second"] > 0
+    assert [row["seed"] for row in seeds["runs"]] == list(range(config.wm_seeds))
+    assert report["ste"]["steps"] == config.ste_steps == report["anchor"]["ste_c"]["steps"]
     assert set(report["anchor"]["barriers_b_to_c"]) == ANCHOR_METHODS
-    assert all(set(v) == GAMMAS for v in report["anchor"]["alignment_b_to_c"].values())
-    assert set(report["merge"]["individual"]) == {"A", "B", "C"}
-    assert {"merged", "naive_average", "alignment_to_models"} <= set(report["merge"])
-    numbers = list(walk_numbers(report))
-    assert len(numbers) > 100
-    bad = [path for path, value in numbers if not math.isfinite(value)]
+    bad = [path for path, value in walk_numbers(report) if not math.isfinite(value)]
     assert not bad, f"non-finite numbers at {bad[:5]}"
-    assert any("training model A" in m for m in messages)  # progress was reported
-    assert any("STE" in m and "steps/s" in m for m in messages)
+    assert messages[0].startswith("training model A") and any("steps/s" in m for m in messages)
 
 
-def test_quick_report_states_each_finding_with_numbers(quick_report):
-    _, report, _ = quick_report
-    found = report["findings"]
-    assert [f["number"] for f in found] == [1, 2, 3]
-    for finding in found:
-        assert finding["status"] in {"reproduced", "partly reproduced", "not reproduced"}
-        assert finding["criterion"] and any(ch.isdigit() for ch in finding["evidence"])
-    text = format_report(report)
-    assert all(finding["evidence"] in text for finding in found)
-    assert "findings of Ito et al." in text
+def test_seed_zero_of_weight_matching_is_the_run_of_section_one(quick_report):
+    pair, first = quick_report["pair"], quick_report["weight_matching_seeds"]["runs"][0]
+    assert first["test_loss_barrier"] == pair["barriers"]["weight_matching"]["test_loss"]["mean"]
+    assert first["l2_reduction"] == pair["l2_reduction"]["weight_matching"]
+    assert first["R gamma=0.3"] == pair["alignment"]["weight_matching"]["gamma=0.3"]
+    runs = quick_report["weight_matching_seeds"]["runs"]
+    mean = sum(run["l2_reduction"] for run in runs) / len(runs)
+    assert quick_report["weight_matching_seeds"]["l2_reduction"]["mean"] == pytest.approx(mean)
 
 
-def test_quick_report_shows_the_findings_direction(quick_report):
-    _, report, _ = quick_report
-    pair = report["pair"]
-    assert pair["barriers"]["naive"]["test_loss"]["mean"] > pair["barriers"]["weight_matching"]["test_loss"]["mean"]
+def test_alignment_lowers_barrier_and_distance_and_raises_r(quick_report):
+    pair = quick_report["pair"]
+    barrier = {method: values["test_loss"]["mean"] for method, values in pair["barriers"].items()}
+    assert barrier["weight_matching"] < 0.5 * barrier["naive"] and barrier["ste"] < barrier["naive"]
     assert 0 < pair["l2_reduction"]["weight_matching"] < 0.5  # modest distance reduction
     assert pair["alignment"]["weight_matching"]["gamma=0.3"] > pair["alignment"]["naive"]["gamma=0.3"] + 0.1
     assert pair["singular_value_invariance_error"] < 1e-6
+    anchor = quick_report["anchor"]["barriers_b_to_c"]
+    assert anchor["weight_matching"]["test_loss"]["mean"] < anchor["naive"]["test_loss"]["mean"]
+    merge = quick_report["merge"]
+    assert merge["merged"]["test_accuracy"] > merge["naive_average"]["test_accuracy"] + 0.3
 
 
-def test_quick_report_files_and_json_match(quick_report):
-    out, report, _ = quick_report
-    on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["pair"]["barriers"] == report["pair"]["barriers"]
+def test_findings_follow_their_criteria(quick_report):
+    verdicts = {f["number"]: f["status"] for f in quick_report["findings"]}
+    assert verdicts[1] == verdicts[2] == "reproduced"
+    stronger_ste = copy.deepcopy(quick_report)
+    del stronger_ste["findings"]
+    wm = stronger_ste["pair"]["alignment"]["weight_matching"]
+    stronger_ste["pair"]["alignment"]["ste"] = {gamma: value - 0.1 for gamma, value in wm.items()}
+    assert findings(stronger_ste)[2]["status"] == "partly reproduced"
+    anchor = stronger_ste["anchor"]["barriers_b_to_c"]
+    anchor["ste"]["test_loss"]["mean"] = 2 * anchor["weight_matching"]["test_loss"]["mean"]
+    assert findings(stronger_ste)[2]["status"] == "reproduced"
+    no_collapse = copy.deepcopy(stronger_ste)
+    no_collapse["weight_matching_seeds"]["test_loss_barrier"]["mean"] = no_collapse["pair"]["barriers"]["naive"][
+        "test_loss"]["mean"]
+    assert findings(no_collapse)[0]["status"] == "not reproduced"
+
+
+def test_printed_report_states_the_setting_numbers_and_files(quick_report):
+    text = format_report(quick_report)
+    assert "Setting: 3-layer MLP on scikit-learn digits" in text
+    assert all(finding["evidence"] in text for finding in quick_report["findings"])
+    assert f"{quick_report['pair']['barriers']['naive']['test_loss']['mean']:.4f}" in text
+    for path in quick_report["files"].values():
+        assert path in text
     for key in ("curves", "anchor_curves", "spectra", "alignment"):
-        path = out / f"{report['files'][key].rsplit('/', 1)[-1]}"
-        assert path.read_bytes()[:4] == b"\x89PNG"
-    text = format_report(report)
-    assert "weight_matching" in text and "activation_matching" in text and "MergeMany" in text
-    assert "report.json" in text
-
-
-def test_quick_config_is_smaller_than_the_full_one():
-    quick, full = DemoConfig.quick(), DemoConfig()
-    assert quick.epochs < full.epochs and quick.num_points < full.num_points and quick.ste_steps < full.ste_steps
-    assert full.depth == 3 and full.lr == 1e-3  # the literature's MLP
-    assert full.ste_steps >= 2000 and full.ste_lr == 1e-3 and full.ste_optimizer == "adam"  # STE-MM's budget
-    assert full.wm_seeds == 5 and full.gammas == (0.0, 0.3)
+        assert matplotlib.image.imread(quick_report["files"][key]).ndim == 3

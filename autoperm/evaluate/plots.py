@@ -3,6 +3,9 @@
 - :func:`plot_interpolation`: loss and accuracy along the path, one line per method and split.
 - :func:`plot_singular_values`: singular-value spectra of A and B, one panel per layer.
 - :func:`plot_alignment`: the alignment ``R_l`` per layer, one bar per comparison.
+
+Each ``plot_*`` function writes the figure its ``*_figure`` twin draws; the twins return the
+open :class:`matplotlib.figure.Figure` for callers that show or inspect it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen
 from autoperm.evaluate.barrier import InterpolationCurve  # noqa: E402
 from autoperm.evaluate.singular import SingularAnalysis  # noqa: E402
 
-__all__ = ["plot_interpolation", "plot_singular_values", "plot_alignment"]
+__all__ = [
+    "alignment_figure",
+    "interpolation_figure",
+    "plot_alignment",
+    "plot_interpolation",
+    "plot_singular_values",
+    "singular_values_figure",
+]
 
 _SPLIT_STYLES = {"train": "--", "test": "-"}
 
@@ -39,18 +49,27 @@ def plot_interpolation(
     path: str | os.PathLike[str],
     title: str | None = None,
 ) -> Path:
-    """Plot loss (left) and accuracy (right, when present) against ``t`` for several methods.
-
-    Metrics named ``{split}_loss`` / ``{split}_accuracy`` draw one line per split (test solid,
-    train dashed); a bare ``loss`` draws one line. Each method keeps one colour.
-
-    Args:
-        curves: method name (``"naive"``, ``"weight matching"``, ...) -> curve.
-        path: the image file to write (PNG by its suffix); parent folders are created.
-        title: figure title.
+    """Write :func:`interpolation_figure` to ``path`` (PNG by its suffix; parent folders are created).
 
     Returns:
         The path written.
+    """
+    return _save(interpolation_figure(curves, title), path)
+
+
+def interpolation_figure(curves: Mapping[str, InterpolationCurve], title: str | None = None) -> plt.Figure:
+    """Loss (left) and accuracy (right, when present) against ``t`` for several methods.
+
+    Metrics named ``{split}_loss`` / ``{split}_accuracy`` draw one line per split (test solid,
+    train dashed), labelled ``"{method} ({split})"``; a bare ``loss`` draws one line labelled
+    with the method. Each method keeps one colour.
+
+    Args:
+        curves: method name (``"naive"``, ``"weight matching"``, ...) -> curve.
+        title: figure title.
+
+    Returns:
+        The figure, still open (close it with ``matplotlib.pyplot.close``).
     """
     kinds = ["loss"] + (["accuracy"] if any(k.endswith("accuracy") for c in curves.values() for k in c.metrics) else [])
     figure, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
@@ -73,7 +92,7 @@ def plot_interpolation(
         axis.legend(fontsize=8)
     if title:
         figure.suptitle(title)
-    return _save(figure, path)
+    return figure
 
 
 def plot_singular_values(
@@ -81,9 +100,21 @@ def plot_singular_values(
     path: str | os.PathLike[str],
     labels: Sequence[str] = ("A", "B"),
 ) -> Path:
-    """Plot the singular-value spectra of A and B per layer (log scale), with the ``gamma`` cut.
+    """Write :func:`singular_values_figure` to ``path`` (parent folders are created); returns the path."""
+    return _save(singular_values_figure(analysis, labels), path)
+
+
+def singular_values_figure(analysis: SingularAnalysis, labels: Sequence[str] = ("A", "B")) -> plt.Figure:
+    """The singular-value spectra of A and B per layer (log scale), with the ``gamma`` cut dotted.
 
     Identical curves for B before and after a permutation illustrate finding 2 of Ito et al.
+
+    Args:
+        analysis: the comparison whose layers are drawn, one panel each.
+        labels: the legend names of A and B.
+
+    Returns:
+        The figure, still open.
     """
     layers = analysis.layers
     columns = min(len(layers), 4) or 1
@@ -101,11 +132,23 @@ def plot_singular_values(
     for index in range(len(layers), rows * columns):
         axes[index // columns][index % columns].axis("off")
     figure.suptitle(f"singular values (dotted: gamma = {analysis.gamma} x s_max of {labels[0]})")
-    return _save(figure, path)
+    return figure
 
 
 def plot_alignment(analyses: Mapping[str, SingularAnalysis], path: str | os.PathLike[str]) -> Path:
-    """Bar chart of ``R_l`` per layer for several comparisons (e.g. before / after WM / after STE)."""
+    """Write :func:`alignment_figure` to ``path`` (parent folders are created); returns the path."""
+    return _save(alignment_figure(analyses), path)
+
+
+def alignment_figure(analyses: Mapping[str, SingularAnalysis]) -> plt.Figure:
+    """Bar chart of ``R_l`` per layer for several comparisons (e.g. before / after WM / after STE).
+
+    Args:
+        analyses: legend name -> comparison; every comparison has the same layers.
+
+    Returns:
+        The figure, still open; one bar container per comparison, labelled with its pooled ``R``.
+    """
     names = [layer.name for layer in next(iter(analyses.values())).layers] if analyses else []
     width = 0.8 / max(1, len(analyses))
     figure, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 4))
@@ -118,4 +161,4 @@ def plot_alignment(analyses: Mapping[str, SingularAnalysis], path: str | os.Path
     axis.axhline(0, color="black", lw=0.6)
     axis.legend(fontsize=8)
     axis.set_title(f"singular-vector alignment (gamma = {next(iter(analyses.values())).gamma})" if analyses else "")
-    return _save(figure, path)
+    return figure
