@@ -166,6 +166,10 @@ def test_bad_inputs_get_one_line_and_write_nothing(
     assert "SD 1.x" in line and "SDXL" in line and "xl.safetensors" in line
     _nothing_written(out)
 
+    line = _one_error_line(*_run(monkeypatch, capsys, "merge", str(sd1_files["a"]), str(sd1_files["b"]), "-o", str(out))[::2])
+    assert "merge does not take Stable Diffusion" in line and "autoperm match" in line
+    _nothing_written(out)
+
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(sd1_files["b"].read_bytes()[:-1000])
     line = _one_error_line(*_run(monkeypatch, capsys, "match", str(sd1_files["a"]), str(truncated), "-o", str(out))[::2])

@@ -35,7 +35,7 @@ from autoperm.solvers import check_state_dicts
 from autoperm.spec import PermutationSpec
 from autoperm.spec.apply import permute_tensor
 
-__all__ = ["StableDiffusionPair", "is_stable_diffusion_input", "read_stable_diffusion_pair"]
+__all__ = ["StableDiffusionPair", "is_stable_diffusion_input", "read_stable_diffusion_pair", "refuse_stable_diffusion_merge"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,28 @@ class StableDiffusionPair:
 def is_stable_diffusion_input(path: str) -> bool:
     """Whether ``path`` is read as Stable Diffusion: a single weights file or a pipeline folder."""
     return is_single_file(path) or is_pipeline_directory(path)
+
+
+def refuse_stable_diffusion_merge(path: str) -> None:
+    """Refuse a pipeline folder or an LDM single file as the first checkpoint of `merge`.
+
+    Raises:
+        CheckpointError: ``path`` is Stable Diffusion; the message says what to do instead.
+    """
+    if is_pipeline_directory(path):
+        kind = "a diffusers pipeline"
+    elif is_single_file(path):
+        try:
+            read_stable_diffusion_file(path)
+        except CheckpointError:
+            return
+        kind = "a Stable Diffusion single file"
+    else:
+        return
+    raise CheckpointError(
+        f"merge does not take Stable Diffusion checkpoints ({path!r} is {kind}): align each one to the first with "
+        "`autoperm match A B -o B-aligned`, then merge the aligned files with the method of your choice (sd-mecha)"
+    )
 
 
 def read_stable_diffusion_pair(path_a: str, path_b: str, output: str, spec_path: str | None) -> StableDiffusionPair:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from autoperm.api import activation_matching
 from autoperm.cli.common import ModelArgs, load_spec_or_infer, model_settings
-from autoperm.cli.sd_cmds import is_stable_diffusion_input, read_stable_diffusion_pair
+from autoperm.cli.sd_cmds import is_stable_diffusion_input, read_stable_diffusion_pair, refuse_stable_diffusion_merge
 from autoperm.errors import CheckpointError, ModelLoadError, SolverError
 from autoperm.io import (
     find_layout,
@@ -134,6 +134,7 @@ def merge(
     (save_pretrained): its config.json gives the model, and the output is a directory in its
     layout.
     """
+    refuse_stable_diffusion_merge(paths[0])
     model, checkpoints = _merge_paths(paths)
     if len(checkpoints) < 2:
         raise SolverError(f"merge needs at least two checkpoints, got {len(checkpoints)}")
