@@ -28,3 +28,11 @@ def test_align_sd_unets_parses_directories(examples_on_path) -> None:
     assert args.a == Path("sd/unet") and args.b == Path("other/unet") and args.check_function
     with pytest.raises(SystemExit):
         module.main(["--a", "only-one"])
+
+
+def test_align_sd_checkpoints_parses_files_and_pipelines(examples_on_path) -> None:
+    module = importlib.import_module("align_sd_checkpoints")
+    args = module.build_parser().parse_args(["--a", "a.safetensors", "--b", "b.safetensors", "--out", "b2.safetensors"])
+    assert args.a == Path("a.safetensors") and args.out == Path("b2.safetensors") and args.max_iter == 100
+    with pytest.raises(SystemExit):
+        module.main(["--a", "a.safetensors", "--b", "b.safetensors"])  # --out is required with --a/--b

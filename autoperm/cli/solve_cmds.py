@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from autoperm.api import activation_matching
 from autoperm.cli.common import ModelArgs, load_spec_or_infer, model_settings
+from autoperm.cli.sd_cmds import is_stable_diffusion_input, read_stable_diffusion_pair, refuse_stable_diffusion_merge
 from autoperm.errors import CheckpointError, ModelLoadError, SolverError
 from autoperm.io import (
     find_layout,
@@ -76,6 +77,9 @@ def match(
     then MODEL is A's config.json, and when B is a directory the output is a directory in B's
     layout (config and other files copied, same shards).
     """
+    if not (path_a or path_b) and len(paths) == 2 and is_stable_diffusion_input(paths[0]):
+        _match_stable_diffusion(paths, method, spec_path, device, perms_out, seed, max_iter, quiet, output)
+        return
     model, path_a, path_b = _match_paths(paths, path_a, path_b)
     inputs = [path_a, path_b] + ([spec_path] if spec_path else [])
     _refuse_overwrite([output, perms_out], inputs)
@@ -130,6 +134,7 @@ def merge(
     (save_pretrained): its config.json gives the model, and the output is a directory in its
     layout.
     """
+    refuse_stable_diffusion_merge(paths[0])
     model, checkpoints = _merge_paths(paths)
     if len(checkpoints) < 2:
         raise SolverError(f"merge needs at least two checkpoints, got {len(checkpoints)}")
@@ -157,6 +162,26 @@ def merge(
         _write_perms({f"{path}": perms for path, perms in zip(checkpoints, result.perms)}, perms_out)
     if not quiet:
         click.echo(f"merged {len(checkpoints)} models ({method}, {result.n_iter} round(s)); wrote {output}")
+
+
+def _match_stable_diffusion(
+    paths: Sequence[str], method: str, spec_path: str | None, device: str, perms_out: str | None, seed: int,
+    max_iter: int, quiet: bool, output: str,
+) -> None:
+    """`match A B` where A is a single weights file or a diffusers pipeline (see :mod:`autoperm.cli.sd_cmds`)."""
+    if method != "wm":
+        raise SolverError(f"--method {method}: Stable Diffusion checkpoints are aligned by weight matching (--method wm)")
+    inputs = list(paths) + ([spec_path] if spec_path else [])
+    _refuse_overwrite([output, perms_out], inputs)
+    pair = read_stable_diffusion_pair(paths[0], paths[1], output, spec_path)
+    with _progress(quiet, "sweeps", max_iter) as step:
+        result = weight_matching(pair.spec, pair.state_dict_a, pair.state_dict_b, max_iter=max_iter, seed=seed,
+                                 device=device, callback=step)
+    summary = pair.write(result.perms, output, inputs)
+    if perms_out:
+        _write_perms(result.perms, perms_out)
+    if not quiet:
+        click.echo(f"wm: objective {result.objective:.6g} after {result.n_iter} iteration(s); {summary}; wrote {output}")
 
 
 def _match_paths(paths: Sequence[str], path_a: str | None, path_b: str | None) -> tuple[str, str, str]:

@@ -7,6 +7,10 @@
   shards with an index, read lazily and written back in the same layout.
 - :mod:`~autoperm.io.memory_map`: safetensors files mapped privately (no copy) and written one
   tensor at a time, for checkpoints larger than memory.
+- :mod:`~autoperm.io.single_file`: one weights file read lazily and written back in its own
+  format, names, order, dtypes and metadata, one tensor at a time.
+- :mod:`~autoperm.io.stable_diffusion`: Stable Diffusion as kept: LDM single files (which
+  tensors are the UNet, VAE, text encoders) and diffusers pipeline folders (``model_index.json``).
 - :mod:`~autoperm.io.formats`: the single-file readers (torch, safetensors headers).
 - :mod:`~autoperm.io.atomic`: the one atomic writer (temporary file, ``fsync``, rename; modes
   follow the umask), also used for specs and reports.
@@ -27,6 +31,11 @@ from autoperm.io.memory_map import (
     mmap_safetensors,
     write_safetensors,
 )
+from autoperm.io.single_file import (
+    SingleFileLayout,
+    read_single_file,
+    save_single_file,
+)
 from autoperm.io.state_dict import (
     load_state_dict,
     save_state_dict,
@@ -34,13 +43,16 @@ from autoperm.io.state_dict import (
 
 __all__ = [
     "CheckpointLayout",
+    "SingleFileLayout",
     "find_layout",
     "is_checkpoint_directory",
     "load_directory",
     "load_state_dict",
     "mmap_safetensors",
+    "read_single_file",
     "read_torch_file",
     "save_directory",
+    "save_single_file",
     "save_state_dict",
     "write_safetensors",
     "write_text_atomic",

@@ -81,6 +81,11 @@ def mmap_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         for s in shape:
             count *= s
         itemsize = torch.empty((), dtype=dtype).element_size()
+        if start + end > size and end - begin == count * itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ends at byte {start + end} but the file has {size} bytes: the file is "
+                "truncated (an incomplete download or copy)"
+            )
         if end - begin != count * itemsize or start + end > size or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} that do not fit shape {shape}")
         if count == 0 or mapping is None:
@@ -98,6 +103,7 @@ def write_safetensors(
     path: str | os.PathLike[str],
     layout: Mapping[str, tuple[Sequence[int], torch.dtype]],
     produce: TensorProducer,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write a ``.safetensors`` file one tensor at a time, atomically.
 
@@ -108,6 +114,7 @@ def write_safetensors(
             if needed).
         layout: ``{name: (shape, dtype)}`` of every tensor, in file order.
         produce: called once per name, in order; only one produced tensor is alive at a time.
+        metadata: the header's ``__metadata__`` (string to string), if any.
 
     Raises:
         CheckpointError: a produced tensor does not have its announced shape or dtype, or
@@ -115,7 +122,7 @@ def write_safetensors(
         OSError: the file cannot be written; nothing is left behind.
     """
     path = Path(path)
-    header: dict[str, dict[str, object]] = {}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, (shape, dtype) in layout.items():
         if dtype not in _NAMES:

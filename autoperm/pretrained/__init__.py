@@ -4,6 +4,8 @@
 for diffusers); the model is built from it on the meta device (no weights allocated) with
 example inputs that fit its type. Weights are read and written only through :mod:`autoperm.io`
 (single files or shards, read lazily, written back in the same layout).
+:mod:`~autoperm.pretrained.stable_diffusion` builds the UNet of an LDM single-file Stable
+Diffusion checkpoint through diffusers' own single-file conversion.
 """
 
 from autoperm.pretrained.directory import (
@@ -16,14 +18,17 @@ from autoperm.pretrained.directory import (
     read_model_directory,
     tied_names,
 )
+from autoperm.pretrained.stable_diffusion import StableDiffusionUNet, read_ldm_unet
 
 __all__ = [
     "ModelDirectory",
+    "StableDiffusionUNet",
     "build_from_directory",
     "check_names",
     "default_inputs",
     "is_model_directory",
     "load_pretrained",
+    "read_ldm_unet",
     "read_model_directory",
     "tied_names",
 ]
