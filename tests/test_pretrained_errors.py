@@ -95,7 +95,7 @@ def test_shard_missing_from_the_index(tmp_path: Path, llama: Path) -> None:
 
 def test_mismatched_architectures(tmp_path: Path, llama: Path, gpt2: Path) -> None:
     message = _error(_invoke(["match", str(llama), str(gpt2), "-o", str(tmp_path / "out"), "--quiet"]))
-    assert "missing" in message and str(gpt2) in message
+    assert "different architectures" in message and str(gpt2) in message and "GPT2LMHeadModel" in message
     _nothing_written(tmp_path, tmp_path / "out")
     message = _error(_invoke(["merge", str(llama), str(llama), str(gpt2), "-o", str(tmp_path / "out"), "--quiet"]))
     assert str(gpt2) in message

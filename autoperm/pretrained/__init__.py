@@ -3,9 +3,17 @@
 ``config.json`` says which class to build (``architectures`` for transformers, ``_class_name``
 for diffusers); the model is built from it on the meta device (no weights allocated) with
 example inputs that fit its type. Weights are read and written only through :mod:`autoperm.io`
-(single files or shards, read lazily, written back in the same layout).
+(single files or shards, read lazily, written back in the same layout). Stored tensor names that
+transformers renames when loading are read under the class's names and written back under the
+stored ones (:mod:`~autoperm.pretrained.stored_names`); the configs of two checkpoints are
+compared before they are aligned (:mod:`~autoperm.pretrained.configs`).
 """
 
+from autoperm.pretrained.configs import (
+    check_config_file,
+    check_same_model,
+    config_differences,
+)
 from autoperm.pretrained.directory import (
     ModelDirectory,
     build_from_directory,
@@ -16,14 +24,25 @@ from autoperm.pretrained.directory import (
     read_model_directory,
     tied_names,
 )
+from autoperm.pretrained.stored_names import (
+    StoredNames,
+    load_directory_weights,
+    stored_names,
+)
 
 __all__ = [
     "ModelDirectory",
+    "StoredNames",
     "build_from_directory",
+    "check_config_file",
     "check_names",
+    "check_same_model",
+    "config_differences",
     "default_inputs",
     "is_model_directory",
+    "load_directory_weights",
     "load_pretrained",
     "read_model_directory",
+    "stored_names",
     "tied_names",
 ]
