@@ -84,9 +84,9 @@ def check_same_model(reference: ModelDirectory, other_path: str | Path, allow_co
         listed = "; ".join(f"{key}: {_short(a)} vs {_short(b)}" for key, (a, b) in list(differences.items())[:6])
         more = f" (and {len(differences) - 6} more)" if len(differences) > 6 else ""
         raise ModelLoadError(
-            f"the config.json of {str(other_path)!r} differs from that of {str(reference.path)!r} in "
-            f"{len(differences)} field(s): {listed}{more}; the model is built from the latter, so the checkpoints may "
-            "compute different functions. Give --allow-config-mismatch if this is intended"
+            f"the config.json of {str(other_path)!r} differs from that of {str(reference.path)!r} (which defines the "
+            f"model) in {len(differences)} field(s): {listed}{more}; with the same tensors the two may compute different "
+            "functions. Give --allow-config-mismatch to go on anyway"
         )
     return differences
 
