@@ -95,7 +95,7 @@ def test_shard_missing_from_the_index(tmp_path: Path, llama: Path) -> None:
 
 def test_mismatched_architectures(tmp_path: Path, llama: Path, gpt2: Path) -> None:
     message = _error(_invoke(["match", str(llama), str(gpt2), "-o", str(tmp_path / "out"), "--quiet"]))
-    assert "missing" in message and str(gpt2) in message
+    assert "different architectures" in message and str(gpt2) in message and "GPT2LMHeadModel" in message
     _nothing_written(tmp_path, tmp_path / "out")
     message = _error(_invoke(["merge", str(llama), str(llama), str(gpt2), "-o", str(tmp_path / "out"), "--quiet"]))
     assert str(gpt2) in message
@@ -149,3 +149,70 @@ def test_legacy_bin_shards_are_read_with_weights_only(tmp_path: Path) -> None:
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     loaded = load_state_dict(directory)
     assert torch.equal(loaded["a.weight"], torch.ones(2, 2)) and torch.equal(loaded["b.weight"], torch.zeros(3))
+
+
+def _cli_run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoperm", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def _one_error_line(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 1, run.stderr
+    lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    return lines[0]
+
+
+def test_b_without_config_is_refused(tmp_path: Path, llama: Path) -> None:
+    bare = _copy(llama, tmp_path / "bare")
+    (bare / "config.json").unlink()
+    line = _one_error_line(_cli_run(["match", str(llama), str(bare), "-o", str(tmp_path / "out"), "--quiet"]))
+    assert "has no config.json" in line and str(bare) in line
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_b_with_corrupt_config_is_refused(tmp_path: Path, llama: Path) -> None:
+    corrupt = _copy(llama, tmp_path / "corrupt")
+    (corrupt / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 3')
+    line = _one_error_line(_cli_run(["match", str(llama), str(corrupt), "-o", str(tmp_path / "out"), "--quiet"]))
+    assert "cannot read" in line and str(corrupt / "config.json") in line
+    _nothing_written(tmp_path, tmp_path / "out")
+    message = _error(_invoke(["merge", str(llama), str(corrupt), "-o", str(tmp_path / "out"), "--quiet"]))
+    assert str(corrupt / "config.json") in message
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_configs_differing_where_shapes_agree_need_the_flag(tmp_path: Path, llama: Path) -> None:
+    other = _copy(llama, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config.update(rms_norm_eps=1e-3, hidden_act="gelu", transformers_version="0.0.1")  # the version is bookkeeping
+    (other / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    line = _one_error_line(_cli_run(["match", str(llama), str(other), "-o", str(out), "--quiet"]))
+    assert "2 field(s)" in line and "hidden_act" in line and "rms_norm_eps" in line and "transformers_version" not in line
+    assert "--allow-config-mismatch" in line
+    _nothing_written(tmp_path, out)
+    result = _invoke(["match", str(llama), str(other), "-o", str(out), "--quiet", "--allow-config-mismatch"])
+    assert result.exception is None, result.output
+    assert json.loads((out / "config.json").read_text())["hidden_act"] == "gelu"  # B's files are kept
+
+
+def test_truncated_shard_is_refused(tmp_path: Path, llama: Path) -> None:
+    truncated = _copy(llama, tmp_path / "truncated")
+    shard = sorted(truncated.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    line = _one_error_line(_cli_run(["match", str(llama), str(truncated), "-o", str(tmp_path / "out"), "--quiet"]))
+    assert shard.name in line
+    _nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_output_inside_an_input_is_refused_in_one_line(tmp_path: Path, llama: Path) -> None:
+    line = _one_error_line(_cli_run(["match", str(llama), str(llama), "-o", str(llama / "aligned"), "--quiet"]))
+    assert "inside the input directory" in line
+    assert not (llama / "aligned").exists()
+
+
+def test_different_architectures_in_one_line(tmp_path: Path, llama: Path, gpt2: Path) -> None:
+    line = _one_error_line(_cli_run(["match", str(llama), str(gpt2), "-o", str(tmp_path / "out"), "--quiet"]))
+    assert "different architectures" in line and "GPT2LMHeadModel" in line and "LlamaForCausalLM" in line
+    _nothing_written(tmp_path, tmp_path / "out")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from torch import nn
 
 from autoperm.errors import CheckpointError
@@ -24,13 +25,21 @@ def _write_json(path: str, payload: Mapping[str, Any]) -> None:
 
 
 def _load_checkpoints(model: nn.Module, paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Load each checkpoint and check that it fits ``model`` (names and shapes)."""
+    """Load each checkpoint and check that it fits ``model`` (names and shapes).
+
+    A ``save_pretrained`` directory is read memory-mapped, under the model's names (stored
+    names that transformers renames when loading are renamed the same way, tied tensors filled in).
+    """
     from autoperm.io import load_state_dict
+    from autoperm.pretrained import load_directory_weights, tied_names
 
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     loaded = {}
     for option, path in paths.items():
-        state_dict = load_state_dict(path)
+        if Path(path).is_dir():
+            state_dict, _ = load_directory_weights(path, model, tied=tied_names(model))
+        else:
+            state_dict = load_state_dict(path)
         missing = [k for k in expected if k not in state_dict]
         extra = [k for k in state_dict if k not in expected]
         wrong = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
@@ -43,17 +52,39 @@ def _load_checkpoints(model: nn.Module, paths: Mapping[str, str]) -> dict[str, d
     return loaded
 
 
-def _model_from(model_path: str, kwargs: Sequence[str]) -> nn.Module:
-    from autoperm.cli.common import load_model, parse_kwargs
+def _model_from(model_path: str, kwargs: Sequence[str], device: str = "cpu") -> nn.Module:
+    """MODEL as ``package.module:attr`` (called with ``kwargs``) or a model directory built from its config.
 
-    return load_model(model_path, parse_kwargs(kwargs))
+    A directory's model is built on ``device`` in float32 with fresh weights (the checkpoints
+    are loaded into it later).
+    """
+    from autoperm.cli.common import ModelArgs, load_model, parse_kwargs
+
+    if not Path(model_path).is_dir():
+        return load_model(model_path, parse_kwargs(kwargs))
+    from autoperm.pretrained import build_from_directory
+
+    directory = ModelArgs(model_path, kwargs, (), "float32").directory
+    return build_from_directory(directory, device)
+
+
+def _logits_first(module: nn.Module, inputs: Any, output: Any) -> Any:
+    """Forward hook: a model output's logits (or diffusers' sample) with the class axis second."""
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = getattr(output, "sample", None)
+    if logits is None and isinstance(output, tuple) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        return output
+    return logits.transpose(1, 2) if logits.dim() == 3 else logits  # (batch, sequence, vocabulary) -> (batch, vocabulary, sequence)
 
 
 @click.command("barrier")
-@click.argument("model")
+@click.argument("model", metavar="MODEL")
 @click.option("--kwargs", "kwargs", multiple=True, metavar="KEY=VALUE", help="Model constructor argument; repeatable.")
-@click.option("--a", "path_a", required=True, metavar="FILE", help="Checkpoint of model A (t = 0).")
-@click.option("--b", "path_b", required=True, metavar="FILE", help="Checkpoint of model B (t = 1), aligned to A or not.")
+@click.option("--a", "path_a", required=True, metavar="PATH", help="Checkpoint of model A (t = 0): a file or directory.")
+@click.option("--b", "path_b", required=True, metavar="PATH", help="Checkpoint of model B (t = 1), aligned to A or not.")
 @click.option("--data", "data_source", required=True, metavar="DATA",
               help="'digits' or package.module:function returning a DataLoader, (inputs, targets) or {split: ...}.")
 @click.option("--points", default=25, show_default=True, type=click.IntRange(min=2), help="Points along the path.")
@@ -73,11 +104,17 @@ def barrier_command(
     Mean barrier: max_t L(t) - (L(0) + L(1)) / 2 (Git Re-Basin); linear barrier:
     max_t L(t) - ((1 - t) L(0) + t L(1)) (Entezari et al.). Accuracy barriers are the drop.
     With --repair, B should already be aligned to A (autoperm match).
+
+    MODEL is package.module:attr or a model directory (save_pretrained; its config builds the
+    model, and A and B may be directories). A language model's loss is the cross-entropy of its
+    logits against targets of shape (batch, sequence), e.g. the inputs shifted by one token.
     """
     from autoperm.data import load_data
     from autoperm.evaluate import barrier_summary, interpolation_curve
 
     module = _model_from(model, kwargs)
+    if Path(model).is_dir():  # a transformers or diffusers model: its logits as one tensor
+        module.register_forward_hook(_logits_first)
     checkpoints = _load_checkpoints(module, {"--a": path_a, "--b": path_b})
     splits = load_data(data_source)
     train_data = splits["train"] if "train" in splits else next(iter(splits.values()))
@@ -140,9 +177,9 @@ def _repairer(module: nn.Module, model_path: str, spec_path: str | None, checkpo
 @click.command("analyze")
 @click.argument("model")
 @click.option("--kwargs", "kwargs", multiple=True, metavar="KEY=VALUE", help="Model constructor argument; repeatable.")
-@click.option("--a", "path_a", required=True, metavar="FILE", help="Checkpoint of the reference model A.")
-@click.option("--b", "path_b", required=True, metavar="FILE", help="Checkpoint of model B as trained.")
-@click.option("--b-aligned", "path_aligned", metavar="FILE", help="Checkpoint of B after alignment to A.")
+@click.option("--a", "path_a", required=True, metavar="PATH", help="Checkpoint (file or directory) of the reference model A.")
+@click.option("--b", "path_b", required=True, metavar="PATH", help="Checkpoint of model B as trained.")
+@click.option("--b-aligned", "path_aligned", metavar="PATH", help="Checkpoint of B after alignment to A.")
 @click.option("--gamma", default=0.3, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Count singular vectors with s >= gamma * s_max.")
 @click.option("--spec", "spec_path", metavar="YAML", help="Permutation spec, for the singular-value invariance check.")
@@ -154,15 +191,22 @@ def analyze_command(
     model: str, kwargs: Sequence[str], path_a: str, path_b: str, path_aligned: str | None, gamma: float,
     spec_path: str | None, input_shape: Sequence[str], dtype: str, json_path: str | None,
 ) -> None:
-    """L2 distance and singular-vector alignment R of B (and aligned B) to A (Ito et al., arXiv 2402.04051)."""
-    from autoperm.cli.common import load_spec_or_infer, make_inputs, parse_shape
+    """L2 distance and singular-vector alignment R of B (and aligned B) to A (Ito et al., arXiv 2402.04051).
+
+    MODEL is package.module:attr or a model directory (built on the meta device from its config;
+    A, B and aligned B may be directories).
+    """
+    from autoperm.cli.common import ModelArgs, load_spec_or_infer, make_inputs, parse_shape
     from autoperm.evaluate import l2_distance, singular_analysis
 
-    module = _model_from(model, kwargs)
+    module = _model_from(model, kwargs, device="meta")
     paths = {"--a": path_a, "--b": path_b, **({"--b-aligned": path_aligned} if path_aligned else {})}
     checkpoints = _load_checkpoints(module, paths)
     spec = None
-    if spec_path or input_shape:
+    if Path(model).is_dir() and (spec_path or input_shape):
+        args = ModelArgs(model, kwargs, input_shape, dtype)
+        spec = load_spec_or_infer(spec_path, *args.build(), args.name, args)
+    elif spec_path or input_shape:
         inputs = make_inputs(module, [parse_shape(s) for s in input_shape], dtype) if input_shape else ()
         spec = load_spec_or_infer(spec_path, module, inputs, model)
     compared = {"B": checkpoints["--b"], **({"B aligned": checkpoints["--b-aligned"]} if path_aligned else {})}

@@ -14,17 +14,20 @@ from tqdm import tqdm
 
 from autoperm.api import activation_matching
 from autoperm.cli.common import ModelArgs, load_spec_or_infer, model_settings
+from autoperm.cli.directories import (
+    check_checkpoint_configs,
+    config_mismatch_option,
+    load_checkpoint,
+    save_in_stored_names,
+)
 from autoperm.cli.sd_cmds import is_stable_diffusion_input, read_stable_diffusion_pair, refuse_stable_diffusion_merge
 from autoperm.errors import CheckpointError, ModelLoadError, SolverError
 from autoperm.io import (
-    find_layout,
     is_checkpoint_directory,
-    load_state_dict,
-    save_directory,
     save_state_dict,
     write_text_atomic,
 )
-from autoperm.pretrained import check_names, is_model_directory, tied_names
+from autoperm.pretrained import is_model_directory, tied_names
 from autoperm.solvers import (
     check_state_dicts,
     merge_many,
@@ -66,16 +69,19 @@ _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 @click.option("--b", "path_b", type=click.Path(), help="Checkpoint B to align to A (file or directory).")
 @click.option("--method", type=click.Choice(["wm", "ste", "act"]), default="wm", show_default=True)
 @_solver_options
+@config_mismatch_option
 def match(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str, path_a: str | None,
     path_b: str | None, method: str, spec_path: str | None, device: str, perms_out: str | None, seed: int,
     max_iter: int, data_source: str | None, epochs: int, lr: float, quiet: bool, output: str,
+    allow_config_mismatch: bool,
 ) -> None:
     """Permute checkpoint B so that it aligns with checkpoint A; write the permuted B.
 
     Give MODEL A B, MODEL --a A --b B, or A B where A is a model directory (save_pretrained):
     then MODEL is A's config.json, and when B is a directory the output is a directory in B's
-    layout (config and other files copied, same shards).
+    layout (config and other files copied, same shards, the tensor names as stored). B's
+    config.json must name A's class with the same fields (--allow-config-mismatch accepts others).
     """
     if not (path_a or path_b) and len(paths) == 2 and is_stable_diffusion_input(paths[0]):
         _match_stable_diffusion(paths, method, spec_path, device, perms_out, seed, max_iter, quiet, output)
@@ -86,10 +92,10 @@ def match(
     as_directory = _directory_output(output, path_b)
     args = ModelArgs(model, kwargs, input_shape, dtype)
     module, example = args.build(weights=method != "wm")
-    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
+    check_checkpoint_configs(args, [path_a, path_b], allow_config_mismatch)
     tied = tied_names(module)
-    sd_a, sd_b = load_state_dict(path_a, tied=tied), load_state_dict(path_b, tied=tied)
-    _check_directory_names(module, args.name, [(path_a, sd_a), (path_b, sd_b)])
+    (sd_a, _), (sd_b, names_b) = (load_checkpoint(path, module, tied, args.name) for path in (path_a, path_b))
+    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
     check_state_dicts(spec, [module.state_dict(), sd_a, sd_b], names=[f"model {model!r}", path_a, path_b])
     data = _load_data(data_source, method)
     with _progress(quiet, "epochs" if method == "ste" else "sweeps", epochs if method == "ste" else max_iter) as step:
@@ -105,7 +111,7 @@ def match(
         def permute(name: str, tensor: torch.Tensor) -> torch.Tensor:
             return permute_tensor(spec, result.perms, name, tensor) if name in members else tensor
 
-        save_directory(sd_b, find_layout(path_b), output, inputs=inputs, transform=permute)
+        save_in_stored_names(sd_b, names_b, output, inputs=inputs, transform=permute)
     else:
         save_state_dict(apply_permutation(spec, result.perms, sd_b), output, inputs=inputs)
     if perms_out:
@@ -123,10 +129,12 @@ def match(
 @click.option("--method", type=click.Choice(["wm", "ste"]), default="wm", show_default=True)
 @click.option("--scheme", type=click.Choice(["mergemany", "anchor"]), help="Default: mergemany (wm), anchor (ste).")
 @_solver_options
+@config_mismatch_option
 def merge(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str,
     method: str, scheme: str | None, spec_path: str | None, device: str, perms_out: str | None, seed: int,
     max_iter: int, data_source: str | None, epochs: int, lr: float, quiet: bool, output: str,
+    allow_config_mismatch: bool,
 ) -> None:
     """Align CHECKPOINTS (two or more) and write their mean, in the first one's frame.
 
@@ -143,10 +151,11 @@ def merge(
     as_directory = _directory_output(output, checkpoints[0])
     args = ModelArgs(model, kwargs, input_shape, dtype)
     module, example = args.build(weights=method != "wm")
-    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
+    check_checkpoint_configs(args, checkpoints, allow_config_mismatch)
     tied = tied_names(module)
-    state_dicts = [load_state_dict(path, tied=tied) for path in checkpoints]
-    _check_directory_names(module, args.name, list(zip(checkpoints, state_dicts)))
+    loaded = [load_checkpoint(path, module, tied, args.name) for path in checkpoints]
+    state_dicts = [state_dict for state_dict, _ in loaded]
+    spec = load_spec_or_infer(spec_path, module, example, args.name, args)
     check_state_dicts(spec, [module.state_dict(), *state_dicts], names=[f"model {model!r}", *checkpoints])
     data = _load_data(data_source, method)
     with _progress(quiet, "rounds", max_iter if method == "wm" else len(checkpoints) - 1) as step:
@@ -155,7 +164,7 @@ def merge(
             seed=seed, device=device, callback=step, **({"epochs": epochs, "lr": lr} if method == "ste" else {}),
         )
     if as_directory:
-        save_directory(result.state_dict, find_layout(checkpoints[0]), output, inputs=inputs)
+        save_in_stored_names(result.state_dict, loaded[0][1], output, inputs=inputs)
     else:
         save_state_dict(result.state_dict, output, inputs=inputs)
     if perms_out:
@@ -214,13 +223,6 @@ def _merge_paths(paths: Sequence[str]) -> tuple[str, list[str]]:
             f"{first!r} is a checkpoint file, not a model; give MODEL (package.module:attr or a model directory) first"
         )
     return first, list(paths[1:])
-
-
-def _check_directory_names(module: torch.nn.Module, name: str, loaded: Sequence[tuple[str, Mapping[str, torch.Tensor]]]) -> None:
-    """Directory checkpoints must hold exactly the model's tensor names (see :func:`check_names`)."""
-    for path, state_dict in loaded:
-        if Path(path).is_dir():
-            check_names(state_dict, module, path, name)
 
 
 def _directory_output(output: str, reference: str) -> bool:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 
 import click
+from torch import nn
 
 from autoperm.cli.common import ModelArgs, model_options
 from autoperm.errors import SpecError
@@ -60,19 +63,31 @@ def spec_command(model: str, kwargs, input_shape, dtype: str, output: str | None
 @click.option("--seed", default=0, show_default=True, help="Seed of the random permutation.")
 @click.option("--atol", type=float, help="Absolute tolerance (default 1e-8 in float64, 1e-5 with --float32).")
 @click.option("--rtol", type=float, help="Relative tolerance (default 1e-6 in float64, 1e-4 with --float32).")
-@click.option("--float32", "float32", is_flag=True, help="Compare in the model's own precision instead of float64.")
+@click.option("--float32", "float32", is_flag=True,
+              help="Compare in the model's own precision instead of float64 (chosen by itself when float64 would not fit in memory).")
 def verify_command(model: str, kwargs, input_shape, dtype: str, spec_path: str | None, seed: int, atol: float | None,
                    rtol: float | None, float32: bool) -> None:
     """Check that a random permutation from the spec leaves MODEL's outputs unchanged.
 
-    A model directory is run with its own weights (random ones if it has none).
+    A model directory is run with its own weights (random ones if it has none). The comparison
+    runs in float64 unless that would not fit in the memory available (a float64 copy of the
+    weights and a permuted one, 16 bytes a parameter): then in float32, with the float32
+    tolerance printed.
     """
     from autoperm.cli.common import load_spec_or_infer
-    from autoperm.verify import verify_spec
+    from autoperm.verify import TOLERANCES, verify_spec
 
     args = ModelArgs(model, kwargs, input_shape, dtype)
     module, inputs = args.build(weights=True)
     spec = load_spec_or_infer(spec_path, module, inputs, args.name, args)
+    if not float32 and not _float64_fits(module):
+        default_atol, default_rtol = TOLERANCES["float32"]
+        click.echo(
+            f"float64 copies of the weights would need {_float64_bytes(module) / 2**30:.1f} GiB, "
+            f"{_available_memory() / 2**30:.1f} GiB are available: comparing in float32, tolerance "
+            f"{atol if atol is not None else default_atol:g} + {rtol if rtol is not None else default_rtol:g} x max |output|"
+        )
+        float32 = True
     report = verify_spec(module, spec, inputs, seed=seed, atol=atol, rtol=rtol, precision="float32" if float32 else "float64")
     click.echo(f"groups permuted:      {report.groups}")
     click.echo(f"tensors moved:        {report.permuted_tensors}")
@@ -85,6 +100,39 @@ def verify_command(model: str, kwargs, input_shape, dtype: str, spec_path: str |
             f"{report.tolerance:.3e}): the spec is unsound for this model; mark the offending group fixed"
         )
     click.echo("OK: outputs unchanged")
+
+
+def _float64_bytes(model: nn.Module) -> int:
+    """Memory a float64 check adds: a float64 copy of the floating weights and a permuted one."""
+    return sum(16 * tensor.numel() for tensor in model.state_dict().values() if tensor.is_floating_point())
+
+
+def _float64_fits(model: nn.Module) -> bool:
+    """Whether the float64 copies fit in the available memory, with a quarter to spare for activations."""
+    available = _available_memory()
+    return available is None or _float64_bytes(model) * 5 // 4 <= available
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process (``MemAvailable``, capped by a cgroup v2 limit); ``None`` if unknown."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used) if available is not None else int(limit) - used
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def register(cli: click.Group) -> None:

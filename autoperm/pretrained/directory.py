@@ -159,25 +159,43 @@ def tied_names(model: nn.Module) -> list[list[str]]:
 def load_pretrained(directory: ModelDirectory, checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """Build the model on the CPU in float32 and load weights (``checkpoint``, default the directory's).
 
+    Stored names that transformers renames when loading (GPT-NeoX's ``embed_out``, ViT) are
+    renamed the same way; a directory whose tensors transformers merges or splits (fused
+    mixture-of-experts weights) is loaded with the class's own ``from_pretrained``.
+
     Raises:
         ModelLoadError: see :func:`build_from_directory`.
         CheckpointError: the weights cannot be read or do not fit the model (names the keys).
     """
+    from autoperm.pretrained.stored_names import load_directory_weights
+
     model = build_from_directory(directory, device="cpu")
     source = checkpoint if checkpoint is not None else directory.path
-    state_dict = load_state_dict(source, tied=tied_names(model))
-    if checkpoint is None and directory.library == "transformers" and state_dict.keys() != model.state_dict().keys():
-        # transformers renames some tensors when loading (fused mixture-of-experts weights in v5)
+    if Path(source).is_dir():
         try:
-            return _model_class(directory).from_pretrained(str(directory.path)).float().eval()
-        except Exception as error:  # let the key listing below explain
-            logger.info("from_pretrained(%s) failed: %s", directory.path, error)
+            state_dict, _ = load_directory_weights(source, model, tied=tied_names(model))
+        except CheckpointError as error:
+            if checkpoint is not None or directory.library != "transformers":
+                raise
+            logger.info("%s; loading with from_pretrained", error)
+            return _from_pretrained(directory, error)
+    else:
+        state_dict = load_state_dict(source, tied=tied_names(model))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
         lines = " ".join(str(error).split())[:600]
         raise CheckpointError(f"the weights in {str(source)!r} do not fit {directory.name}: {lines}") from None
     return model
+
+
+def _from_pretrained(directory: ModelDirectory, cause: CheckpointError) -> nn.Module:
+    """The class's own ``from_pretrained``, for tensors transformers converts when loading."""
+    try:
+        return _model_class(directory).from_pretrained(str(directory.path)).float().eval()
+    except Exception as error:  # transformers can raise anything; the first error explains more
+        logger.info("from_pretrained(%s) failed: %s", directory.path, error)
+        raise cause from error
 
 
 def check_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module, where: str, model_name: str) -> None:
@@ -192,9 +210,8 @@ def check_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module, where:
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {where!r} does not hold the tensors of {model_name}: missing {missing[:3]} "
-            f"({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all). Either it is "
-            "another architecture, or its library renames tensors when loading (transformers 5 fuses "
-            "mixture-of-experts weights), which autoperm does not do: it works on the names as stored"
+            f"({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all): it is another "
+            "architecture or another configuration of it (names are compared after transformers' own renaming)"
         )
 
 
