@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _stable_diffusion import (
+from tests.pretrained._stable_diffusion import (
     CONFIGS,
     OTHER_COMPONENTS,
     diffusers,

@@ -16,7 +16,7 @@ import autoperm
 from autoperm import SolverError, apply_permutation, random_permutation
 from autoperm.solvers import weight_matching
 from autoperm.spec import permute_tensor
-from _specs import MLP, ConvNet, convnet_spec, mlp_spec, resnet20, resnet20_spec, train_briefly
+from tests._specs import MLP, ConvNet, convnet_spec, mlp_spec, resnet20, resnet20_spec, train_briefly
 
 
 def _cases():

@@ -12,7 +12,7 @@ from autoperm import SolverError, apply_permutation, random_permutation
 from autoperm.solvers import ste_matching, weight_matching
 from autoperm.solvers.projection import WarmProjection, _certify
 from autoperm.spec import identity_permutation
-from _specs import MLP, ConvNet, convnet_spec, mlp_spec, record_lap_methods, train_briefly
+from tests._specs import MLP, ConvNet, convnet_spec, mlp_spec, record_lap_methods, train_briefly
 
 
 def _pair(hidden: int = 16, seed: int = 0):

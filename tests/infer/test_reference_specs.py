@@ -9,7 +9,7 @@ import pytest
 from autoperm import PermutationSpec
 from autoperm.reference import REFERENCE_MODELS, available, build_reference_spec
 
-SPECS = Path(__file__).resolve().parents[1] / "specs"
+SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 
 def _structure(spec: PermutationSpec) -> list[tuple]:

@@ -11,7 +11,7 @@ import torch
 from autoperm import PermutationSpec, SolverError, apply_permutation, random_permutation
 from autoperm import activation_matching
 from autoperm.solvers.activation_matching import correlation_matrix
-from _specs import MLP, mlp_spec, record_lap_methods
+from tests._specs import MLP, mlp_spec, record_lap_methods
 
 
 def _spec_with_sites(model: MLP, observed: dict[str, list[str]]) -> PermutationSpec:

@@ -115,7 +115,7 @@ def test_output_existing_or_inside_an_input_is_refused(tmp_path: Path, llama: Pa
 def test_cli_exit_code_and_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     run = subprocess.run([sys.executable, "-m", "autoperm", "spec", str(tmp_path / "empty")], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 1
     assert run.stderr.startswith("error: ") and "has no config.json" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
@@ -153,7 +153,7 @@ def test_legacy_bin_shards_are_read_with_weights_only(tmp_path: Path) -> None:
 
 def _cli_run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoperm", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
 
 
 def _one_error_line(run: subprocess.CompletedProcess) -> str:

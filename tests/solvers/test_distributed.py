@@ -16,7 +16,7 @@ from autoperm.errors import SolverError
 from autoperm.solvers.collective import Placement, TorchCollective
 from autoperm.solvers.distributed import shard_parameters
 
-SPEC_PATH = Path(__file__).resolve().parents[1] / "specs" / "llama_tiny.yaml"
+SPEC_PATH = Path(__file__).resolve().parents[2] / "specs" / "llama_tiny.yaml"
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _specs import MLP, mlp_spec
+from tests._specs import MLP, mlp_spec
 
 from autoperm.errors import SolverError
 from autoperm.solvers.collective import LocalCollective, Placement, place

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 import autoperm
 from autoperm.verify import verify_spec
 from tests.conftest import perturb_
-from _specs import record_lap_methods
+from tests._specs import record_lap_methods
 
 
 class Block(nn.Module):

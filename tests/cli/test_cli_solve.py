@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from autoperm import AutopermError, apply_permutation, load_state_dict, random_permutation, save_state_dict
 from autoperm.cli import cli
 from autoperm.cli.solve_cmds import load_perms
-from _specs import MLP, mlp_spec
+from tests._specs import MLP, mlp_spec
 
 MODEL = ["autoperm.models:MLP", "--kwargs", "in_features=16", "--kwargs", "hidden=8", "--kwargs", "num_classes=4",
          "--input-shape", "2,16"]

@@ -7,7 +7,7 @@ import torch
 
 from autoperm import SolverError, apply_permutation, random_permutation
 from autoperm.solvers import merge_many, weight_matching
-from _specs import MLP, ConvNet, convnet_spec, mlp_spec, train_briefly
+from tests._specs import MLP, ConvNet, convnet_spec, mlp_spec, train_briefly
 
 
 def _permuted_copies(model, spec, count: int) -> list[dict[str, torch.Tensor]]:
