@@ -213,13 +213,14 @@ def test_branches_on_shapes_trace_with_fx_and_known_shapes():
 
 
 def test_shape_specialised_graphs_are_retraced_for_each_batch_shape():
+    from autoperm.infer.registry import has_module_rule
     from autoperm.trace import record_activations
 
     model = _ShapeBranches().eval()
     spec = infer_spec(model, torch.randn(2, 3, 7, 7))
     node = spec.active_groups[0].activations[0].node
     batches = [torch.randn(4, 3, 7, 7), torch.randn(3, 3, 7, 7)]  # a smaller last batch
-    recorded = record_activations(model, [node], batches, tracer=spec.tracer)[node]
+    recorded = record_activations(model, [node], batches, tracer=spec.tracer, is_leaf=has_module_rule)[node]
     assert [tuple(v.shape) for v in recorded] == [(4, 8, 7, 7), (3, 8, 7, 7)]
     assert torch.allclose(recorded[1], torch.relu(model.a(batches[1])))
 

@@ -27,6 +27,7 @@ import autoperm
 from autoperm.models import MLP
 from autoperm.errors import AutopermError, DataError, SpecError
 from autoperm.evaluate.repair import Repairer, repair, repair_sites
+from autoperm.infer.registry import has_module_rule
 from autoperm.trace import stream_activations
 from tests.conftest import optional_import, perturb_
 
@@ -86,7 +87,8 @@ CASES = {
 
 
 def _site_moments(model, spec, sites, state_dict, x):
-    values = next(stream_activations(model, [s.node for s in sites], [x], tracer=spec.tracer, state_dict=state_dict))
+    values = next(stream_activations(model, [s.node for s in sites], [x], tracer=spec.tracer, state_dict=state_dict,
+                                     is_leaf=has_module_rule))
     moments = {}
     for site in sites:
         rows = values[site.node].movedim(site.channel_axis, -1)[..., list(site.channels)].reshape(-1, len(site.channels))

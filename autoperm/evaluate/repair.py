@@ -371,6 +371,7 @@ class Repairer:
     def _stream(self, state_dict: Mapping[str, torch.Tensor], edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
         """Site outputs of every batch; one traced graph per input shape (exported graphs, and fx graphs traced with
         known shapes, are specialised to their input shapes)."""
+        from autoperm.infer.registry import has_module_rule
         from autoperm.trace import runnable_graph, stream_activations
 
         # tied weights (shared embeddings) go in once, under their canonical name
@@ -378,7 +379,7 @@ class Repairer:
         nodes = [site.node for site in self.sites]
         for key, batches in self._by_shape.items():
             if key not in self._graphs:
-                self._graphs[key] = runnable_graph(self.model, batches[0], self.spec.tracer)
+                self._graphs[key] = runnable_graph(self.model, batches[0], self.spec.tracer, is_leaf=has_module_rule)
             yield from stream_activations(
                 self.model, nodes, batches, tracer=self.spec.tracer, state_dict=state, edit=edit, graph=self._graphs[key],
             )

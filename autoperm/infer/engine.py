@@ -15,7 +15,7 @@ from autoperm.infer import rules_attention, rules_core, rules_layers  # noqa: F4
 from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
 from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
-from autoperm.infer.registry import bind, has_module_rule
+from autoperm.infer.registry import bind, has_module_rule, module_meta_output
 from autoperm.spec.apply import layout_positions
 from autoperm.spec.schema import ActivationSite, FixedAxis, Layout, Member, PermutationGroup, PermutationSpec
 from autoperm.trace import TracedGraph, trace_model
@@ -24,13 +24,6 @@ from autoperm.trace.graph import OpCall, TensorRef
 __all__ = ["infer_spec", "UnsupportedOpWarning", "build_context"]
 
 logger = logging.getLogger(__name__)
-
-# Canonical op names (and module class names) whose outputs are preferred activation sites.
-_ACTIVATION_OPS = set(rules_core.ACTIVATIONS) | {
-    "ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyReLU", "ELU",
-    "SELU", "CELU", "Softplus", "Mish", "PReLU",
-}
-
 
 class UnsupportedOpWarning(UserWarning):
     """Some ops were not understood; the axes they touch were kept fixed (the spec stays sound)."""
@@ -202,7 +195,7 @@ def infer_spec(
         >>> [g.name for g in spec.groups][:2]
         ['conv1', 'layer1.0.conv1']
     """
-    traced = split_fused_axes(trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer))
+    traced = split_fused_axes(trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer, meta_output=module_meta_output))
     ctx, unknown = build_context(traced)
     if unknown:
         message = "kept the axes fixed around ops autoperm does not understand: " + ", ".join(unknown)
@@ -295,7 +288,8 @@ def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hasha
         out = call.outputs[0] if len(call.outputs) == 1 else None
         if out is None or call.node.startswith(SYNTHETIC_PREFIX):
             continue
-        rank = 0 if bind(call)[0].op in _ACTIVATION_OPS else 1
+        rule = bind(call)[1]
+        rank = 0 if rule is not None and rule.activation else 1
         for dim in range(out.ndim):
             for placement in _placements(resolved, sizes, (out.id, dim)):
                 if placement.component not in wanted:

@@ -64,6 +64,7 @@ def activation_matching(
     Raises:
         SolverError: mismatched state dicts, or no batches in ``data``.
     """
+    from autoperm.infer.registry import has_module_rule
     from autoperm.trace import record_activations
 
     check_state_dicts(spec, [state_dict_a, state_dict_b])
@@ -73,7 +74,7 @@ def activation_matching(
         raise SolverError("activation matching got no batches from data; give (inputs, targets) batches")
     nodes = sorted({site.node for group in observed for site in group.activations})
     recorded = [
-        record_activations(model, nodes, batches, tracer=spec.tracer, state_dict=dict(sd)) if nodes else {}
+        record_activations(model, nodes, batches, tracer=spec.tracer, state_dict=dict(sd), is_leaf=has_module_rule) if nodes else {}
         for sd in (state_dict_a, state_dict_b)
     ]
     perms = identity_permutation(spec)

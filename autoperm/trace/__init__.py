@@ -12,7 +12,7 @@ from torch import nn
 from autoperm.errors import InputMismatchError, TraceError
 from autoperm.trace.common import normalise_inputs
 from autoperm.trace.export_frontend import export_program, trace_export
-from autoperm.trace.fx_frontend import run_graph, symbolic_trace, trace_fx
+from autoperm.trace.fx_frontend import LeafPredicate, MetaOutput, no_extra_leaves, run_graph, symbolic_trace, trace_fx
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "record_activations",
     "stream_activations",
     "runnable_graph",
+    "no_extra_leaves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,16 +78,23 @@ def _cache_switches(model: nn.Module) -> list[Any]:
 def trace_model(
     model: nn.Module,
     example_inputs: Any,
-    is_leaf: Callable[[nn.Module], bool] = lambda m: False,
+    is_leaf: LeafPredicate = no_extra_leaves,
     tracer: Literal["auto", "fx", "export"] = "auto",
+    meta_output: MetaOutput | None = None,
 ) -> TracedGraph:
     """Trace ``model`` (in eval mode) into a :class:`TracedGraph`.
 
     Args:
         model: the model; it is not modified (training flags are restored).
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
-        is_leaf: modules to keep whole under torch.fx (those with a module rule).
+        is_leaf: modules to keep whole under torch.fx besides the stock ``torch.nn`` layers
+            (inference passes those with a module rule).
         tracer: ``"auto"`` tries torch.fx then torch.export; or force one front-end.
+        meta_output: ``meta_output(module, x)``, a leaf module's meta output on meta input ``x``
+            when it is known without running the module, else ``None`` (a shortcut for shapes).
+
+    Returns:
+        The traced graph.
 
     Raises:
         TraceError: neither front-end could trace the model; the message gives both causes and
@@ -101,7 +109,7 @@ def trace_model(
     with _EvalMode(model):
         if tracer in ("auto", "fx"):
             try:
-                return trace_fx(model, args, kwargs, is_leaf)
+                return trace_fx(model, args, kwargs, is_leaf, meta_output)
             except TraceError as error:
                 if tracer == "fx" or isinstance(error, InputMismatchError):
                     raise
@@ -124,17 +132,13 @@ def runnable_graph(
     model: nn.Module,
     example_inputs: Any,
     tracer: Literal["fx", "export"] = "fx",
-    is_leaf: Callable[[nn.Module], bool] | None = None,
+    is_leaf: LeafPredicate = no_extra_leaves,
 ) -> torch.fx.GraphModule:
     """The graph module that :func:`stream_activations` runs, built once for repeated passes.
 
-    Its node names are those of :func:`trace_model` with the same front-end (and so of
-    ``ActivationSite.node``).
+    Its node names are those of :func:`trace_model` with the same front-end and leaf predicate
+    (and so of ``ActivationSite.node`` when ``is_leaf`` is the one inference used).
     """
-    if is_leaf is None:
-        from autoperm.infer.registry import has_module_rule
-
-        is_leaf = has_module_rule
     args, kwargs = normalise_inputs(example_inputs)
     with _EvalMode(model), torch.no_grad():
         if tracer == "fx":
@@ -148,7 +152,7 @@ def stream_activations(
     batches: Iterable[Any],
     tracer: Literal["fx", "export"] = "fx",
     state_dict: dict[str, torch.Tensor] | None = None,
-    is_leaf: Callable[[nn.Module], bool] | None = None,
+    is_leaf: LeafPredicate = no_extra_leaves,
     edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     graph: torch.fx.GraphModule | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -164,7 +168,8 @@ def stream_activations(
         batches: inputs; a batch is a tensor, or a tuple/list whose first element is the input.
         tracer: the front-end the spec was made with (``spec.tracer``).
         state_dict: weights to run with instead of the model's own.
-        is_leaf: leaf predicate used at inference (defaults to the rule registry's).
+        is_leaf: the leaf predicate inference traced with (see :func:`trace_model`; by default only
+            the stock ``torch.nn`` layers are leaves, as there).
         edit: ``edit(node, output)`` returns the tensor that replaces that node's output for the
             rest of the forward pass (REPAIR renormalises channels this way); the yielded
             values are the outputs before the edit.
@@ -212,7 +217,7 @@ def record_activations(
     batches: Iterable[Any],
     tracer: Literal["fx", "export"] = "fx",
     state_dict: dict[str, torch.Tensor] | None = None,
-    is_leaf: Callable[[nn.Module], bool] | None = None,
+    is_leaf: LeafPredicate = no_extra_leaves,
 ) -> dict[str, list[torch.Tensor]]:
     """Run the traced graph of ``model`` on each batch and keep the outputs of ``nodes``.
 
