@@ -38,10 +38,8 @@ __all__ = [
     "Coupling",
     "ModuleArguments",
     "library_aliases",
-    "add_rule",
     "define_rule",
     "op_rule",
-    "first_input",
     "register_op_rule",
     "register_alias",
     "register_module_rule",
@@ -53,7 +51,6 @@ __all__ = [
 
 Coupling = Callable[["RuleContext", "BoundCall"], None]
 ModuleArguments = Callable[["RuleContext", "BoundCall"], dict[str, Any]]
-ModuleRule = Coupling  # a module rule as users write it: a coupling function
 
 
 @dataclass
@@ -181,29 +178,20 @@ def library_aliases(name: str, operators: Iterable[Any] = ()) -> list[Any]:
     return [*found, f"aten.{name}", f"method:{name}"]
 
 
-def add_rule(rule: OpRule, aliases: Iterable[Any] = (), module_types: Iterable[type[nn.Module]] = ()) -> OpRule:
-    """Add ``rule`` to the table under its name, ``aliases`` and ``module_types``.
-
-    An alias already taken keeps its first rule (``torch.max`` stays a position reduction).
-    """
-    _OP_RULES[rule.name] = rule
-    for key in (rule.name, f"aten.{rule.name}", f"method:{rule.name}", *aliases):
-        _ALIASES.setdefault(key, (rule.name, rule.args))
-    for module_type in module_types:
-        _MODULE_RULES[module_type] = rule
-    return rule
-
-
 def define_rule(name: str, *, aliases: Iterable[Any] = (), args: Iterable[str] = (),
                 module_types: Iterable[type[nn.Module]] = (), **facts: Any) -> Callable[[Coupling], Coupling]:
-    """Decorator: add an :class:`OpRule` named ``name`` with the decorated coupling function.
+    """Decorator: the :class:`OpRule` named ``name`` couples with the decorated function.
 
-    ``facts`` are the other :class:`OpRule` fields (``family``, ``defaults``, ``activation``,
-    ``module_arguments``, ``meta_output``); ``module_types`` are the modules that compute the op.
+    The rule is found under its name, ``"aten.<name>"``, ``"method:<name>"``, ``aliases`` (an
+    alias already taken keeps its first rule) and ``module_types``; ``facts`` are its other
+    fields (``family``, ``defaults``, ``activation``, ``module_arguments``, ``meta_output``).
     """
 
     def decorator(couple: Coupling) -> Coupling:
-        add_rule(OpRule(name, couple, tuple(args), **{"family": name, **facts}), aliases, module_types)
+        rule = _OP_RULES[name] = OpRule(name, couple, tuple(args), **{"family": name, **facts})
+        for key in (name, f"aten.{name}", f"method:{name}", *aliases):
+            _ALIASES.setdefault(key, (name, rule.args))
+        _MODULE_RULES.update(dict.fromkeys(module_types, rule))
         return couple
 
     return decorator
@@ -212,11 +200,6 @@ def define_rule(name: str, *, aliases: Iterable[Any] = (), args: Iterable[str] =
 def op_rule(name: str) -> OpRule:
     """The rule of canonical op ``name``."""
     return _OP_RULES[name]
-
-
-def first_input(ctx: RuleContext, call: BoundCall) -> dict[str, Any]:
-    """Module arguments of a module whose first input is the op's ``input``."""
-    return {"input": call.input(0)}
 
 
 def register_op_rule(name: str, *, aliases: Iterable[Any] = (), args: Iterable[str] = ()) -> Callable[[Coupling], Coupling]:
@@ -231,12 +214,7 @@ def register_op_rule(name: str, *, aliases: Iterable[Any] = (), args: Iterable[s
     Returns:
         A decorator that registers the coupling function and returns it unchanged.
     """
-
-    def decorator(rule: Coupling) -> Coupling:
-        add_rule(OpRule(name, rule, tuple(args)), aliases)
-        return rule
-
-    return decorator
+    return define_rule(name, aliases=aliases, args=args)
 
 
 def register_alias(key: Any, name: str, args: Iterable[str] | None = None) -> None:
@@ -250,7 +228,7 @@ def register_alias(key: Any, name: str, args: Iterable[str] | None = None) -> No
     _ALIASES[key] = (name, tuple(args) if args is not None else _ALIASES[name][1])
 
 
-def register_module_rule(module_type: type[nn.Module], rule: ModuleRule | OpRule | None = None) -> Any:
+def register_module_rule(module_type: type[nn.Module], rule: Coupling | OpRule | None = None) -> Any:
     """Register the rule for a module type; modules with a rule are kept whole when tracing.
 
     Use as ``register_module_rule(MyModule, rule)`` or as a decorator
@@ -262,7 +240,7 @@ def register_module_rule(module_type: type[nn.Module], rule: ModuleRule | OpRule
         ``rule`` (or, without it, a decorator that registers the function and returns it).
     """
     if rule is None:
-        def decorator(function: ModuleRule) -> ModuleRule:
+        def decorator(function: Coupling) -> Coupling:
             register_module_rule(module_type, function)
             return function
 

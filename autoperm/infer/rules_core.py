@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autoperm.infer.context import RuleContext
-from autoperm.infer.registry import BoundCall, Coupling, OpRule, add_rule, library_aliases, op_rule, register_module_rule, register_op_rule
+from autoperm.infer.registry import BoundCall, Coupling, define_rule, library_aliases, op_rule, register_module_rule, register_op_rule
 from autoperm.trace.graph import TensorRef, tensors_in
 
 # Aliases beyond those library_aliases finds from the name.
@@ -34,8 +34,7 @@ def add_ops(names: Iterable[str], couple: Coupling, args: Sequence[str] = (), fa
     Each rule is written every way :func:`library_aliases` finds for its name.
     """
     for name in names:
-        rule = OpRule(name, couple, tuple(args), family or name, **facts)
-        add_rule(rule, library_aliases(name, _EXTRA_ALIASES.get(name, ())))
+        define_rule(name, aliases=library_aliases(name, _EXTRA_ALIASES.get(name, ())), args=args, family=family or name, **facts)(couple)
 
 
 # ----------------------------------------------------------------------------- elementwise
@@ -69,8 +68,9 @@ NARY = [
 
 
 def _unary(ctx: RuleContext, call: BoundCall) -> None:
+    """Unary ops and broadcasts (``expand``): axes grown from size 1 hold copies and are left free."""
     tensors = call.tensors()
-    for other in tensors[1:]:  # x.to(y), x.type_as(y): y gives its dtype and device only
+    for other in tensors[1:]:  # x.to(y), x.type_as(y), x.expand_as(y): y gives its dtype, device or shape only
         ctx.free(other)
     if tensors and call.out is not None:
         ctx.elementwise([tensors[0]], call.out)
@@ -113,8 +113,9 @@ add_ops(["normalize"], _softmax, ("input", "p", "dim"), family="softmax", defaul
 
 
 # ------------------------------------------------------------------------------ constants
-def _constant_factory(ctx: RuleContext, call: BoundCall) -> None:
-    """Constant-valued tensors are unchanged by any permutation: no constraint on their axes."""
+def _unconstrained(ctx: RuleContext, call: BoundCall) -> None:
+    """Constant-valued tensors are unchanged by any permutation, and reading a tensor's shape,
+    dtype or device says nothing about the order of its entries: no constraint on their axes."""
     for tensor in (*call.call.tensors(), *call.call.output_tensors()):
         ctx.free(tensor)
 
@@ -126,7 +127,7 @@ def _positional_factory(ctx: RuleContext, call: BoundCall) -> None:
 
 
 add_ops(["zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided", "scalar_tensor"],
-        _constant_factory, family="constant_factory")
+        _unconstrained, family="constant_factory")
 add_ops(["arange", "linspace", "logspace", "eye", "tensor", "as_tensor", "rand", "randn", "randint", "randperm", "rand_like",
          "randn_like", "randint_like", "bernoulli", "multinomial", "tril_indices", "triu_indices"],
         _positional_factory, family="positional_factory")
@@ -141,19 +142,10 @@ def _reshape(ctx: RuleContext, call: BoundCall) -> None:
         ctx.reshape(tensors[0], call.out)
 
 
-def _expand(ctx: RuleContext, call: BoundCall) -> None:
-    """Broadcast to a larger shape: axes grown from size 1 hold copies and are left free."""
-    tensors = call.tensors()
-    for other in tensors[1:]:  # expand_as reads only the other tensor's shape
-        ctx.free(other)
-    if tensors and call.out is not None:
-        ctx.elementwise([tensors[0]], call.out)
-
-
 add_ops(["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view",
          "_reshape_alias", "squeeze_", "unsqueeze_", "ravel", "atleast_1d", "atleast_2d", "atleast_3d", "squeeze_copy",
          "unsqueeze_copy", "view_copy"], _reshape, family="reshape")
-add_ops(["expand", "expand_as", "broadcast_to", "expand_copy"], _expand, family="expand")
+add_ops(["expand", "expand_as", "broadcast_to", "expand_copy"], _unary, family="expand")
 
 
 def _permuted(ctx: RuleContext, x: TensorRef, out: TensorRef, order: Sequence[int]) -> None:
@@ -184,17 +176,8 @@ def _transpose(ctx: RuleContext, call: BoundCall) -> None:
     _permuted(ctx, x, out, order)
 
 
-@register_op_rule("t", aliases=[torch.t, torch.Tensor.t, "method:T", "aten.numpy_T", "method:mT", "aten.t_copy"], args=("input",))
-def _t(ctx: RuleContext, call: BoundCall) -> None:
-    x, out = call.tensor("input"), call.out
-    if x is None or out is None:
-        return
-    if x.ndim < 2:
-        ctx.same_all(x, out)
-        return
-    order = list(range(x.ndim))
-    order[-1], order[-2] = order[-2], order[-1]
-    _permuted(ctx, x, out, order)
+define_rule("t", aliases=[torch.t, torch.Tensor.t, "method:T", "aten.numpy_T", "method:mT", "aten.t_copy"], args=("input",),
+            defaults={"dim0": -2, "dim1": -1})(_transpose)
 
 
 @register_op_rule("movedim", aliases=[torch.movedim, torch.moveaxis, torch.Tensor.movedim, "method:moveaxis"], args=("input", "source", "destination"))
@@ -252,6 +235,7 @@ add_ops(["split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "
 
 @register_op_rule("unbind", aliases=[torch.unbind, torch.Tensor.unbind], args=("input", "dim"))
 def _unbind(ctx: RuleContext, call: BoundCall) -> None:
+    """unbind and select: the chosen axis is fixed, the others pass through."""
     x = call.tensor("input")
     parts = [t for t in call.outputs if t is not None]
     if x is None:
@@ -383,15 +367,7 @@ def _advanced_index(ctx: RuleContext, x: TensorRef, items: list[object], out: Te
         ctx.same(x, d, out, d - 1 + idx.ndim)
 
 
-@register_op_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"))
-def _select(ctx: RuleContext, call: BoundCall) -> None:
-    x, out = call.tensor("input"), call.out
-    if x is None or out is None:
-        return
-    dim = call.dim("dim", x.ndim)
-    ctx.fix(x, dim)
-    for d in range(out.ndim):
-        ctx.same(x, d if d < dim else d + 1, out, d)
+define_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"))(_unbind)
 
 
 def _sliced(ctx: RuleContext, x: TensorRef, out: TensorRef, dim: int, start: Any, end: Any, step: Any) -> None:
@@ -470,15 +446,9 @@ add_ops(["cummax", "cummin"], _position_reduction, ("input", "dim"), family="pos
 
 
 # ------------------------------------------------------------------------ shape queries
-def _shape_query(ctx: RuleContext, call: BoundCall) -> None:
-    """Reading a tensor's shape, dtype or device says nothing about the order of its entries."""
-    for tensor in (*call.call.tensors(), *call.call.output_tensors()):
-        ctx.free(tensor)
-
-
 add_ops(["size", "dim", "numel", "nelement", "ndimension", "sym_size", "sym_numel", "sym_stride", "stride", "is_contiguous",
          "get_device", "is_floating_point", "element_size", "_assert", "_assert_async", "_assert_scalar", "sym_constrain_range",
-         "sym_constrain_range_for_size", "_check", "_check_is_size", "_assert_tensor_metadata"], _shape_query, ("input",),
+         "sym_constrain_range_for_size", "_check", "_check_is_size", "_assert_tensor_metadata"], _unconstrained, ("input",),
         family="shape_query")
 
 _TENSOR_ATTRIBUTES = {"T": "t", "mT": "t"}
@@ -518,24 +488,21 @@ def _ndim(tensor: TensorRef | None) -> int:
     return tensor.ndim if tensor is not None else 0
 
 
-def _scan(ctx: RuleContext, call: BoundCall) -> None:
-    """Cumulative sums and differences: the scanned axis stays fixed, the others are coupled."""
+def _ordered(ctx: RuleContext, call: BoundCall, name: str = "dims", spread: bool = False) -> None:
+    """flip, roll, tril, cumulative sums, diff: the axes in argument ``name`` stay fixed, the others are coupled."""
     x = call.tensor("input")
-    _ordered_along(ctx, x, call.out, call.dims("dim", _ndim(x)))
+    _ordered_along(ctx, x, call.out, call.dims(name, _ndim(x), spread=spread))
     for extra in ("prepend", "append"):  # diff concatenates these along dim
         tensor = call.tensor(extra)
         if tensor is not None and x is not None:
-            _ordered_along(ctx, tensor, x, call.dims("dim", tensor.ndim))
+            _ordered_along(ctx, tensor, x, call.dims(name, tensor.ndim))
 
 
+_scan = functools.partial(_ordered, name="dim")
 add_ops(["cumsum", "cumprod", "logcumsumexp"], _scan, ("input", "dim"), family="scan")
 add_ops(["diff"], _scan, ("input", "n", "dim", "prepend", "append"), family="scan", defaults={"dim": -1})
+define_rule("flip", aliases=[torch.flip, torch.Tensor.flip], args=("input", "dims"))(functools.partial(_ordered, spread=True))
 
-
-@register_op_rule("flip", aliases=[torch.flip, torch.Tensor.flip], args=("input", "dims"))
-def _flip(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.tensor("input")
-    _ordered_along(ctx, x, call.out, call.dims("dims", _ndim(x), spread=True))
 
 
 @register_op_rule("repeat", aliases=[torch.Tensor.repeat, "method:repeat", "aten.repeat"], args=("input", "repeats"))
@@ -627,17 +594,9 @@ def _repeat_interleave(ctx: RuleContext, call: BoundCall) -> None:
         ctx.same_node(outer, ctx.ax(x, dim))
 
 
-@register_op_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))
-def _roll(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.tensor("input")
-    _ordered_along(ctx, x, call.out, call.dims("dims", _ndim(x)))
-
-
-@register_op_rule("triangle", aliases=[torch.tril, torch.triu, torch.Tensor.tril, torch.Tensor.triu, "aten.tril", "aten.triu",
-                                       "method:tril", "method:triu"], args=("input", "diagonal"))
-def _triangle(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.tensor("input")
-    _ordered_along(ctx, x, call.out, [x.ndim - 1, x.ndim - 2] if x is not None and x.ndim >= 2 else None)
+define_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))(_ordered)
+define_rule("triangle", aliases=[torch.tril, torch.triu, torch.Tensor.tril, torch.Tensor.triu, "aten.tril", "aten.triu",
+                                 "method:tril", "method:triu"], args=("input", "diagonal"), defaults={"dims": [-1, -2]})(_ordered)
 
 
 # ----------------------------------------------------------------------------- modules

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoperm.infer.context import RuleContext
-from autoperm.infer.registry import BoundCall, ModuleArguments, define_rule, first_input, library_aliases, register_op_rule
+from autoperm.infer.registry import BoundCall, ModuleArguments, define_rule, library_aliases, register_op_rule
 from autoperm.infer.rules_core import same_shape
 from autoperm.trace.graph import TensorRef, tensors_in
 
@@ -34,9 +33,15 @@ def _from_module(*state: str, **attributes: str) -> ModuleArguments:
     return arguments
 
 
+first_input = _from_module()
+
+
 # ------------------------------------------------------------------------------ linear
-def linear(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: TensorRef | None, out: TensorRef | None) -> None:
+@define_rule("linear", aliases=[F.linear], args=("input", "weight", "bias"), module_types=[nn.Linear],
+             module_arguments=_from_module("weight", "bias"))
+def _linear(ctx: RuleContext, call: BoundCall) -> None:
     """``out[..., o] = sum_i x[..., i] weight[o, i] + bias[o]``."""
+    x, weight, bias, out = call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out
     if x is None or weight is None or out is None:
         ctx.unknown([t for t in (x, weight, bias, out) if t is not None])
         return
@@ -50,12 +55,6 @@ def linear(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias
         ctx.same(x, -1, weight, 0)
     if bias is not None and out.ndim:
         ctx.elementwise([bias], out)
-
-
-@define_rule("linear", aliases=[F.linear], args=("input", "weight", "bias"), module_types=[nn.Linear],
-             module_arguments=_from_module("weight", "bias"))
-def _linear(ctx: RuleContext, call: BoundCall) -> None:
-    linear(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out)
 
 
 def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: TensorRef | None) -> None:
@@ -136,8 +135,14 @@ def _einsum(ctx: RuleContext, call: BoundCall) -> None:
 
 
 # ------------------------------------------------------------------------- convolutions
-def conv(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: TensorRef | None, out: TensorRef | None,
-         groups: int = 1, transposed: bool = False) -> None:
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_MODULE = _from_module("weight", "bias", groups="groups", transposed="transposed")
+
+
+@define_rule("conv", aliases=[F.conv1d, F.conv2d, F.conv3d, "aten.conv1d", "aten.conv2d", "aten.conv3d"], args=_CONV_ARGS,
+             module_types=[nn.Conv1d, nn.Conv2d, nn.Conv3d], module_arguments=_CONV_MODULE)
+def _conv(ctx: RuleContext, call: BoundCall) -> None:
     """N-d convolution. Channels couple through the weight; spatial axes are fixed.
 
     Grouped convolutions split the channel axes into ``groups x per-group`` factors: whole
@@ -145,6 +150,8 @@ def conv(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: 
     share one permutation with the weight's input axis. A depthwise conv ties its input and
     output channels.
     """
+    x, weight, bias, out = call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out
+    groups, transposed = int(call.get("groups", 1)), bool(call.get("transposed", False))
     if x is None or weight is None or out is None:
         ctx.unknown([t for t in (x, weight, bias, out) if t is not None])
         return
@@ -181,20 +188,6 @@ def conv(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: 
         ctx.same(bias, 0, out, channel)
 
 
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-
-
-_CONV_MODULE = _from_module("weight", "bias", groups="groups", transposed="transposed")
-
-
-@define_rule("conv", aliases=[F.conv1d, F.conv2d, F.conv3d, "aten.conv1d", "aten.conv2d", "aten.conv3d"], args=_CONV_ARGS,
-             module_types=[nn.Conv1d, nn.Conv2d, nn.Conv3d], module_arguments=_CONV_MODULE)
-def _conv(ctx: RuleContext, call: BoundCall) -> None:
-    conv(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out, int(call.get("groups", 1)),
-         transposed=bool(call.get("transposed", False)))
-
-
 define_rule("conv_transpose", aliases=[F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, "aten.conv_transpose1d",
                                        "aten.conv_transpose2d", "aten.conv_transpose3d"], args=_CONV_T_ARGS,
             defaults={"transposed": True}, module_types=[nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d],
@@ -204,21 +197,6 @@ define_rule("convolution", aliases=["aten._convolution"],
 
 
 # ---------------------------------------------------------------------------- norms
-def channel_norm(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, vectors: list[TensorRef | None], extra_outputs: list[TensorRef] = ()) -> None:
-    """BatchNorm / InstanceNorm: per-channel statistics and affine vectors on axis 1."""
-    if x is None or out is None:
-        ctx.unknown([t for t in (x, out, *vectors) if t is not None])
-        return
-    ctx.same_all(x, out)
-    channel = 1 if x.ndim > 1 else 0
-    for vector in vectors:
-        if vector is not None and vector.ndim == 1:
-            ctx.same(vector, 0, x, channel)
-    for extra in extra_outputs:
-        if extra.ndim == 1 and extra.shape[0] == x.shape[channel]:
-            ctx.same(extra, 0, x, channel)
-
-
 _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -230,8 +208,19 @@ _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
              module_types=[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm],
              module_arguments=_from_module(*_NORM_STATE), meta_output=same_shape)
 def _batch_norm(ctx: RuleContext, call: BoundCall) -> None:
-    outputs = call.call.output_tensors()
-    channel_norm(ctx, call.tensor("input"), outputs[0] if outputs else None, [call.tensor(n) for n in _NORM_STATE], outputs[1:])
+    """BatchNorm / InstanceNorm: per-channel statistics and affine vectors on axis 1."""
+    x, outputs, vectors = call.tensor("input"), call.call.output_tensors(), [call.tensor(n) for n in _NORM_STATE]
+    if x is None or not outputs:
+        ctx.unknown([t for t in (x, *outputs[:1], *vectors) if t is not None])
+        return
+    ctx.same_all(x, outputs[0])
+    channel = 1 if x.ndim > 1 else 0
+    for vector in vectors:
+        if vector is not None and vector.ndim == 1:
+            ctx.same(vector, 0, x, channel)
+    for extra in outputs[1:]:  # saved statistics of the ATen kernels
+        if extra.ndim == 1 and extra.shape[0] == x.shape[channel]:
+            ctx.same(extra, 0, x, channel)
 
 
 define_rule("instance_norm", aliases=[F.instance_norm], args=("input", "running_mean", "running_var", "weight", "bias"),
@@ -297,8 +286,11 @@ def _native_group_norm(ctx: RuleContext, call: BoundCall) -> None:
 
 
 # --------------------------------------------------------------------------- embeddings
-def embedding(ctx: RuleContext, indices: TensorRef | None, weight: TensorRef | None, out: TensorRef | None) -> None:
+@define_rule("embedding", aliases=[F.embedding], args=("input", "weight"), module_types=[nn.Embedding],
+             module_arguments=_from_module("weight"))
+def _embedding(ctx: RuleContext, call: BoundCall) -> None:
     """Rows are addressed by token id (fixed); the embedding dim couples with the output."""
+    indices, weight, out = call.tensor("indices") or call.tensor("input"), call.tensor("weight"), call.out
     if indices is None or weight is None or out is None:
         ctx.unknown([t for t in (indices, weight, out) if t is not None])
         return
@@ -307,12 +299,6 @@ def embedding(ctx: RuleContext, indices: TensorRef | None, weight: TensorRef | N
     ctx.producer(weight, 1)
     for d in range(indices.ndim):
         ctx.same(indices, d, out, d)
-
-
-@define_rule("embedding", aliases=[F.embedding], args=("input", "weight"), module_types=[nn.Embedding],
-             module_arguments=_from_module("weight"))
-def _embedding(ctx: RuleContext, call: BoundCall) -> None:
-    embedding(ctx, call.tensor("indices") or call.tensor("input"), call.tensor("weight"), call.out)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -368,11 +354,8 @@ def _interpolate(ctx: RuleContext, call: BoundCall) -> None:
                            nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d],
              module_arguments=_from_module(pad="padding"))
 def _pad(ctx: RuleContext, call: BoundCall) -> None:
-    pad(ctx, call.tensor("input"), call.out, call.get("pad") or call.get("padding") or [])
-
-
-def pad(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, amounts: Sequence[int]) -> None:
     """Padding fixes the axes it pads and leaves the others coupled."""
+    x, out, amounts = call.tensor("input"), call.out, call.get("pad") or call.get("padding") or []
     if x is None or out is None:
         return
     padded = {x.ndim - 1 - i // 2 for i, amount in enumerate(amounts) if amount}
