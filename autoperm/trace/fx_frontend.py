@@ -278,8 +278,15 @@ _MODULE_GETATTR = nn.Module.__getattr__
 
 @contextlib.contextmanager
 def _unpatched_modules() -> Iterator[None]:
-    """Restore ``nn.Module.__call__`` / ``__getattr__`` while torch.fx has them patched."""
+    """Restore ``nn.Module.__call__`` / ``__getattr__`` while torch.fx has them patched.
+
+    Setting them when they are not patched is skipped: each assignment to a class attribute of
+    ``nn.Module`` invalidates the attribute caches of every module class (a third of a millisecond).
+    """
     patched = nn.Module.__call__, nn.Module.__getattr__
+    if patched == (_MODULE_CALL, _MODULE_GETATTR):
+        yield
+        return
     nn.Module.__call__, nn.Module.__getattr__ = _MODULE_CALL, _MODULE_GETATTR  # type: ignore[method-assign]
     try:
         yield
