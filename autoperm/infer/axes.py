@@ -49,10 +49,6 @@ class Resolved:
     order: dict[Node, int] = field(default_factory=dict)
     why_fixed: dict[int, list[str]] = field(default_factory=dict)
 
-    def is_group(self, index: int) -> bool:
-        """A component is a permutation group: not fixed, not composite, more than one index."""
-        return index not in self.fixed and not self.definitions.get(index) and self.size[index] > 1
-
 
 class AxisGraph:
     """Facts about tensor axes, added by op rules and resolved into permutation groups."""

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 from autoperm.infer.axes import AxisGraph
 from autoperm.trace.graph import TensorRef, TracedGraph
 
-__all__ = ["RuleContext"]
+__all__ = ["AffineLayout", "RuleContext"]
+
+
+class AffineLayout(NamedTuple):
+    """Where a call's per-channel affine lives (see :class:`autoperm.spec.AffineSite`)."""
+
+    channel_axis: int
+    weight: str
+    weight_axis: int
+    bias: str | None
+    norm: bool = False
 
 
 class RuleContext:
@@ -24,6 +35,7 @@ class RuleContext:
         self.mixed: list[Hashable] = []
         self.module_name: str | None = None
         self.touched: set[tuple[str, int]] = set()  # axes the current rule has spoken about
+        self.affine: dict[str, AffineLayout] = {}  # node -> the per-channel affine on its output
 
     # ------------------------------------------------------------------ axes
     def ax(self, tensor: TensorRef, dim: int) -> Hashable:

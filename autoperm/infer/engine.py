@@ -16,7 +16,7 @@ from autoperm.infer.affine import affine_sites
 from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
 from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
-from autoperm.infer.registry import bind, has_module_rule
+from autoperm.infer.registry import bind, has_module_rule, module_meta_output
 from autoperm.spec.apply import layout_positions
 from autoperm.spec.schema import ActivationSite, FixedAxis, Layout, Member, PermutationGroup, PermutationSpec
 from autoperm.trace import TracedGraph, trace_model
@@ -25,12 +25,6 @@ from autoperm.trace.graph import OpCall, TensorRef
 __all__ = ["infer_spec", "UnsupportedOpWarning", "build_context"]
 
 logger = logging.getLogger(__name__)
-
-# Canonical op names (and module class names) whose outputs are preferred activation sites.
-_ACTIVATION_OPS = set(rules_core.ACTIVATIONS) | {
-    "ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyReLU", "ELU",
-    "SELU", "CELU", "Softplus", "Mish", "PReLU",
-}
 
 
 class UnsupportedOpWarning(UserWarning):
@@ -75,8 +69,12 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
         ctx.touched = set()
         ctx.axes.reason = f"{call.describe()} keeps it fixed"
         try:
-            rule(ctx, bound)
+            functional = rule.functional(ctx, bound)
+            rule.couple(ctx, functional)
             _fix_forgotten(ctx, call, involved)
+            layout = rule.affine(functional) if rule.affine is not None else None
+            if layout is not None:
+                ctx.affine[call.node] = layout
         except Exception as error:  # a rule that cannot handle this use keeps its axes fixed
             logger.warning("rule for %s failed (%s: %s); keeping its axes fixed", call.describe(), type(error).__name__, error)
             unknown.setdefault(call.target, call.describe())
@@ -203,7 +201,7 @@ def infer_spec(
         >>> [g.name for g in spec.groups][:2]
         ['conv1', 'layer1.0.conv1']
     """
-    traced = split_fused_axes(trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer))
+    traced = split_fused_axes(trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer, meta_output=module_meta_output))
     ctx, unknown = build_context(traced)
     if unknown:
         message = "kept the axes fixed around ops autoperm does not understand: " + ", ".join(unknown)
@@ -246,7 +244,7 @@ def infer_spec(
     logger.info("inferred %d permutation groups (%s front-end)", len(groups), traced.tracer)
     return PermutationSpec(
         model=model_name or type(model).__name__, tracer=traced.tracer, leaf_modules=_leaf_modules(traced),
-        groups=tuple(groups), affine_sites=affine_sites(traced, by_param), hidden_units=hidden_units,
+        groups=tuple(groups), affine_sites=affine_sites(traced, ctx.affine, by_param), hidden_units=hidden_units,
         kept_fixed=kept_fixed, shapes=shapes,
     )
 
@@ -312,7 +310,8 @@ def _activation_sites(traced: TracedGraph, resolved: Resolved, sizes: dict[Hasha
         out = call.outputs[0] if len(call.outputs) == 1 else None
         if out is None or call.node.startswith(SYNTHETIC_PREFIX):
             continue
-        rank = 0 if bind(call)[0].op in _ACTIVATION_OPS else 1
+        rule = bind(call)[1]
+        rank = 0 if rule is not None and rule.activation else 1
         for dim in range(out.ndim):
             for placement in _placements(resolved, sizes, (out.id, dim)):
                 if placement.component not in wanted:

@@ -107,9 +107,9 @@ def _rewrite_through_reshape(traced: TracedGraph, node: str, source: TensorRef, 
     index = producer.get(source.id)
     if index is None or source.id in outputs:
         return None
-    bound, _ = bind(traced.calls[index])
+    _, rule = bind(traced.calls[index])
     arguments = traced.calls[index].tensors()
-    if bound.op != "reshape_family" or len(arguments) != 1:
+    if rule is None or rule.family != "reshape" or len(arguments) != 1:
         return None
     middle = arguments[0]
     if middle.id in outputs or consumers.get(middle.id) != [index]:
@@ -169,7 +169,7 @@ def _chain(traced: TracedGraph, source: TensorRef, producer: dict[str, int], con
         return None
     permutation = None
     permute_index = None
-    bound, _ = bind(traced.calls[index])
+    bound, rule = bind(traced.calls[index])
     if bound.op in ("permute", "transpose"):
         permutation = _permutation(bound, source.ndim)
         if permutation is None:
@@ -181,8 +181,8 @@ def _chain(traced: TracedGraph, source: TensorRef, producer: dict[str, int], con
         index = producer.get(inner.id)
         if index is None:
             return None
-        bound, _ = bind(traced.calls[index])
-    if bound.op != "reshape_family":
+        bound, rule = bind(traced.calls[index])
+    if rule is None or rule.family != "reshape":
         return None
     arguments = traced.calls[index].tensors()
     base = arguments[0] if len(arguments) == 1 else None
@@ -197,14 +197,11 @@ def _chain(traced: TracedGraph, source: TensorRef, producer: dict[str, int], con
 
 def _permutation(bound, ndim: int) -> list[int] | None:
     if bound.op == "permute":
-        dims = bound.get("dims")
-        if not isinstance(dims, (list, tuple)):
-            dims = list(bound.varargs) if dims is None else [dims, *bound.varargs]
-        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-            dims = list(dims[0])
-        if len(dims) != ndim or not all(isinstance(d, int) for d in dims):
+        try:
+            dims = bound.dims("dims", ndim, spread=True)
+        except (TypeError, ValueError):  # symbolic dims
             return None
-        return [int(d) % ndim for d in dims]
+        return dims if dims is not None and len(dims) == ndim else None
     first, second = bound.get("dim0"), bound.get("dim1")
     if first is None and len(bound.varargs) >= 2:
         first, second = bound.varargs[:2]

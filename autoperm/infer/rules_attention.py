@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoperm.infer.context import RuleContext
-from autoperm.infer.registry import BoundCall, register_module_rule, register_op_rule
+from autoperm.infer.registry import BoundCall, define_rule, register_op_rule
 from autoperm.trace.graph import TensorRef
 
 
@@ -67,6 +67,7 @@ def _sdpa(ctx: RuleContext, call: BoundCall) -> None:
         ctx.fix(extra)
 
 
+@define_rule("multi_head_attention", module_types=[nn.MultiheadAttention])
 def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
     """nn.MultiheadAttention: heads move as units across Q, K, V and the output projection."""
     module: nn.MultiheadAttention = call.module
@@ -143,5 +144,3 @@ def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
             ctx.fix(weights, 1)
             ctx.fix_node(atoms["heads"])
 
-
-register_module_rule(nn.MultiheadAttention, _module_mha)

@@ -1,15 +1,41 @@
-"""Rules for elementwise, shape, reduction and indexing ops (one entry per canonical op)."""
+"""Rules for elementwise, shape, reduction and indexing ops (one rule object per canonical op)."""
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
-from torch.nn import functional as F
+from torch import nn
 
 from autoperm.infer.context import RuleContext
-from autoperm.infer.registry import BoundCall, register_op_rule
+from autoperm.infer.registry import BoundCall, Coupling, define_rule, library_aliases, op_rule, register_module_rule, register_op_rule
 from autoperm.trace.graph import TensorRef, tensors_in
+
+# Aliases beyond those library_aliases finds from the name.
+_EXTRA_ALIASES: dict[str, list[Any]] = {
+    "add": [operator.add, operator.iadd], "sub": [operator.sub, operator.isub],
+    "mul": [operator.mul, operator.imul], "div": [operator.truediv, operator.itruediv],
+    "floor_divide": [operator.floordiv], "remainder": [operator.mod], "pow": [operator.pow],
+    "eq": [operator.eq], "ne": [operator.ne], "lt": [operator.lt], "le": [operator.le],
+    "gt": [operator.gt], "ge": [operator.ge], "bitwise_and": [operator.and_], "bitwise_or": [operator.or_],
+    "bitwise_xor": [operator.xor], "neg": [operator.neg], "positive": [operator.pos],
+    "bitwise_not": [operator.invert], "abs": [abs],
+    "stochastic_depth": ["torchvision.ops.stochastic_depth.stochastic_depth"],
+    "size": [len], "_check": ["torch._check"],
+}
+
+
+def add_ops(names: Iterable[str], couple: Coupling, args: Sequence[str] = (), family: str = "", **facts: Any) -> None:
+    """One rule per canonical name in ``names``, all coupling their axes with ``couple``.
+
+    Each rule is written every way :func:`library_aliases` finds for its name.
+    """
+    for name in names:
+        define_rule(name, aliases=library_aliases(name, _EXTRA_ALIASES.get(name, ())), args=args, family=family or name, **facts)(couple)
+
 
 # ----------------------------------------------------------------------------- elementwise
 # Unary ops: only the first tensor argument is coupled to the output (``x.to(y)`` and
@@ -20,7 +46,7 @@ ACTIVATIONS = [
     "hardshrink", "softshrink", "rrelu", "threshold",
     "sigmoid_", "relu_", "silu_", "gelu_", "tanh_", "hardswish_", "hardtanh_", "leaky_relu_", "elu_",
 ]
-UNARY = ACTIVATIONS + [
+UNARY = [
     "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "neg", "abs", "sin",
     "cos", "tan", "erf", "erfc", "reciprocal", "square", "sign", "sgn", "floor", "ceil", "round",
     "trunc", "frac", "logical_not", "bitwise_not", "isnan", "isinf", "isfinite", "nan_to_num",
@@ -39,35 +65,12 @@ NARY = [
     "addcmul", "addcdiv", "add_", "sub_", "mul_", "div_", "copysign", "xlogy", "isclose",
     "heaviside", "copy_",
 ]
-_OPERATOR = {
-    "add": [operator.add, operator.iadd], "sub": [operator.sub, operator.isub],
-    "mul": [operator.mul, operator.imul], "div": [operator.truediv, operator.itruediv],
-    "floor_divide": [operator.floordiv], "remainder": [operator.mod], "pow": [operator.pow],
-    "eq": [operator.eq], "ne": [operator.ne], "lt": [operator.lt], "le": [operator.le],
-    "gt": [operator.gt], "ge": [operator.ge], "bitwise_and": [operator.and_], "bitwise_or": [operator.or_],
-    "bitwise_xor": [operator.xor], "neg": [operator.neg], "positive": [operator.pos],
-    "bitwise_not": [operator.invert], "abs": [abs],
-}
-_DUNDER = {"add": "__add__", "sub": "__sub__", "mul": "__mul__", "div": "__truediv__", "bitwise_and": "__and__",
-           "bitwise_or": "__or__", "bitwise_xor": "__xor__", "rsub": "__rsub__", "eq": "__eq__", "ne": "__ne__",
-           "lt": "__lt__", "le": "__le__", "gt": "__gt__", "ge": "__ge__", "pow": "__pow__", "remainder": "__mod__",
-           "floor_divide": "__floordiv__", "neg": "__neg__", "bitwise_not": "__invert__"}
-
-
-def _library_aliases(name: str) -> list[object]:
-    found: list[object] = []
-    for namespace in (torch, F, torch.special, torch.Tensor):
-        function = getattr(namespace, name, None)
-        if callable(function) and function not in found:
-            found.append(function)
-    dunder = _DUNDER.get(name)
-    extra = [f"aten.{dunder}", f"method:{dunder}", f"aten.{dunder.replace('__', '__i', 1)}"] if dunder else []
-    return found + _OPERATOR.get(name, []) + extra
 
 
 def _unary(ctx: RuleContext, call: BoundCall) -> None:
+    """Unary ops and broadcasts (``expand``): axes grown from size 1 hold copies and are left free."""
     tensors = call.tensors()
-    for other in tensors[1:]:  # x.to(y), x.type_as(y): y gives its dtype and device only
+    for other in tensors[1:]:  # x.to(y), x.type_as(y), x.expand_as(y): y gives its dtype, device or shape only
         ctx.free(other)
     if tensors and call.out is not None:
         ctx.elementwise([tensors[0]], call.out)
@@ -79,19 +82,17 @@ def _nary(ctx: RuleContext, call: BoundCall) -> None:
     ctx.elementwise(call.tensors(), call.out)
 
 
-_EXTERNAL_UNARY = {"stochastic_depth": ["torchvision.ops.stochastic_depth.stochastic_depth"]}
-for _name in UNARY:
-    register_op_rule(_name, aliases=_library_aliases(_name) + _EXTERNAL_UNARY.get(_name, []), args=("input",))(_unary)
-for _name in NARY:
-    register_op_rule(_name, aliases=_library_aliases(_name), args=("input", "other"))(_nary)
+def same_shape(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The meta output of a module whose output has its input's shape and dtype."""
+    return torch.empty_like(x)
+
+
+add_ops(ACTIVATIONS, _unary, ("input",), activation=True, meta_output=same_shape)
+add_ops(UNARY, _unary, ("input",), meta_output=same_shape)
+add_ops(NARY, _nary, ("input", "other"))
 
 
 # Normalising along one axis (softmax, F.normalize) is equivariant there, but mixes its entries.
-SOFTMAX_LIKE = ["softmax", "log_softmax", "_softmax", "_log_softmax", "softmin", "special_softmax", "normalize"]
-
-
-@register_op_rule("softmax_family", aliases=[a for n in SOFTMAX_LIKE for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")],
-                  args=("input", "dim"))
 def _softmax(ctx: RuleContext, call: BoundCall) -> None:
     tensors = call.tensors()
     x, out = (tensors[0] if tensors else None), call.out
@@ -99,37 +100,40 @@ def _softmax(ctx: RuleContext, call: BoundCall) -> None:
         return
     ctx.same_all(x, out)
     dim = call.get("dim")
-    if dim is None and call.call.key in ("normalize", F.normalize):
-        dim = 1
     ctx.mixes(x, None if not isinstance(dim, int) else dim)
 
 
+def _softmax_module(ctx: RuleContext, call: BoundCall) -> dict[str, Any]:
+    return {"input": call.input(0), "dim": call.module.dim}
+
+
+add_ops(["softmax", "log_softmax", "_softmax", "_log_softmax", "softmin", "special_softmax"], _softmax, ("input", "dim"),
+        family="softmax", module_arguments=_softmax_module)
+add_ops(["normalize"], _softmax, ("input", "p", "dim"), family="softmax", defaults={"dim": 1})
+
+
 # ------------------------------------------------------------------------------ constants
-CONSTANT_FACTORIES = ["zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided", "scalar_tensor"]
-POSITIONAL_FACTORIES = ["arange", "linspace", "logspace", "eye", "tensor", "as_tensor", "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial", "tril_indices", "triu_indices"]
-
-
-@register_op_rule("constant_factory", aliases=[a for n in CONSTANT_FACTORIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
-def _constant_factory(ctx: RuleContext, call: BoundCall) -> None:
-    """Constant-valued tensors are unchanged by any permutation: no constraint on their axes."""
+def _unconstrained(ctx: RuleContext, call: BoundCall) -> None:
+    """Constant-valued tensors are unchanged by any permutation, and reading a tensor's shape,
+    dtype or device says nothing about the order of its entries: no constraint on their axes."""
     for tensor in (*call.call.tensors(), *call.call.output_tensors()):
         ctx.free(tensor)
 
 
-@register_op_rule("positional_factory", aliases=[a for n in POSITIONAL_FACTORIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
 def _positional_factory(ctx: RuleContext, call: BoundCall) -> None:
     """Values that depend on position (arange, random draws) keep their axes fixed."""
     for out in call.call.output_tensors():
         ctx.fix(out)
 
 
+add_ops(["zeros", "ones", "full", "empty", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided", "scalar_tensor"],
+        _unconstrained, family="constant_factory")
+add_ops(["arange", "linspace", "logspace", "eye", "tensor", "as_tensor", "rand", "randn", "randint", "randperm", "rand_like",
+         "randn_like", "randint_like", "bernoulli", "multinomial", "tril_indices", "triu_indices"],
+        _positional_factory, family="positional_factory")
+
+
 # ---------------------------------------------------------------------------- reshaping
-RESHAPES = ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-            "_unsafe_view", "_reshape_alias", "squeeze_", "unsqueeze_", "ravel", "atleast_1d", "atleast_2d",
-            "atleast_3d", "squeeze_copy", "unsqueeze_copy", "view_copy"]
-
-
-@register_op_rule("reshape_family", aliases=[a for n in RESHAPES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
 def _reshape(ctx: RuleContext, call: BoundCall) -> None:
     tensors = call.tensors()
     for other in tensors[1:]:  # view_as / reshape_as read only the other tensor's shape
@@ -138,30 +142,16 @@ def _reshape(ctx: RuleContext, call: BoundCall) -> None:
         ctx.reshape(tensors[0], call.out)
 
 
-EXPANDS = ["expand", "expand_as", "broadcast_to", "expand_copy"]
+add_ops(["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view",
+         "_reshape_alias", "squeeze_", "unsqueeze_", "ravel", "atleast_1d", "atleast_2d", "atleast_3d", "squeeze_copy",
+         "unsqueeze_copy", "view_copy"], _reshape, family="reshape")
+add_ops(["expand", "expand_as", "broadcast_to", "expand_copy"], _unary, family="expand")
 
 
-@register_op_rule("expand_family", aliases=[a for n in EXPANDS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")])
-def _expand(ctx: RuleContext, call: BoundCall) -> None:
-    """Broadcast to a larger shape: axes grown from size 1 hold copies and are left free."""
-    tensors = call.tensors()
-    for other in tensors[1:]:  # expand_as reads only the other tensor's shape
-        ctx.free(other)
-    if tensors and call.out is not None:
-        ctx.elementwise([tensors[0]], call.out)
-
-
-def _dims_from(call: BoundCall, ndim: int) -> list[int]:
-    raw = call.get("dims")
-    if raw is None:
-        raw = [call.get("input_dims")] if call.get("input_dims") is not None else []
-    if isinstance(raw, (list, tuple)):
-        dims = list(raw)
-    else:
-        dims = ([raw] if raw is not None else []) + list(call.varargs)
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = list(dims[0])
-    return [int(d) % ndim for d in dims]
+def _permuted(ctx: RuleContext, x: TensorRef, out: TensorRef, order: Sequence[int]) -> None:
+    """Output axis ``d`` is input axis ``order[d]``."""
+    for out_dim, in_dim in enumerate(order):
+        ctx.same(x, in_dim, out, out_dim)
 
 
 @register_op_rule("permute", aliases=[torch.permute, torch.Tensor.permute, "aten.permute_copy"], args=("input", "dims"))
@@ -169,9 +159,7 @@ def _permute(ctx: RuleContext, call: BoundCall) -> None:
     x, out = call.tensor("input"), call.out
     if x is None or out is None:
         return
-    dims = _dims_from(call, x.ndim)
-    for out_dim, in_dim in enumerate(dims):
-        ctx.same(x, in_dim, out, out_dim)
+    _permuted(ctx, x, out, call.dims("dims", x.ndim, spread=True) or [])
 
 
 @register_op_rule("transpose", aliases=[torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.swapdims,
@@ -183,24 +171,13 @@ def _transpose(ctx: RuleContext, call: BoundCall) -> None:
         return
     order = list(range(x.ndim))
     if x.ndim >= 2:
-        d0, d1 = int(call.get("dim0", 0)) % x.ndim, int(call.get("dim1", 1)) % x.ndim
+        d0, d1 = call.dim("dim0", x.ndim, 0), call.dim("dim1", x.ndim, 1)
         order[d0], order[d1] = order[d1], order[d0]
-    for out_dim, in_dim in enumerate(order):
-        ctx.same(x, in_dim, out, out_dim)
+    _permuted(ctx, x, out, order)
 
 
-@register_op_rule("t", aliases=[torch.t, torch.Tensor.t, "method:T", "aten.numpy_T", "method:mT", "aten.t_copy"], args=("input",))
-def _t(ctx: RuleContext, call: BoundCall) -> None:
-    x, out = call.tensor("input"), call.out
-    if x is None or out is None:
-        return
-    if x.ndim < 2:
-        ctx.same_all(x, out)
-        return
-    order = list(range(x.ndim))
-    order[-1], order[-2] = order[-2], order[-1]
-    for out_dim, in_dim in enumerate(order):
-        ctx.same(x, in_dim, out, out_dim)
+define_rule("t", aliases=[torch.t, torch.Tensor.t, "method:T", "aten.numpy_T", "method:mT", "aten.t_copy"], args=("input",),
+            defaults={"dim0": -2, "dim1": -1})(_transpose)
 
 
 @register_op_rule("movedim", aliases=[torch.movedim, torch.moveaxis, torch.Tensor.movedim, "method:moveaxis"], args=("input", "source", "destination"))
@@ -208,19 +185,13 @@ def _movedim(ctx: RuleContext, call: BoundCall) -> None:
     x, out = call.tensor("input"), call.out
     if x is None or out is None:
         return
-    source = call.get("source")
-    destination = call.get("destination")
-    source = [source] if isinstance(source, int) else list(source)
-    destination = [destination] if isinstance(destination, int) else list(destination)
-    source = [s % x.ndim for s in source]
-    destination = [d % x.ndim for d in destination]
+    source = call.dims("source", x.ndim) or []
+    destination = call.dims("destination", x.ndim) or []
     order: list[int | None] = [None] * x.ndim
     for s, d in zip(source, destination):
         order[d] = s
     rest = iter(d for d in range(x.ndim) if d not in source)
-    for out_dim in range(x.ndim):
-        in_dim = order[out_dim] if order[out_dim] is not None else next(rest)
-        ctx.same(x, in_dim, out, out_dim)
+    _permuted(ctx, x, out, [in_dim if in_dim is not None else next(rest) for in_dim in order])
 
 
 # ------------------------------------------------------------------- concatenation/split
@@ -239,39 +210,37 @@ def _stack(ctx: RuleContext, call: BoundCall) -> None:
     parts = tensors_in(call.get("tensors", []))
     if out is None or not parts:
         return
-    dim = int(call.get("dim", 0)) % out.ndim
+    dim = call.dim("dim", out.ndim)
     ctx.fix(out, dim)
     for part in parts:
         for d in range(part.ndim):
             ctx.same(part, d, out, d if d < dim else d + 1)
 
 
-SPLITS = ["split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk", "split_copy"]
-
-
-@register_op_rule("split_family", aliases=[a for n in SPLITS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "sizes", "dim"))
 def _split(ctx: RuleContext, call: BoundCall) -> None:
     x = call.tensors()[0] if call.tensors() else None
     parts = [t for t in call.outputs if t is not None]
     if x is None or not parts:
         return
-    dim = call.get("dim")
-    if dim is None:
-        dim = call.varargs[0] if call.varargs and isinstance(call.varargs[0], int) else 0
-    dim = int(dim) % x.ndim
+    dim = call.dim("dim", x.ndim)
     if sum(p.shape[dim] for p in parts) != x.shape[dim]:
         ctx.unknown([x, *parts])
         return
     ctx.split(x, [p for p in parts if p.shape[dim] > 0], dim)
 
 
+add_ops(["split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk", "split_copy"], _split,
+        ("input", "sizes", "dim"), family="split")
+
+
 @register_op_rule("unbind", aliases=[torch.unbind, torch.Tensor.unbind], args=("input", "dim"))
 def _unbind(ctx: RuleContext, call: BoundCall) -> None:
+    """unbind and select: the chosen axis is fixed, the others pass through."""
     x = call.tensor("input")
     parts = [t for t in call.outputs if t is not None]
     if x is None:
         return
-    dim = int(call.get("dim", 0)) % x.ndim
+    dim = call.dim("dim", x.ndim)
     ctx.fix(x, dim)
     for part in parts:
         for d in range(part.ndim):
@@ -398,26 +367,11 @@ def _advanced_index(ctx: RuleContext, x: TensorRef, items: list[object], out: Te
         ctx.same(x, d, out, d - 1 + idx.ndim)
 
 
-@register_op_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"))
-def _select(ctx: RuleContext, call: BoundCall) -> None:
-    x, out = call.tensor("input"), call.out
-    if x is None or out is None:
-        return
-    dim = int(call.get("dim", 0)) % x.ndim
-    ctx.fix(x, dim)
-    for d in range(out.ndim):
-        ctx.same(x, d if d < dim else d + 1, out, d)
+define_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"))(_unbind)
 
 
-@register_op_rule("slice", aliases=[torch.narrow, torch.Tensor.narrow, "aten.narrow", "aten.slice_copy"], args=("input", "dim", "start", "end", "step"))
-def _slice(ctx: RuleContext, call: BoundCall) -> None:
-    x, out = call.tensor("input"), call.out
-    if x is None or out is None:
-        return
-    dim = int(call.get("dim", 0)) % x.ndim
-    start, end, step = call.get("start"), call.get("end"), call.get("step", 1)
-    if call.call.key in (torch.narrow, torch.Tensor.narrow, "aten.narrow") and isinstance(start, int) and isinstance(end, int):
-        end = start + end  # narrow(dim, start, length)
+def _sliced(ctx: RuleContext, x: TensorRef, out: TensorRef, dim: int, start: Any, end: Any, step: Any) -> None:
+    """``out`` is ``x`` with entries ``start:end:step`` kept along ``dim``."""
     block = _block(slice(start, end, step), x.shape[dim]) if all(isinstance(v, (int, type(None))) for v in (start, end, step)) else None
     for d in range(x.ndim):
         if d != dim:
@@ -429,41 +383,38 @@ def _slice(ctx: RuleContext, call: BoundCall) -> None:
             ctx.fix(out, d)
 
 
+@register_op_rule("slice", aliases=["aten.slice_copy"], args=("input", "dim", "start", "end", "step"))
+def _slice(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is not None and out is not None:
+        _sliced(ctx, x, out, call.dim("dim", x.ndim), call.get("start"), call.get("end"), call.get("step", 1))
+
+
+def _narrow(ctx: RuleContext, call: BoundCall) -> None:
+    x, out = call.tensor("input"), call.out
+    if x is None or out is None:
+        return
+    start, length = call.get("start"), call.get("length")
+    end = start + length if isinstance(start, int) and isinstance(length, int) else length
+    _sliced(ctx, x, out, call.dim("dim", x.ndim), start, end, 1)
+
+
+add_ops(["narrow"], _narrow, ("input", "dim", "start", "length"))
+
+
 # ---------------------------------------------------------------------------- reductions
-REDUCTIONS = ["sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "all", "any", "nansum",
-              "nanmean", "count_nonzero", "linalg_vector_norm", "norm", "var_mean", "std_mean", "aminmax"]
-
-
-def _reduction_dims(call: BoundCall, ndim: int) -> list[int] | None:
-    dim = call.get("dim")
-    if dim is None and call.varargs:
-        candidate = call.varargs[0]
-        if isinstance(candidate, (int, list, tuple)):
-            dim = candidate
-    if dim is None:
-        return None
-    return [dim] if isinstance(dim, int) else list(dim)
-
-
-@register_op_rule("reduction", aliases=[a for n in REDUCTIONS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "dim"))
 def _reduction(ctx: RuleContext, call: BoundCall) -> None:
     x = call.tensors()[0] if call.tensors() else None
     if x is None or x.ndim == 0:
         return
-    dims = _reduction_dims(call, x.ndim)
-    if call.op == "reduction" and call.call.key in ("aten.linalg_vector_norm", "aten.norm", torch.norm, "method:norm", "norm"):
-        dims = call.get("dim")
-        dims = None if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+    dims = call.dims("dim", x.ndim)
     for out in call.call.output_tensors():
         ctx.reduce(x, out, dims)
 
 
-POSITION_REDUCTIONS = ["argmax", "argmin", "max", "min", "median", "mode", "kthvalue", "topk", "sort", "argsort", "cummax", "cummin"]
-
-
-@register_op_rule("position_reduction", aliases=[a for n in POSITION_REDUCTIONS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "dim"))
-def _position_reduction(ctx: RuleContext, call: BoundCall) -> None:
-    """Reductions that can return positions; ``max(a, b)`` of two tensors is elementwise."""
+def _position_reduction(ctx: RuleContext, call: BoundCall, positions: bool = False) -> None:
+    """Reductions that can return positions (``positions``: they always do); ``max(a, b)`` of
+    two tensors is elementwise."""
     tensors = call.tensors()
     if len(tensors) >= 2:
         ctx.elementwise(tensors, call.out)
@@ -471,30 +422,34 @@ def _position_reduction(ctx: RuleContext, call: BoundCall) -> None:
     x = tensors[0] if tensors else None
     if x is None or x.ndim == 0:
         return
-    dims = _reduction_dims(call, x.ndim)
+    dims = call.dims("dim", x.ndim)
     outputs = call.call.output_tensors()
-    returns_positions = len(outputs) > 1 or call.call.key in ("aten.argmax", "aten.argmin", torch.argmax, torch.argmin, "method:argmax", "method:argmin")
     for out in outputs:
-        if call.call.key in ("aten.sort", "aten.topk", "aten.argsort", torch.sort, torch.topk, torch.argsort, "method:sort", "method:topk", "method:argsort"):
-            ctx.unknown([x, out])
-            continue
-        ctx.reduce(x, out, dims, keep_reduced_free=not returns_positions)
+        ctx.reduce(x, out, dims, keep_reduced_free=not (positions or len(outputs) > 1))
+
+
+def _sorting(ctx: RuleContext, call: BoundCall) -> None:
+    """sort, argsort, topk: which entry lands where depends on the values; every axis stays fixed."""
+    tensors = call.tensors()
+    if tensors and tensors[0].ndim:
+        for out in call.call.output_tensors():
+            ctx.unknown([tensors[0], out])
+
+
+add_ops(["sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "all", "any", "nansum", "nanmean",
+         "count_nonzero", "var_mean", "std_mean", "aminmax"], _reduction, ("input", "dim"), family="reduction")
+add_ops(["norm", "linalg_vector_norm"], _reduction, ("input", "p", "dim"), family="reduction")
+add_ops(["argmax", "argmin"], functools.partial(_position_reduction, positions=True), ("input", "dim"), family="position_reduction")
+add_ops(["max", "min", "median", "mode", "kthvalue"], _position_reduction, ("input", "dim"), family="position_reduction")
+add_ops(["topk", "sort", "argsort"], _sorting, ("input", "dim"), family="position_reduction")
+add_ops(["cummax", "cummin"], _position_reduction, ("input", "dim"), family="position_reduction")
 
 
 # ------------------------------------------------------------------------ shape queries
-SHAPE_QUERIES = ["size", "dim", "numel", "nelement", "ndimension", "sym_size", "sym_numel", "sym_stride", "stride",
-                 "is_contiguous", "get_device", "is_floating_point", "element_size", "_assert", "_assert_async",
-                 "_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size", "_check", "_check_is_size",
-                 "_assert_tensor_metadata"]
-
-
-@register_op_rule("shape_query", aliases=[a for n in SHAPE_QUERIES for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")]
-                  + [len, torch._assert, "torch._check"], args=("input",))
-def _shape_query(ctx: RuleContext, call: BoundCall) -> None:
-    """Reading a tensor's shape, dtype or device says nothing about the order of its entries."""
-    for tensor in (*call.call.tensors(), *call.call.output_tensors()):
-        ctx.free(tensor)
-
+add_ops(["size", "dim", "numel", "nelement", "ndimension", "sym_size", "sym_numel", "sym_stride", "stride", "is_contiguous",
+         "get_device", "is_floating_point", "element_size", "_assert", "_assert_async", "_assert_scalar", "sym_constrain_range",
+         "sym_constrain_range_for_size", "_check", "_check_is_size", "_assert_tensor_metadata"], _unconstrained, ("input",),
+        family="shape_query")
 
 _TENSOR_ATTRIBUTES = {"T": "t", "mT": "t"}
 
@@ -514,43 +469,40 @@ def _getattr(ctx: RuleContext, call: BoundCall) -> None:
 
 
 # ---------------------------------------------------------------------------- scans
-def _ordered_along(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, dims: object) -> None:
+def _ordered_along(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, dims: list[int] | None) -> None:
     """An op that depends on the order along ``dims`` (None: unknown dims) and nothing else."""
     if x is None or out is None:
         return
     if dims is None:
         ctx.unknown([x, out])
         return
-    ordered = {int(d) % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
     for d in range(x.ndim):
-        if d in ordered or d >= out.ndim or x.shape[d] != out.shape[d]:
+        if d in dims or d >= out.ndim or x.shape[d] != out.shape[d]:
             ctx.fix(x, d)
             ctx.fix(out, d)
         else:
             ctx.same(x, d, out, d)
 
 
-SCANS = ["cumsum", "cumprod", "logcumsumexp", "diff"]
+def _ndim(tensor: TensorRef | None) -> int:
+    return tensor.ndim if tensor is not None else 0
 
 
-@register_op_rule("scan", aliases=[a for n in SCANS for a in (*_library_aliases(n), f"aten.{n}", f"method:{n}")], args=("input", "dim"))
-def _scan(ctx: RuleContext, call: BoundCall) -> None:
-    """Cumulative sums and differences: the scanned axis stays fixed, the others are coupled."""
-    default = -1 if "diff" in str(call.call.target) else None
-    x, dim = call.tensor("input"), call.get("dim", default)
-    _ordered_along(ctx, x, call.out, dim)
+def _ordered(ctx: RuleContext, call: BoundCall, name: str = "dims", spread: bool = False) -> None:
+    """flip, roll, tril, cumulative sums, diff: the axes in argument ``name`` stay fixed, the others are coupled."""
+    x = call.tensor("input")
+    _ordered_along(ctx, x, call.out, call.dims(name, _ndim(x), spread=spread))
     for extra in ("prepend", "append"):  # diff concatenates these along dim
         tensor = call.tensor(extra)
         if tensor is not None and x is not None:
-            _ordered_along(ctx, tensor, x, dim)
+            _ordered_along(ctx, tensor, x, call.dims(name, tensor.ndim))
 
 
-@register_op_rule("flip", aliases=[torch.flip, torch.Tensor.flip], args=("input", "dims"))
-def _flip(ctx: RuleContext, call: BoundCall) -> None:
-    dims = call.get("dims")
-    if dims is None and call.varargs:
-        dims = list(call.varargs)
-    _ordered_along(ctx, call.tensor("input"), call.out, dims)
+_scan = functools.partial(_ordered, name="dim")
+add_ops(["cumsum", "cumprod", "logcumsumexp"], _scan, ("input", "dim"), family="scan")
+add_ops(["diff"], _scan, ("input", "n", "dim", "prepend", "append"), family="scan", defaults={"dim": -1})
+define_rule("flip", aliases=[torch.flip, torch.Tensor.flip], args=("input", "dims"))(functools.partial(_ordered, spread=True))
+
 
 
 @register_op_rule("repeat", aliases=[torch.Tensor.repeat, "method:repeat", "aten.repeat"], args=("input", "repeats"))
@@ -642,13 +594,22 @@ def _repeat_interleave(ctx: RuleContext, call: BoundCall) -> None:
         ctx.same_node(outer, ctx.ax(x, dim))
 
 
-@register_op_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))
-def _roll(ctx: RuleContext, call: BoundCall) -> None:
-    _ordered_along(ctx, call.tensor("input"), call.out, call.get("dims"))
+define_rule("roll", aliases=[torch.roll, torch.Tensor.roll], args=("input", "shifts", "dims"))(_ordered)
+define_rule("triangle", aliases=[torch.tril, torch.triu, torch.Tensor.tril, torch.Tensor.triu, "aten.tril", "aten.triu",
+                                 "method:tril", "method:triu"], args=("input", "diagonal"), defaults={"dims": [-1, -2]})(_ordered)
 
 
-@register_op_rule("triangle", aliases=[torch.tril, torch.triu, torch.Tensor.tril, torch.Tensor.triu, "aten.tril", "aten.triu",
-                                       "method:tril", "method:triu"], args=("input", "diagonal"))
-def _triangle(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.tensor("input")
-    _ordered_along(ctx, x, call.out, [-1, -2] if x is not None and x.ndim >= 2 else None)
+# ----------------------------------------------------------------------------- modules
+# Modules that compute one of the ops above on their first input (the rule's module form).
+_MODULE_OPS = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+    nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.Hardtanh: "hardtanh", nn.LeakyReLU: "leaky_relu",
+    nn.ELU: "elu", nn.SELU: "selu", nn.CELU: "celu", nn.Softplus: "softplus", nn.Mish: "mish", nn.Softsign: "softsign",
+    nn.Tanhshrink: "tanhshrink", nn.LogSigmoid: "logsigmoid", nn.Threshold: "threshold", nn.Hardshrink: "hardshrink",
+    nn.Softshrink: "softshrink", nn.Dropout: "dropout", nn.Dropout1d: "dropout1d", nn.Dropout2d: "dropout2d",
+    nn.Dropout3d: "dropout3d", nn.AlphaDropout: "alpha_dropout", nn.FeatureAlphaDropout: "feature_alpha_dropout",
+    nn.Identity: "alias", nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.Softmin: "softmin",
+    nn.Flatten: "flatten", nn.Unflatten: "unflatten",
+}
+for _module_type, _name in _MODULE_OPS.items():
+    register_module_rule(_module_type, op_rule(_name))

@@ -1,28 +1,84 @@
-"""Rules for layers: linear / matmul, convolutions, norms, embeddings, pooling, attention.
+"""Rules for layers: linear / matmul, convolutions, norms, embeddings, pooling, padding, recurrent layers.
 
-Functional forms (``F.linear``, ``aten.conv2d``) have op rules; ``nn`` modules have module rules
-that pass the module's own state tensors to the same functions.
+Each op has one rule object for its functional forms (``F.linear``, ``aten.conv2d``) and its
+``nn`` modules; the module form reads the op's arguments from the module's state tensors and
+attributes.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
-import re
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoperm.infer.context import RuleContext
-from autoperm.infer.registry import BoundCall, register_module_rule, register_op_rule
+from autoperm.infer.context import AffineLayout, RuleContext
+from autoperm.infer.registry import BoundCall, ModuleArguments, define_rule, library_aliases, register_op_rule
+from autoperm.infer.rules_core import same_shape
 from autoperm.trace.graph import TensorRef, tensors_in
 
 
+def _from_module(*state: str, **attributes: str) -> ModuleArguments:
+    """Module arguments: the module's first input as ``input``, its state tensors named in
+    ``state``, and each argument of ``attributes`` from the module attribute it names."""
+
+    def arguments(ctx: RuleContext, call: BoundCall) -> dict[str, Any]:
+        found = {"input": call.input(0), **{name: ctx.state(name) for name in state}}
+        found.update({argument: getattr(call.module, attribute) for argument, attribute in attributes.items()})
+        return found
+
+    return arguments
+
+
+first_input = _from_module()
+
+
+def _state_name(value: Any) -> str | None:
+    return getattr(value, "state_name", None)
+
+
+def _affine(channel_axis: int, weight_axis: int = 0, norm: bool = False, vector: bool = False) -> Callable[[BoundCall], AffineLayout | None]:
+    """An :attr:`OpRule.affine` fact: the output's channels (``channel_axis``) are scaled by the
+    state tensor ``weight`` along ``weight_axis`` and shifted by ``bias``; with ``vector`` only a
+    1-D weight counts (a LayerNorm over several trailing dims has none per channel)."""
+
+    def layout(call: BoundCall) -> AffineLayout | None:
+        weight = call.get("weight")
+        if _state_name(weight) is None or (vector and weight.ndim != 1):
+            return None
+        return AffineLayout(channel_axis, _state_name(weight), weight_axis, _state_name(call.get("bias")), norm)
+
+    return layout
+
+
+_CONV_AFFINE, _CONV_TRANSPOSED_AFFINE = _affine(1), _affine(1, weight_axis=1)
+
+
+def _conv_affine(call: BoundCall) -> AffineLayout | None:
+    """A convolution's output channels; a transposed one's weight is ``(in, out / groups, ...)``."""
+    if not call.get("transposed", False):
+        return _CONV_AFFINE(call)
+    return _CONV_TRANSPOSED_AFFINE(call) if call.get("groups", 1) == 1 else None
+
+
+def _addmm_affine(call: BoundCall) -> AffineLayout | None:
+    """``input + mat1 @ mat2`` with ``mat2`` an ``(in, out)`` weight and ``input`` its bias (Hugging Face's Conv1D)."""
+    weight, bias = _state_name(call.get("mat2")), call.get("input")
+    if weight is None or _state_name(call.get("mat1")) or (bias is not None and _state_name(bias) is None):
+        return None
+    return AffineLayout(-1, weight, 1, _state_name(bias))
+
+
 # ------------------------------------------------------------------------------ linear
-def linear(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: TensorRef | None, out: TensorRef | None) -> None:
+@define_rule("linear", aliases=[F.linear], args=("input", "weight", "bias"), module_types=[nn.Linear],
+             module_arguments=_from_module("weight", "bias"), affine=_affine(-1))
+def _linear(ctx: RuleContext, call: BoundCall) -> None:
     """``out[..., o] = sum_i x[..., i] weight[o, i] + bias[o]``."""
+    x, weight, bias, out = call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out
     if x is None or weight is None or out is None:
         ctx.unknown([t for t in (x, weight, bias, out) if t is not None])
         return
@@ -36,11 +92,6 @@ def linear(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias
         ctx.same(x, -1, weight, 0)
     if bias is not None and out.ndim:
         ctx.elementwise([bias], out)
-
-
-@register_op_rule("linear", aliases=[F.linear], args=("input", "weight", "bias"))
-def _linear(ctx: RuleContext, call: BoundCall) -> None:
-    linear(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out)
 
 
 def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: TensorRef | None) -> None:
@@ -84,8 +135,8 @@ def _matmul(ctx: RuleContext, call: BoundCall) -> None:
         ctx.unknown([*tensors, *call.call.output_tensors()])
 
 
-@register_op_rule("addmm", aliases=[torch.addmm, torch.baddbmm, torch.addmv, "aten.baddbmm", "aten.addmv", "method:addmm", "method:baddbmm"],
-                  args=("input", "mat1", "mat2"))
+@define_rule("addmm", aliases=[torch.addmm, torch.baddbmm, torch.addmv, "aten.baddbmm", "aten.addmv", "method:addmm", "method:baddbmm"],
+             args=("input", "mat1", "mat2"), affine=_addmm_affine)
 def _addmm(ctx: RuleContext, call: BoundCall) -> None:
     """``input + mat1 @ mat2`` (also the batched and matrix-vector forms)."""
     mat1 = call.tensor("mat1") or call.tensor("batch1") or call.tensor("mat")
@@ -121,8 +172,14 @@ def _einsum(ctx: RuleContext, call: BoundCall) -> None:
 
 
 # ------------------------------------------------------------------------- convolutions
-def conv(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: TensorRef | None, out: TensorRef | None,
-         groups: int = 1, transposed: bool = False) -> None:
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONV_MODULE = _from_module("weight", "bias", groups="groups", transposed="transposed")
+
+
+@define_rule("conv", aliases=[F.conv1d, F.conv2d, F.conv3d, "aten.conv1d", "aten.conv2d", "aten.conv3d"], args=_CONV_ARGS,
+             module_types=[nn.Conv1d, nn.Conv2d, nn.Conv3d], module_arguments=_CONV_MODULE, affine=_conv_affine)
+def _conv(ctx: RuleContext, call: BoundCall) -> None:
     """N-d convolution. Channels couple through the weight; spatial axes are fixed.
 
     Grouped convolutions split the channel axes into ``groups x per-group`` factors: whole
@@ -130,6 +187,8 @@ def conv(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: 
     share one permutation with the weight's input axis. A depthwise conv ties its input and
     output channels.
     """
+    x, weight, bias, out = call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out
+    groups, transposed = int(call.get("groups", 1)), bool(call.get("transposed", False))
     if x is None or weight is None or out is None:
         ctx.unknown([t for t in (x, weight, bias, out) if t is not None])
         return
@@ -166,59 +225,45 @@ def conv(ctx: RuleContext, x: TensorRef | None, weight: TensorRef | None, bias: 
         ctx.same(bias, 0, out, channel)
 
 
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-
-
-@register_op_rule("conv", aliases=[F.conv1d, F.conv2d, F.conv3d, "aten.conv1d", "aten.conv2d", "aten.conv3d"], args=_CONV_ARGS)
-def _conv(ctx: RuleContext, call: BoundCall) -> None:
-    conv(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out, int(call.get("groups", 1)))
-
-
-@register_op_rule("conv_transpose", aliases=[F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, "aten.conv_transpose1d",
-                                             "aten.conv_transpose2d", "aten.conv_transpose3d"], args=_CONV_T_ARGS)
-def _conv_transpose(ctx: RuleContext, call: BoundCall) -> None:
-    conv(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out, int(call.get("groups", 1)), transposed=True)
-
-
-@register_op_rule("convolution", aliases=["aten._convolution"],
-                  args=("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"))
-def _convolution(ctx: RuleContext, call: BoundCall) -> None:
-    conv(ctx, call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out, int(call.get("groups", 1)),
-         transposed=bool(call.get("transposed", False)))
+define_rule("conv_transpose", aliases=[F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, "aten.conv_transpose1d",
+                                       "aten.conv_transpose2d", "aten.conv_transpose3d"], args=_CONV_T_ARGS,
+            defaults={"transposed": True}, module_types=[nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d],
+            module_arguments=_CONV_MODULE, affine=_conv_affine)(_conv)
+define_rule("convolution", aliases=["aten._convolution"],
+            args=("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
+            affine=_conv_affine)(_conv)
 
 
 # ---------------------------------------------------------------------------- norms
-def channel_norm(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, vectors: list[TensorRef | None], extra_outputs: list[TensorRef] = ()) -> None:
+_NORM_STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+@define_rule("batch_norm", aliases=[F.batch_norm, "aten._native_batch_norm_legit_no_training", "aten._native_batch_norm_legit",
+                                         "aten.native_batch_norm", "aten._batch_norm_impl_index", "aten.cudnn_batch_norm",
+                                         "aten._native_batch_norm_legit_functional", "aten.batch_norm_with_update",
+                                         "aten._batch_norm_no_update", "aten._batch_norm_with_update"],
+             args=("input", "running_mean", "running_var", "weight", "bias"),
+             module_types=[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm],
+             module_arguments=_from_module(*_NORM_STATE), meta_output=same_shape, affine=_affine(1, norm=True))
+def _batch_norm(ctx: RuleContext, call: BoundCall) -> None:
     """BatchNorm / InstanceNorm: per-channel statistics and affine vectors on axis 1."""
-    if x is None or out is None:
-        ctx.unknown([t for t in (x, out, *vectors) if t is not None])
+    x, outputs, vectors = call.tensor("input"), call.call.output_tensors(), [call.tensor(n) for n in _NORM_STATE]
+    if x is None or not outputs:
+        ctx.unknown([t for t in (x, *outputs[:1], *vectors) if t is not None])
         return
-    ctx.same_all(x, out)
+    ctx.same_all(x, outputs[0])
     channel = 1 if x.ndim > 1 else 0
     for vector in vectors:
         if vector is not None and vector.ndim == 1:
             ctx.same(vector, 0, x, channel)
-    for extra in extra_outputs:
+    for extra in outputs[1:]:  # saved statistics of the ATen kernels
         if extra.ndim == 1 and extra.shape[0] == x.shape[channel]:
             ctx.same(extra, 0, x, channel)
 
 
-@register_op_rule("batch_norm", aliases=[F.batch_norm, "aten._native_batch_norm_legit_no_training", "aten._native_batch_norm_legit",
-                                         "aten.native_batch_norm", "aten._batch_norm_impl_index", "aten.cudnn_batch_norm",
-                                         "aten._native_batch_norm_legit_functional", "aten.batch_norm_with_update",
-                                         "aten._batch_norm_no_update", "aten._batch_norm_with_update"],
-                  args=("input", "running_mean", "running_var", "weight", "bias"))
-def _batch_norm(ctx: RuleContext, call: BoundCall) -> None:
-    outputs = call.call.output_tensors()
-    vectors = [call.tensor(n) for n in ("weight", "bias", "running_mean", "running_var")]
-    channel_norm(ctx, call.tensor("input"), outputs[0] if outputs else None, vectors, outputs[1:])
-
-
-@register_op_rule("instance_norm", aliases=[F.instance_norm], args=("input", "running_mean", "running_var", "weight", "bias"))
-def _instance_norm(ctx: RuleContext, call: BoundCall) -> None:
-    vectors = [call.tensor(n) for n in ("running_mean", "running_var", "weight", "bias")]
-    channel_norm(ctx, call.tensor("input"), call.out, vectors)
+define_rule("instance_norm", aliases=[F.instance_norm], args=("input", "running_mean", "running_var", "weight", "bias"),
+            module_types=[nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d],
+            module_arguments=_from_module(*_NORM_STATE), meta_output=same_shape, affine=_affine(1, norm=True))(_batch_norm)
 
 
 def trailing_norm(ctx: RuleContext, x: TensorRef | None, out: list[TensorRef], vectors: list[TensorRef | None]) -> None:
@@ -232,12 +277,15 @@ def trailing_norm(ctx: RuleContext, x: TensorRef | None, out: list[TensorRef], v
     ctx.elementwise(vectors, x)
 
 
-@register_op_rule("layer_norm", aliases=[F.layer_norm, "aten.native_layer_norm"], args=("input", "normalized_shape", "weight", "bias"))
+@define_rule("layer_norm", aliases=[F.layer_norm, "aten.native_layer_norm"], args=("input", "normalized_shape", "weight", "bias"),
+             module_types=[nn.LayerNorm], module_arguments=_from_module("weight", "bias"), meta_output=same_shape,
+             affine=_affine(-1, norm=True, vector=True))
 def _layer_norm(ctx: RuleContext, call: BoundCall) -> None:
     trailing_norm(ctx, call.tensor("input"), call.call.output_tensors(), [call.tensor("weight"), call.tensor("bias")])
 
 
-@register_op_rule("rms_norm", aliases=[getattr(F, "rms_norm", "F.rms_norm"), "aten._fused_rms_norm"], args=("input", "normalized_shape", "weight", "eps"))
+@define_rule("rms_norm", aliases=[*library_aliases("rms_norm"), "aten._fused_rms_norm"], args=("input", "normalized_shape", "weight", "eps"),
+             module_types=[nn.RMSNorm], module_arguments=_from_module("weight"), affine=_affine(-1, norm=True, vector=True))
 def _rms_norm(ctx: RuleContext, call: BoundCall) -> None:
     trailing_norm(ctx, call.tensor("input"), call.call.output_tensors(), [call.tensor("weight")])
 
@@ -258,7 +306,9 @@ def group_norm(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, gro
             ctx.same(vector, 0, x, 1)
 
 
-@register_op_rule("group_norm", aliases=[F.group_norm], args=("input", "num_groups", "weight", "bias"))
+@define_rule("group_norm", aliases=[F.group_norm], args=("input", "num_groups", "weight", "bias"), module_types=[nn.GroupNorm],
+             module_arguments=_from_module("weight", "bias", num_groups="num_groups"), meta_output=same_shape,
+             affine=_affine(1, norm=True))
 def _group_norm(ctx: RuleContext, call: BoundCall) -> None:
     outputs = call.call.output_tensors()
     x = call.tensor("input")
@@ -276,8 +326,11 @@ def _native_group_norm(ctx: RuleContext, call: BoundCall) -> None:
 
 
 # --------------------------------------------------------------------------- embeddings
-def embedding(ctx: RuleContext, indices: TensorRef | None, weight: TensorRef | None, out: TensorRef | None) -> None:
+@define_rule("embedding", aliases=[F.embedding], args=("input", "weight"), module_types=[nn.Embedding],
+             module_arguments=_from_module("weight"))
+def _embedding(ctx: RuleContext, call: BoundCall) -> None:
     """Rows are addressed by token id (fixed); the embedding dim couples with the output."""
+    indices, weight, out = call.tensor("indices") or call.tensor("input"), call.tensor("weight"), call.out
     if indices is None or weight is None or out is None:
         ctx.unknown([t for t in (indices, weight, out) if t is not None])
         return
@@ -288,15 +341,7 @@ def embedding(ctx: RuleContext, indices: TensorRef | None, weight: TensorRef | N
         ctx.same(indices, d, out, d)
 
 
-@register_op_rule("embedding", aliases=[F.embedding], args=("input", "weight"))
-def _embedding(ctx: RuleContext, call: BoundCall) -> None:
-    embedding(ctx, call.tensor("indices") or call.tensor("input"), call.tensor("weight"), call.out)
-
-
 # ----------------------------------------------------------------------------- pooling
-_POOL = re.compile(r"(?:adaptive_)?(?:max|avg|lp)_pool(\d)d(?:_with_indices)?$|upsample_\w+?(\d)d$|_?upsample_\w+?(\d)d_aa$")
-
-
 def spatial_op(ctx: RuleContext, x: TensorRef | None, outputs: list[TensorRef], spatial: int) -> None:
     """Pooling / resizing: batch and channel axes couple, spatial axes stay fixed."""
     if x is None:
@@ -313,39 +358,44 @@ def spatial_op(ctx: RuleContext, x: TensorRef | None, outputs: list[TensorRef], 
         ctx.fix(x, d)
 
 
-def _pool_rule(spatial: int):
-    def rule(ctx: RuleContext, call: BoundCall) -> None:
-        tensors = call.tensors()
-        spatial_op(ctx, tensors[0] if tensors else None, call.call.output_tensors(), spatial)
-
-    return rule
+def _pool(ctx: RuleContext, call: BoundCall, spatial: int) -> None:
+    tensors = call.tensors()
+    spatial_op(ctx, tensors[0] if tensors else None, call.call.output_tensors(), spatial)
 
 
-for _dims in (1, 2, 3):
+_POOL_MODULES = {
+    1: [nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d],
+    2: [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d],
+    3: [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d],
+}
+for _dims, _modules in _POOL_MODULES.items():
     _names = [f"max_pool{_dims}d", f"avg_pool{_dims}d", f"adaptive_avg_pool{_dims}d", f"adaptive_max_pool{_dims}d",
               f"lp_pool{_dims}d", f"max_pool{_dims}d_with_indices", f"fractional_max_pool{_dims}d"]
     _aliases = [getattr(F, n) for n in _names if hasattr(F, n)] + [getattr(torch, n) for n in _names if hasattr(torch, n)]
     _aliases += [f"aten.{n}" for n in _names] + [f"aten._adaptive_avg_pool{_dims}d"]
     _aliases += [f"aten.upsample_{mode}{_dims}d" for mode in ("nearest", "linear", "bilinear", "bicubic", "trilinear", "_nearest_exact")]
     _aliases += [f"aten._upsample_{mode}{_dims}d" for mode in ("nearest_exact", "bilinear2d_aa")]
-    register_op_rule(f"pool{_dims}d", aliases=_aliases, args=("input",))(_pool_rule(_dims))
+    define_rule(f"pool{_dims}d", aliases=_aliases, args=("input",), family="pool", module_types=_modules)(
+        functools.partial(_pool, spatial=_dims))
 
 
-@register_op_rule("interpolate", aliases=[F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest], args=("input",))
+@define_rule("interpolate", aliases=[F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest], args=("input",),
+             module_types=[nn.Upsample], module_arguments=first_input)
 def _interpolate(ctx: RuleContext, call: BoundCall) -> None:
     x = call.tensor("input")
     spatial_op(ctx, x, call.call.output_tensors(), max((x.ndim - 2) if x is not None else 0, 1))
 
 
-@register_op_rule("pad", aliases=[F.pad, "aten.constant_pad_nd", "aten.reflection_pad1d", "aten.reflection_pad2d",
+@define_rule("pad", aliases=[F.pad, "aten.constant_pad_nd", "aten.reflection_pad1d", "aten.reflection_pad2d",
                                   "aten.replication_pad2d", "aten.replication_pad1d", "aten.reflection_pad3d",
-                                  "aten.replication_pad3d", "aten._pad_circular"], args=("input", "pad"))
+                                  "aten.replication_pad3d", "aten._pad_circular"], args=("input", "pad"),
+             module_types=[nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+                           nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                           nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d],
+             module_arguments=_from_module(pad="padding"))
 def _pad(ctx: RuleContext, call: BoundCall) -> None:
-    pad(ctx, call.tensor("input"), call.out, call.get("pad") or call.get("padding") or [])
-
-
-def pad(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, amounts: Sequence[int]) -> None:
     """Padding fixes the axes it pads and leaves the others coupled."""
+    x, out, amounts = call.tensor("input"), call.out, call.get("pad") or call.get("padding") or []
     if x is None or out is None:
         return
     padded = {x.ndim - 1 - i // 2 for i, amount in enumerate(amounts) if amount}
@@ -382,17 +432,20 @@ def patches(ctx: RuleContext, image: TensorRef | None, columns: TensorRef | None
         ctx.fix(image, d)
 
 
-@register_op_rule("unfold_patches", aliases=[F.unfold, "aten.im2col"], args=("input", "kernel_size"))
+@define_rule("unfold_patches", aliases=[F.unfold, "aten.im2col"], args=("input", "kernel_size"), module_types=[nn.Unfold],
+             module_arguments=first_input)
 def _unfold_patches(ctx: RuleContext, call: BoundCall) -> None:
     patches(ctx, call.tensor("input"), call.out)
 
 
-@register_op_rule("fold_patches", aliases=[F.fold, "aten.col2im"], args=("input", "output_size", "kernel_size"))
+@define_rule("fold_patches", aliases=[F.fold, "aten.col2im"], args=("input", "output_size", "kernel_size"), module_types=[nn.Fold],
+             module_arguments=first_input)
 def _fold_patches(ctx: RuleContext, call: BoundCall) -> None:
     patches(ctx, call.out, call.tensor("input"))
 
 
-@register_op_rule("prelu", aliases=[F.prelu, torch.prelu, "aten._prelu_kernel"], args=("input", "weight"))
+@define_rule("prelu", aliases=[F.prelu, torch.prelu, "aten._prelu_kernel"], args=("input", "weight"), activation=True,
+             module_types=[nn.PReLU], module_arguments=_from_module("weight"), meta_output=same_shape)
 def _prelu(ctx: RuleContext, call: BoundCall) -> None:
     x, weight, out = call.tensor("input"), call.tensor("weight"), call.out
     if x is None or out is None:
@@ -408,73 +461,29 @@ def _glu(ctx: RuleContext, call: BoundCall) -> None:
     x, out = call.tensor("input"), call.out
     if x is None or out is None:
         return
-    dim = int(call.get("dim", -1)) % x.ndim
+    dim = call.dim("dim", x.ndim, -1)
     for d in range(x.ndim):
         if d != dim:
             ctx.same(x, d, out, d)
     ctx.define(x, dim, "concat", [ctx.ax(out, dim), ctx.ax(out, dim)])
 
 
-# ---------------------------------------------------------------------------- modules
-def _module_linear(ctx: RuleContext, call: BoundCall) -> None:
-    linear(ctx, call.input(0), ctx.state("weight"), ctx.state("bias"), call.out)
+# ------------------------------------------------------------------------- recurrent layers
+def _recurrent_shapes(module: nn.RNNBase, x: torch.Tensor) -> Any:
+    """Empty outputs of the right shapes for ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on input ``x``."""
+    directions = 2 if module.bidirectional else 1
+    hidden = module.proj_size or module.hidden_size
+    out = torch.empty((*x.shape[:-1], directions * hidden), dtype=x.dtype, device=x.device)
+    batch = () if x.ndim == 2 else (x.shape[0] if module.batch_first else x.shape[1],)
+    h_n = torch.empty((directions * module.num_layers, *batch, hidden), dtype=x.dtype, device=x.device)
+    if isinstance(module, nn.LSTM):
+        c_n = torch.empty((directions * module.num_layers, *batch, module.hidden_size), dtype=x.dtype, device=x.device)
+        return out, (h_n, c_n)
+    return out, h_n
 
 
-def _module_conv(ctx: RuleContext, call: BoundCall) -> None:
-    module = call.module
-    conv(ctx, call.input(0), ctx.state("weight"), ctx.state("bias"), call.out, module.groups,
-         transposed=isinstance(module, nn.modules.conv._ConvTransposeNd))
-
-
-def _module_batch_norm(ctx: RuleContext, call: BoundCall) -> None:
-    channel_norm(ctx, call.input(0), call.out, [ctx.state(n) for n in ("weight", "bias", "running_mean", "running_var")])
-
-
-def _module_layer_norm(ctx: RuleContext, call: BoundCall) -> None:
-    trailing_norm(ctx, call.input(0), call.call.output_tensors(), [ctx.state("weight"), ctx.state("bias")])
-
-
-def _module_group_norm(ctx: RuleContext, call: BoundCall) -> None:
-    group_norm(ctx, call.input(0), call.out, call.module.num_groups, [ctx.state("weight"), ctx.state("bias")])
-
-
-def _module_embedding(ctx: RuleContext, call: BoundCall) -> None:
-    embedding(ctx, call.input(0), ctx.state("weight"), call.out)
-
-
-def _module_elementwise(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.input(0)
-    if x is not None and call.out is not None:
-        ctx.elementwise([x], call.out)
-    for name in ("weight",):  # PReLU's per-channel slope
-        weight = ctx.state(name)
-        if weight is not None and x is not None and weight.ndim == 1 and weight.shape[0] > 1:
-            ctx.same(weight, 0, x, 1 if x.ndim > 1 else 0)
-
-
-def _module_flatten(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.input(0)
-    if x is not None and call.out is not None:
-        ctx.reshape(x, call.out)
-
-
-def _module_pool(spatial: int):
-    def rule(ctx: RuleContext, call: BoundCall) -> None:
-        spatial_op(ctx, call.input(0), call.call.output_tensors(), spatial)
-
-    return rule
-
-
-def _module_upsample(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.input(0)
-    spatial_op(ctx, x, call.call.output_tensors(), max((x.ndim - 2) if x is not None else 0, 1))
-
-
-def _module_pad(ctx: RuleContext, call: BoundCall) -> None:
-    pad(ctx, call.input(0), call.out, call.module.padding)
-
-
-def _module_recurrent(ctx: RuleContext, call: BoundCall) -> None:
+@define_rule("recurrent", module_types=[nn.RNN, nn.GRU, nn.LSTM], meta_output=_recurrent_shapes)
+def _recurrent(ctx: RuleContext, call: BoundCall) -> None:
     """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: the hidden units of each layer and direction are permutable.
 
     A unit's gates are rows ``g * H + i`` of ``weight_ih``, ``weight_hh`` and the biases (one
@@ -518,54 +527,3 @@ def _module_recurrent(ctx: RuleContext, call: BoundCall) -> None:
     for state in outputs[1:] + tensors_in([list(call.call.args[1:]), dict(call.call.kwargs)]):
         for hidden in (h for layer in units for h in layer):
             ctx.same_node(ctx.ax(state, state.ndim - 1), hidden)
-
-
-def _module_unfold(ctx: RuleContext, call: BoundCall) -> None:
-    patches(ctx, call.input(0), call.out)
-
-
-def _module_fold(ctx: RuleContext, call: BoundCall) -> None:
-    patches(ctx, call.out, call.input(0))
-
-
-def _module_softmax(ctx: RuleContext, call: BoundCall) -> None:
-    x = call.input(0)
-    if x is not None and call.out is not None:
-        ctx.same_all(x, call.out)
-        ctx.mixes(x, call.module.dim)
-
-
-register_module_rule(nn.Linear, _module_linear)
-for _type in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_module_rule(_type, _module_conv)
-for _type in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-              nn.InstanceNorm3d):
-    register_module_rule(_type, _module_batch_norm)
-register_module_rule(nn.LayerNorm, _module_layer_norm)
-if hasattr(nn, "RMSNorm"):
-    register_module_rule(nn.RMSNorm, _module_layer_norm)
-register_module_rule(nn.GroupNorm, _module_group_norm)
-register_module_rule(nn.Embedding, _module_embedding)
-for _type in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
-              nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
-              nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-              nn.Identity, nn.Threshold, nn.Hardshrink, nn.Softshrink):
-    register_module_rule(_type, _module_elementwise)
-for _type in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
-    register_module_rule(_type, _module_softmax)
-register_module_rule(nn.Flatten, _module_flatten)
-register_module_rule(nn.Unflatten, _module_flatten)
-for _spatial, _types in ((1, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d)),
-                         (2, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)),
-                         (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d))):
-    for _type in _types:
-        register_module_rule(_type, _module_pool(_spatial))
-register_module_rule(nn.Upsample, _module_upsample)
-register_module_rule(nn.Unfold, _module_unfold)
-register_module_rule(nn.Fold, _module_fold)
-for _type in (nn.RNN, nn.GRU, nn.LSTM):
-    register_module_rule(_type, _module_recurrent)
-for _type in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-              nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
-              nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d):
-    register_module_rule(_type, _module_pad)

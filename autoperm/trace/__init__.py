@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, Literal
 
 from torch import nn
@@ -11,7 +10,7 @@ from torch import nn
 from autoperm.errors import InputMismatchError, TraceError
 from autoperm.trace.common import normalise_inputs
 from autoperm.trace.export_frontend import trace_export
-from autoperm.trace.fx_frontend import trace_fx
+from autoperm.trace.fx_frontend import LeafPredicate, MetaOutput, no_extra_leaves, trace_fx
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 from autoperm.trace.mode import EvalMode
 from autoperm.trace.runner import GraphRunner
@@ -23,6 +22,7 @@ __all__ = [
     "trace_model",
     "EvalMode",
     "GraphRunner",
+    "no_extra_leaves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -31,16 +31,23 @@ logger = logging.getLogger(__name__)
 def trace_model(
     model: nn.Module,
     example_inputs: Any,
-    is_leaf: Callable[[nn.Module], bool] = lambda m: False,
+    is_leaf: LeafPredicate = no_extra_leaves,
     tracer: Literal["auto", "fx", "export"] = "auto",
+    meta_output: MetaOutput | None = None,
 ) -> TracedGraph:
     """Trace ``model`` (in eval mode) into a :class:`TracedGraph`.
 
     Args:
         model: the model; it is not modified (training flags are restored).
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
-        is_leaf: modules to keep whole under torch.fx (those with a module rule).
+        is_leaf: modules to keep whole under torch.fx besides the stock ``torch.nn`` layers
+            (inference passes those with a module rule).
         tracer: ``"auto"`` tries torch.fx then torch.export; or force one front-end.
+        meta_output: ``meta_output(module, x)``, a leaf module's meta output on meta input ``x``
+            when it is known without running the module, else ``None`` (a shortcut for shapes).
+
+    Returns:
+        The traced graph.
 
     Raises:
         TraceError: neither front-end could trace the model; the message gives both causes and
@@ -55,7 +62,7 @@ def trace_model(
     with EvalMode(model):
         if tracer in ("auto", "fx"):
             try:
-                return trace_fx(model, args, kwargs, is_leaf)
+                return trace_fx(model, args, kwargs, is_leaf, meta_output)
             except TraceError as error:
                 if tracer == "fx" or isinstance(error, InputMismatchError):
                     raise
