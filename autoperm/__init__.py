@@ -17,6 +17,7 @@ from autoperm.errors import (
 )
 from autoperm.spec import (
     ActivationSite,
+    AffineSite,
     Member,
     PermutationGroup,
     PermutationSpec,
@@ -85,6 +86,7 @@ __all__ = [
     "singular_analyses",
     "singular_analysis",
     "ActivationSite",
+    "AffineSite",
     "AutopermError",
     "CheckpointError",
     "Member",

@@ -42,6 +42,7 @@ def _numbers(value):
         yield value
 
 
+@pytest.mark.slow
 def test_quick_run_reports_finite_barriers_and_wm_below_naive(lmc, tmp_path):
     report = lmc.run(["mlp", "vgg"], tmp_path, quick_run=True, points=3, widths=(16,))
     assert json.loads((tmp_path / "report.json").read_text())["families"].keys() == {"mlp", "vgg"}

@@ -48,7 +48,7 @@ import torch
 from autoperm.data import Data, input_batches
 from autoperm.errors import AutopermError, DataError, SpecError
 from autoperm.evaluate.barrier import interpolate_state_dicts
-from autoperm.spec import PermutationSpec
+from autoperm.spec import AffineSite, PermutationSpec
 from autoperm.spec.apply import layout_positions
 from autoperm.spec.runner import ActivationRunner, NodeEdit
 
@@ -57,35 +57,25 @@ __all__ = ["RepairSite", "RepairResult", "Repairer", "repair_sites"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RepairSite:
-    """One layer call whose output channels REPAIR corrects.
+class RepairSite(AffineSite):
+    """An affine site of the spec whose output channels REPAIR corrects.
 
     Attributes:
-        node: the traced-graph node whose output is renormalised.
-        op: the op or module class (``"Conv2d"``, ``"linear"``, ``"addmm"``, ``"layer_norm"``, ...).
-        channel_axis: the axis of the node's output that holds the channels.
-        weight: state-dict name of the tensor scaled per channel.
-        weight_axis: the axis of ``weight`` that runs over the output channels.
-        bias: state-dict name of the per-channel shift; ``None`` means a scale-only correction.
         channels: the output channels corrected (those an active permutation group moves).
         groups: names of those groups.
-        norm: whether the layer is a normalisation layer.
     """
 
-    node: str
-    op: str
-    channel_axis: int
-    weight: str
-    weight_axis: int
-    bias: str | None
     channels: tuple[int, ...]
     groups: tuple[str, ...]
-    norm: bool = False
+
+    @property
+    def op(self) -> str:
+        """The op or module class (``"Conv2d"``, ``"linear"``, ``"addmm"``, ``"layer_norm"``, ...)."""
+        return self.kind
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "node": self.node, "op": self.op, "weight": self.weight, "bias": self.bias,
+            "node": self.node, "op": self.kind, "weight": self.weight, "bias": self.bias,
             "channels": len(self.channels), "groups": list(self.groups),
         }
 
@@ -146,11 +136,7 @@ def repair_sites(spec: PermutationSpec) -> tuple[RepairSite, ...]:
                 channels.update(int(p) for p in layout_positions(member, group.size).flatten())
                 groups.append(group.name)
         if channels:
-            sites.append(RepairSite(
-                node=site.node, op=site.kind, channel_axis=site.channel_axis, weight=site.weight,
-                weight_axis=site.weight_axis, bias=site.bias, channels=tuple(sorted(channels)),
-                groups=tuple(dict.fromkeys(groups)), norm=site.norm,
-            ))
+            sites.append(RepairSite(**site.model_dump(), channels=tuple(sorted(channels)), groups=tuple(dict.fromkeys(groups))))
     logger.info("REPAIR: %d site(s) with %d channels", len(sites), sum(len(s.channels) for s in sites))
     return tuple(sites)
 

@@ -11,10 +11,11 @@ REPAIR never looks at the graph.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from autoperm.infer.context import AffineLayout
 from autoperm.infer.registry import bind
-from autoperm.spec.schema import AffineSite, Member
+from autoperm.spec.schema import AffineSite
 from autoperm.trace.graph import TracedGraph
 
 __all__ = ["affine_sites"]
@@ -22,8 +23,8 @@ __all__ = ["affine_sites"]
 logger = logging.getLogger(__name__)
 
 
-def affine_sites(traced: TracedGraph, layouts: dict[str, AffineLayout], members: dict[str, list[Member]]) -> tuple[AffineSite, ...]:
-    """The affine sites of ``traced`` whose weight's output axis some group member moves.
+def affine_sites(traced: TracedGraph, layouts: dict[str, AffineLayout], moved: set[tuple[str, int]]) -> tuple[AffineSite, ...]:
+    """The affine sites of ``traced`` whose weight's output axis some group moves.
 
     A layer whose output goes only into norm sites (a conv feeding its BatchNorm) records those
     norms in ``feeds``: REPAIR corrects the norm instead. A weight used by several calls is left
@@ -32,7 +33,7 @@ def affine_sites(traced: TracedGraph, layouts: dict[str, AffineLayout], members:
     Args:
         traced: the traced graph the spec is inferred from.
         layouts: node -> the affine layout its rule stated (``RuleContext.affine``).
-        members: state-dict name -> the group members on that tensor.
+        moved: the ``(state-dict name, axis)`` pairs that group members move.
 
     Returns:
         The sites, in graph order.
@@ -48,12 +49,10 @@ def affine_sites(traced: TracedGraph, layouts: dict[str, AffineLayout], members:
         weight = traced.state.get(traced.aliases.get(layout.weight, layout.weight))
         if weight is None or outputs[0].shape[layout.channel_axis] != weight.shape[layout.weight_axis]:
             continue
-        if any(member.axis == layout.weight_axis for member in members.get(layout.weight, ())):
+        if (layout.weight, layout.weight_axis) in moved:
             candidates.append(AffineSite(node=call.node, module=call.module_name if call.module is not None else None,
                                          kind=bind(call)[0].op, **layout._asdict()))
-    uses: dict[str, int] = {}
-    for site in candidates:
-        uses[traced.aliases.get(site.weight, site.weight)] = uses.get(traced.aliases.get(site.weight, site.weight), 0) + 1
+    uses = Counter(traced.aliases.get(site.weight, site.weight) for site in candidates)
     norms = {site.node for site in candidates if site.norm}
     sites = []
     for site in candidates:

@@ -223,10 +223,7 @@ def infer_spec(
                     )
 
     sites = _activation_sites(traced, resolved, sizes, set(members))
-    by_param: dict[str, list[Member]] = {}
-    for group_members in members.values():
-        for member in group_members:
-            by_param.setdefault(member.param, []).append(member)
+    moved = {(member.param, member.axis) for group_members in members.values() for member in group_members}
     fibres = _fibres(ctx, resolved, sizes, members, traced)
     names = _group_names(ctx.producers, members, fibres)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
@@ -244,7 +241,7 @@ def infer_spec(
     logger.info("inferred %d permutation groups (%s front-end)", len(groups), traced.tracer)
     return PermutationSpec(
         model=model_name or type(model).__name__, tracer=traced.tracer, leaf_modules=_leaf_modules(traced),
-        groups=tuple(groups), affine_sites=affine_sites(traced, ctx.affine, by_param), hidden_units=hidden_units,
+        groups=tuple(groups), affine_sites=affine_sites(traced, ctx.affine, moved), hidden_units=hidden_units,
         kept_fixed=kept_fixed, shapes=shapes,
     )
 

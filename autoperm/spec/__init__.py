@@ -12,10 +12,20 @@ from autoperm.spec.apply import (
     permute_tensor,
     random_permutation,
 )
-from autoperm.spec.schema import ActivationSite, Completeness, FixedAxis, Layout, Member, PermutationGroup, PermutationSpec
+from autoperm.spec.schema import (
+    ActivationSite,
+    AffineSite,
+    Completeness,
+    FixedAxis,
+    Layout,
+    Member,
+    PermutationGroup,
+    PermutationSpec,
+)
 
 __all__ = [
     "ActivationSite",
+    "AffineSite",
     "Completeness",
     "FixedAxis",
     "Layout",

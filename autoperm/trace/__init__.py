@@ -8,11 +8,10 @@ from typing import Any, Literal
 from torch import nn
 
 from autoperm.errors import InputMismatchError, TraceError
-from autoperm.trace.common import normalise_inputs
+from autoperm.trace.common import EvalMode, normalise_inputs
 from autoperm.trace.export_frontend import trace_export
 from autoperm.trace.fx_frontend import LeafPredicate, MetaOutput, no_extra_leaves, trace_fx
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
-from autoperm.trace.mode import EvalMode
 from autoperm.trace.runner import GraphRunner
 
 __all__ = [

@@ -17,10 +17,9 @@ from torch import fx, nn
 from autoperm.errors import TraceError
 from autoperm.spec.runner import NodeEdit
 from autoperm.spec.schema import PermutationSpec
-from autoperm.trace.common import normalise_inputs, state_aliases
+from autoperm.trace.common import EvalMode, normalise_inputs, state_aliases
 from autoperm.trace.export_frontend import export_program
 from autoperm.trace.fx_frontend import run_graph, symbolic_trace
-from autoperm.trace.mode import EvalMode
 
 __all__ = ["GraphRunner"]
 

@@ -33,16 +33,20 @@ MODELS: dict[str, tuple[dict[str, object], tuple[int, int, int]]] = {
 }
 
 
+_SPECS: dict[str, autoperm.PermutationSpec] = {}
+
+
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, autoperm.PermutationSpec]:
-    """The model (perturbed, eval mode), an example input and the inferred spec."""
+    """A fresh model (perturbed, eval mode), an example input and the spec (traced once per model)."""
     kwargs, size = MODELS[name]
     torch.manual_seed(0)
     model = perturb_(timm.create_model(name, pretrained=False, **kwargs).eval(), scale=0.02)
     x = torch.randn((2, *size), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        spec = autoperm.infer_spec(model, x)
-    return model, x, spec
+    if name not in _SPECS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _SPECS[name] = autoperm.infer_spec(model, x)
+    return model, x, _SPECS[name]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
