@@ -26,15 +26,11 @@ from autoperm.trace import GraphRunner
 
 __all__ = ["Repairer", "activation_matching", "repair"]
 
+StateDict = Mapping[str, torch.Tensor]
 
-def activation_matching(
-    spec: PermutationSpec,
-    model: nn.Module,
-    state_dict_a: Mapping[str, torch.Tensor],
-    state_dict_b: Mapping[str, torch.Tensor],
-    data: Any,
-    **options: Any,
-) -> MatchingResult:
+
+def activation_matching(spec: PermutationSpec, model: nn.Module, state_dict_a: StateDict, state_dict_b: StateDict,
+                        data: Any, **options: Any) -> MatchingResult:
     """Activation matching of ``model``'s two state dicts (Git Re-Basin, arXiv 2209.04836, Section 3.1).
 
     Args:
@@ -71,28 +67,14 @@ class Repairer(SiteRepairer):
         >>> curve = autoperm.interpolation_curve(model, sd_a, sd_b_aligned, splits, transform=repairer)
     """
 
-    def __init__(
-        self,
-        spec: PermutationSpec,
-        model: nn.Module,
-        state_dict_a: Mapping[str, torch.Tensor],
-        state_dict_b: Mapping[str, torch.Tensor],
-        data: Data,
-        **options: Any,
-    ) -> None:
+    def __init__(self, spec: PermutationSpec, model: nn.Module, state_dict_a: StateDict, state_dict_b: StateDict,
+                 data: Data, **options: Any) -> None:
         runner = GraphRunner.for_spec(spec, model, device=options.get("device"))
         super().__init__(spec, runner, state_dict_a, state_dict_b, data, **options)
 
 
-def repair(
-    spec: PermutationSpec,
-    model: nn.Module,
-    state_dict_a: Mapping[str, torch.Tensor],
-    state_dict_b: Mapping[str, torch.Tensor],
-    data: Data,
-    t: float = 0.5,
-    **options: Any,
-) -> RepairResult:
+def repair(spec: PermutationSpec, model: nn.Module, state_dict_a: StateDict, state_dict_b: StateDict, data: Data,
+           t: float = 0.5, **options: Any) -> RepairResult:
     """REPAIR the interpolation of two aligned models at ``t`` (Jordan et al., arXiv 2211.08403).
 
     Args:

@@ -243,6 +243,7 @@ class Repairer:
         state_dict_a: Mapping[str, torch.Tensor],
         state_dict_b: Mapping[str, torch.Tensor],
         data: Data,
+        *,
         batch_size: int = 500,
         max_batches: int | None = None,
         eps: float = 1e-5,

@@ -26,7 +26,7 @@ from autoperm.io.directories import (
     load_directory,
     save_directory,
 )
-from autoperm.io.formats import read_torch_file
+from autoperm.io.formats import read_json_object, read_torch_file
 from autoperm.io.memory_map import (
     mmap_safetensors,
     write_safetensors,
@@ -49,6 +49,7 @@ __all__ = [
     "load_directory",
     "load_state_dict",
     "mmap_safetensors",
+    "read_json_object",
     "read_single_file",
     "read_torch_file",
     "save_directory",

@@ -8,22 +8,40 @@ tensor data.
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from autoperm.errors import CheckpointError
+from autoperm.errors import AutopermError, CheckpointError
 
 __all__ = [
     "SAFETENSORS_DTYPES",
+    "read_json_object",
     "read_safetensors_file",
     "read_torch_file",
     "safetensors_dtypes",
     "safetensors_keys",
     "safetensors_metadata",
 ]
+
+def read_json_object(path: Path, error: type[AutopermError] = CheckpointError) -> dict[str, Any]:
+    """The JSON object in ``path`` (a config, an index).
+
+    Raises:
+        AutopermError: of type ``error``, naming the file, when it cannot be read or holds no object.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as cause:
+        raise error(f"cannot read {str(path)!r}: {cause}") from cause
+    if not isinstance(data, dict):
+        raise error(f"{str(path)!r} is not a JSON object")
+    return data
+
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

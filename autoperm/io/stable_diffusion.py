@@ -14,7 +14,6 @@ they are copied unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ import torch
 from autoperm.errors import CheckpointError
 from autoperm.io.atomic import atomic_directory
 from autoperm.io.directories import Transform, find_layout, save_directory
+from autoperm.io.formats import read_json_object
 from autoperm.io.single_file import SINGLE_FILE_SUFFIXES, SingleFileLayout, read_single_file
 
 __all__ = [
@@ -145,12 +145,7 @@ def pipeline_unet(directory: str | os.PathLike[str]) -> Path:
     """
     directory = Path(directory)
     index = directory / PIPELINE_INDEX
-    try:
-        components = json.loads(index.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {str(index)!r}: {error}") from error
-    if not isinstance(components, dict):
-        raise CheckpointError(f"{str(index)!r} is not a JSON object")
+    components = read_json_object(index)
     entry = components.get("unet")
     if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
         named = sorted(key for key, value in components.items() if not key.startswith("_") and isinstance(value, list))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoperm.errors import ModelLoadError
+from autoperm.io import read_json_object
 from autoperm.pretrained.directory import ModelDirectory, read_model_directory
 
 __all__ = ["BOOKKEEPING_FIELDS", "config_differences", "check_same_model", "check_config_file"]
@@ -100,12 +101,7 @@ def check_config_file(directory: str | Path) -> None:
     path = Path(directory) / "config.json"
     if not path.is_file():
         return
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot read {str(path)!r}: {error}") from error
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{str(path)!r} is not a JSON object")
+    read_json_object(path, ModelLoadError)
 
 
 def _short(value: Any, limit: int = 40) -> str:

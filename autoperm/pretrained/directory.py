@@ -8,7 +8,6 @@ checkpoint (``auto_map``) is never run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from autoperm.errors import CheckpointError, ModelLoadError
-from autoperm.io import load_state_dict
+from autoperm.io import load_state_dict, read_json_object
 
 __all__ = [
     "ModelDirectory",
@@ -81,12 +80,7 @@ def read_model_directory(path: str | os.PathLike[str]) -> ModelDirectory:
             f"model directory {str(path)!r} has no config.json; give a directory written by save_pretrained "
             "(transformers or diffusers), or MODEL as package.module:attr"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot read {str(config_file)!r}: {error}") from error
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{str(config_file)!r} is not a JSON object")
+    config = read_json_object(config_file, ModelLoadError)
     if isinstance(config.get("_class_name"), str):
         return ModelDirectory(path, "diffusers", config["_class_name"], config)
     architectures = config.get("architectures")

@@ -29,11 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 def activation_matching(
-    spec: PermutationSpec,
-    runner: ActivationRunner,
-    state_dict_a: Mapping[str, torch.Tensor],
-    state_dict_b: Mapping[str, torch.Tensor],
-    data: Any,
+    spec: PermutationSpec, runner: ActivationRunner, state_dict_a: Mapping[str, torch.Tensor],
+    state_dict_b: Mapping[str, torch.Tensor], data: Any,
     batch_size: int = 500,
     max_batches: int | None = None,
     max_iter: int = 100,

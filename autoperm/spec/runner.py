@@ -22,13 +22,8 @@ NodeEdit = Callable[[str, torch.Tensor], torch.Tensor]
 class ActivationRunner(Protocol):
     """Runs a model on batches and yields the outputs of named graph nodes."""
 
-    def stream(
-        self,
-        nodes: Sequence[str],
-        batches: Iterable[Any],
-        state_dict: Mapping[str, torch.Tensor] | None = None,
-        edit: NodeEdit | None = None,
-    ) -> Iterator[dict[str, torch.Tensor]]:
+    def stream(self, nodes: Sequence[str], batches: Iterable[Any], state_dict: Mapping[str, torch.Tensor] | None = None,
+               edit: NodeEdit | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ``{node: output}`` (detached) for each batch, in eval mode without gradients.
 
         Args:

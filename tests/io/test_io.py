@@ -121,3 +121,18 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> No
         write_safetensors(path, {"w": ([3, 4], torch.float32)}, broken)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_json_objects_are_read_with_the_file_named(tmp_path):
+    from autoperm.errors import CheckpointError, ModelLoadError
+    from autoperm.io import read_json_object
+
+    good, broken, listed = tmp_path / "config.json", tmp_path / "broken.json", tmp_path / "list.json"
+    good.write_text('{"a": 1}')
+    broken.write_text("{not json")
+    listed.write_text("[1, 2]")
+    assert read_json_object(good) == {"a": 1}
+    with pytest.raises(CheckpointError, match="broken.json"):
+        read_json_object(broken)
+    with pytest.raises(ModelLoadError, match="list.json.*not a JSON object"):
+        read_json_object(listed, ModelLoadError)

@@ -27,6 +27,7 @@ from autoperm import apply_permutation, infer_spec, random_permutation  # noqa: 
 from autoperm.cli import cli  # noqa: E402
 from autoperm.io import find_layout  # noqa: E402
 from autoperm.spec import PermutationSpec  # noqa: E402
+from tests.conftest import perturb_  # noqa: E402
 
 SHARD = "40KB"
 
@@ -92,13 +93,6 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def _perturb(model: nn.Module, seed: int) -> nn.Module:
-    """Noise on every weight (zero biases and unit norms would hide mistakes)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def _save(model: nn.Module, path: Path) -> None:
@@ -116,7 +110,7 @@ class Directories:
         if name not in self.made:
             _quiet_transformers()
             torch.manual_seed(0)
-            model = _perturb(ARCHS[name].build(), seed=1).eval()
+            model = perturb_(ARCHS[name].build(), 1, scale=0.05).eval()
             base = self.root / name
             paths = {"a": base / "a", "b": base / "b", "spec": base / "spec.yaml"}
             _save(model, paths["a"])

@@ -27,6 +27,7 @@ from autoperm.errors import CheckpointError  # noqa: E402
 from autoperm.io import find_layout  # noqa: E402
 from autoperm.pretrained import build_from_directory, read_model_directory, stored_names  # noqa: E402
 from autoperm.spec import PermutationSpec  # noqa: E402
+from tests.conftest import perturb_  # noqa: E402
 
 
 def _gpt_neox() -> nn.Module:
@@ -62,12 +63,6 @@ def _invoke(args: list[str]):
         return CliRunner().invoke(cli, args, standalone_mode=False, catch_exceptions=True)
 
 
-def _perturb(model: nn.Module, seed: int) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +72,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]
     made = {}
     for name, (build, _, _) in MODELS.items():
         torch.manual_seed(0)
-        model = _perturb(build(), seed=1).eval()
+        model = perturb_(build(), 1, scale=0.05).eval()
         base = tmp_path_factory.mktemp(name)
         paths = {"a": base / "a", "b": base / "b", "spec": base / "spec.yaml"}
         model.save_pretrained(paths["a"], max_shard_size="40KB")
