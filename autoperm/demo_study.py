@@ -6,7 +6,8 @@ the leading singular vectors of two models' weights, so it depends on how far tr
 each weight away from its random initialisation, which is set by the number of optimiser steps
 and by how much different data those steps see. This study trains pairs of 784-512-512-512-10
 MLPs (Adam 1e-3, no weight decay) and measures, per cell, the test accuracy, ``R`` before and
-after WM and the test-loss barrier before and after WM:
+after WM, the test-loss barrier before and after WM, and the share of singular vectors that
+``R`` counts at each ``gamma`` (those with ``s >= gamma * s_max``):
 
 - against the budget on all 4,000 training images (:data:`BUDGETS`, epochs x batch);
 - against the training-set size at a fixed 600 steps of batch 500, the step count of the
@@ -156,6 +157,9 @@ def _measure_cell(
             values[f"test_loss_barrier {method}"] = barrier_summary(curve)["test_loss"]["mean"]
             for gamma, analysis in singular_analyses(None, sd_a, b, gammas=config.gammas).items():
                 values[f"R gamma={gamma:g} {method}"] = analysis.alignment
+                if method == "naive":  # the share of singular vectors above the threshold, which R averages over
+                    counted = sum(layer.num_vectors for layer in analysis.layers)
+                    values[f"counted share gamma={gamma:g}"] = counted / sum(min(layer.shape) for layer in analysis.layers)
             if method == "naive":
                 values["test_accuracy"] = statistics.fmean(
                     (curve.metrics["test_accuracy"][0], curve.metrics["test_accuracy"][-1])
@@ -205,7 +209,7 @@ def format_study(report: Mapping[str, Any]) -> str:
     header = (
         f"   {'images':>7}{'epochs x batch':>16}{'steps':>7}{'test acc':>16}"
         + "".join(f"{'R ' + g + ' naive':>20}{'R ' + g + ' WM':>20}" for g in gammas)
-        + f"{'barrier naive -> WM':>34}"
+        + f"{'barrier naive -> WM':>34}{'counted ' + gammas[-1]:>20}"
     )
 
     def cell(row: Mapping[str, Any], key: str) -> str:
@@ -222,6 +226,7 @@ def format_study(report: Mapping[str, Any]) -> str:
                 f"{cell(row, 'test_accuracy'):>16}"
                 + "".join(f"{cell(row, f'R {g} naive'):>20}{cell(row, f'R {g} weight_matching'):>20}" for g in gammas)
                 + f"{cell(row, 'test_loss_barrier naive') + ' -> ' + cell(row, 'test_loss_barrier weight_matching'):>34}"
+                + f"{cell(row, f'counted share {gammas[-1]}'):>20}"
             )
     lines.append(f"Finished in {report['seconds']:.0f} s; {report['files']['report']}, {report['files']['plot']}")
     return "\n".join(lines)
