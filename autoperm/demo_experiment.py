@@ -46,6 +46,7 @@ from autoperm.evaluate import (
     reset_bn_stats,
     singular_analyses,
 )
+from autoperm.evaluate.plots import plot_alignment_spread
 from autoperm.solvers import (
     MatchingResult,
     SteResult,
@@ -57,7 +58,7 @@ from autoperm.solvers import (
 from autoperm.io import write_text_atomic
 from autoperm.spec import PermutationSpec, apply_permutation
 
-__all__ = ["DemoConfig", "Progress", "run_experiment", "say"]
+__all__ = ["DemoConfig", "Progress", "alignment_spread", "alignment_spread_panels", "run_experiment", "say"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,16 @@ class DemoConfig:
         """Narrow models, few epochs, points and steps: every section present, in seconds."""
         return cls(epochs=6, hidden=64, num_points=5, wm_seeds=2, ste_steps=40)
 
+    @classmethod
+    def paper(cls) -> DemoConfig:
+        """Ito et al.'s MLP setting with the authors' recipe, for MNIST digits.
+
+        784-512-512-512-10 trained with Adam 1e-3 for 5 epochs at batch 500 without weight
+        decay (their follow-up code, e5-a/STE-MM ``scripts/run_train.sh``); STE at its
+        literature budget (Adam 1e-3, batch 256, 2,300 steps); WM over 5 seeds; 25 points.
+        """
+        return cls(epochs=5, hidden=512, batch_size=500)
+
 
 def say(progress: Progress | None, message: str) -> None:
     """Log ``message`` at INFO and hand it to ``progress``, when there is one."""
@@ -146,6 +157,10 @@ def _gamma_key(gamma: float) -> str:
 
 def _alignment(analyses: Mapping[float, SingularAnalysis], attribute: str = "alignment") -> dict[str, float]:
     return {_gamma_key(g): getattr(a, attribute) for g, a in analyses.items()}
+
+
+def _alignment_per_layer(analyses: Mapping[float, SingularAnalysis]) -> dict[str, dict[str, float]]:
+    return {_gamma_key(g): {layer.name: layer.alignment for layer in a.layers} for g, a in analyses.items()}
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -291,6 +306,10 @@ def run_experiment(
     merge = _merge_section(experiment, (sd_a, sd_b, sd_c), models, seconds)
     say(progress, f"writing the report and plots to {out}")
     files = _write_plots(out, curves, anchor_curves, analyses, config.gammas[-1])
+    files["alignment_per_layer"] = plot_alignment_spread(
+        alignment_spread_panels(alignment_spread([(pair, weight_matching_seeds)])), out / "alignment_per_layer.png",
+        f"R per layer: without permutation and after WM (mean +- std over {config.wm_seeds} seeds)",
+    )
     seconds["analysis"] = seconds["total"] = time.perf_counter() - started
     if training_seconds is not None:
         seconds["total"] += training_seconds
@@ -367,10 +386,7 @@ def _pair_section(
         },
         "alignment": {method: _alignment(a) for method, a in analyses.items()},
         "alignment_mean_over_layers": {method: _alignment(a, "mean_layer_alignment") for method, a in analyses.items()},
-        "alignment_per_layer": {
-            method: {_gamma_key(g): {layer.name: layer.alignment for layer in x.layers} for g, x in a.items()}
-            for method, a in analyses.items()
-        },
+        "alignment_per_layer": {method: _alignment_per_layer(a) for method, a in analyses.items()},
         "singular_value_invariance_error": max(a.invariance_error or 0.0 for a in analyses["naive"].values()),
         "weight_matching_sweeps": alignments.weight_matching_runs[0].n_iter,
         "activation_matching_fallback_groups": list(alignments.activation_matching.fallback_groups),
@@ -384,20 +400,25 @@ def _weight_matching_seeds(
     """Barriers, L2 reduction and ``R`` of every weight-matching seed, and their mean and std.
 
     Seed 0 is the run of section 1: its numbers are taken from ``pair``, not measured again.
+    ``alignment_per_layer`` gives each layer's ``R_l`` per seed, their mean and std, and the
+    naive ``R_l`` (without the permutation), as Figure 2 of Ito et al. shows them.
     """
     say(experiment.progress, "evaluating the other weight-matching seeds")
     naive_distance = pair["l2_distance"]["naive"]["absolute"]
-    rows = []
+    rows, per_layer = [], []
     for seed, run in enumerate(alignments.weight_matching_runs):
         if seed == 0:
             summary = pair["barriers"]["weight_matching"]
             reduction = pair["l2_reduction"]["weight_matching"]
             alignment = pair["alignment"]["weight_matching"]
+            per_layer.append(pair["alignment_per_layer"]["weight_matching"])
         else:
             b = apply_permutation(experiment.spec, run.perms, sd_b)
             summary = barrier_summary(experiment.curve(sd_a, b))
             reduction = 1.0 - l2_distance(sd_a, b).absolute / naive_distance
-            alignment = _alignment(experiment.analyse(sd_a, b))
+            analyses = experiment.analyse(sd_a, b)
+            alignment = _alignment(analyses)
+            per_layer.append(_alignment_per_layer(analyses))
         rows.append({
             "seed": seed,
             "test_loss_barrier": summary["test_loss"]["mean"],
@@ -408,7 +429,61 @@ def _weight_matching_seeds(
             **{f"R {key}": value for key, value in alignment.items()},
         })
     keys = [key for key in rows[0] if key != "seed"]
-    return {"runs": rows, **{key: _mean_std([row[key] for row in rows]) for key in keys}}
+    naive = pair["alignment_per_layer"]["naive"]
+    layers = {
+        gamma: {
+            layer: {
+                "naive": value,
+                "runs": [seed_values[gamma][layer] for seed_values in per_layer],
+                **_mean_std([seed_values[gamma][layer] for seed_values in per_layer]),
+            }
+            for layer, value in by_layer.items()
+        }
+        for gamma, by_layer in naive.items()
+    }
+    return {"runs": rows, **{key: _mean_std([row[key] for row in rows]) for key in keys}, "alignment_per_layer": layers}
+
+
+def alignment_spread(
+    results: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]],
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Each layer's ``R_l`` without the permutation and after WM, mean and std over runs and seeds.
+
+    Args:
+        results: one ``(pair, weight_matching_seeds)`` per trained pair of models (report
+            sections of :func:`run_experiment`).
+
+    Returns:
+        ``{gamma: {layer: {"naive": {"mean", "std"}, "weight_matching": {"mean", "std"}}}}``: the
+        naive ``R_l`` over the pairs, the aligned one over every weight-matching seed of every pair.
+    """
+    first = results[0][0]["alignment_per_layer"]["naive"]
+    return {
+        gamma: {
+            layer: {
+                "naive": _mean_std([pair["alignment_per_layer"]["naive"][gamma][layer] for pair, _ in results]),
+                "weight_matching": _mean_std([
+                    value for _, seeds in results for value in seeds["alignment_per_layer"][gamma][layer]["runs"]
+                ]),
+            }
+            for layer in layers
+        }
+        for gamma, layers in first.items()
+    }
+
+
+def alignment_spread_panels(
+    spread: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
+    """:func:`alignment_spread` as the panels of :func:`autoperm.evaluate.plots.alignment_spread_figure`."""
+    labels = {"naive": "without permutation", "weight_matching": "after weight matching"}
+    return {
+        gamma.replace("=", " = "): {
+            label: {layer: (values[method]["mean"], values[method]["std"]) for layer, values in layers.items()}
+            for method, label in labels.items()
+        }
+        for gamma, layers in spread.items()
+    }
 
 
 def _anchor_section(

@@ -123,6 +123,11 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(f"   weight matching over {len(seeds['runs'])} seeds (mean +- std):")
     for key in ("test_loss_barrier", "train_loss_barrier", "l2_reduction", *[f"R {g}" for g in gammas]):
         lines.append(f"     {key:<22}{seeds[key]['mean']:>9.4f} +- {seeds[key]['std']:.4f}")
+    for gamma, layers in seeds.get("alignment_per_layer", {}).items():
+        cells = ", ".join(
+            f"{layer} {values['naive']:.3f} -> {values['mean']:.3f} +- {values['std']:.3f}" for layer, values in layers.items()
+        )
+        lines.append(f"     R per layer at {gamma}, without permutation -> after WM: {cells}")
     lines.append(
         f"   largest singular-value change under a random permutation: {pair['singular_value_invariance_error']:.1e}"
     )

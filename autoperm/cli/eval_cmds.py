@@ -245,30 +245,70 @@ def analyze_command(
 @click.command("demo")
 @click.option("--out", "out_dir", default="autoperm-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for report.json and the plots.")
+@click.option("--setting", type=click.Choice(["fast", "paper", "r-study"]), default="fast", show_default=True,
+              help="fast: 3 x 256 MLPs on --data (about 2 minutes on digits); paper: Ito et al.'s MLP setting "
+                   "on MNIST digits with the authors' recipe, 3 runs; r-study: R against the training budget "
+                   "and training-set size on MNIST digits. paper and r-study need the data extra.")
+@click.option("--data", "data_name", type=click.Choice(["digits", "mnist"]),
+              help="Data of the fast setting (default digits; mnist needs pip install 'autoperm[data]').")
 @click.option("--quick", is_flag=True, help="Narrow models, few epochs, points and STE steps (seconds, a smoke test).")
-@click.option("--hidden", type=click.IntRange(min=2), help="Hidden width (default 256; the literature's MLP is 512).")
+@click.option("--hidden", type=click.IntRange(min=2), help="Hidden width (fast: 256, paper: 512).")
 @click.option("--ste-steps", type=click.IntRange(min=1), help="STE steps (default 2300, STE-MM's budget).")
 @click.option("--ste-optimizer", type=click.Choice(["adam", "sgd"]),
               help="adam (STE-MM, default, lr 1e-3) or sgd (Git Re-Basin, momentum 0.9, lr 1e-2).")
+@click.option("--runs", type=click.IntRange(min=2), default=3, show_default=True,
+              help="paper: independent runs (triples of models) behind each mean and std.")
 def demo_command(
-    out_dir: str, quick: bool, hidden: int | None, ste_steps: int | None, ste_optimizer: str | None
+    out_dir: str, setting: str, data_name: str | None, quick: bool, hidden: int | None, ste_steps: int | None,
+    ste_optimizer: str | None, runs: int,
 ) -> None:
-    """Train three MLPs on scikit-learn's digits and run the analysis of Ito et al. (arXiv 2402.04051).
+    """Train MLPs and run the analysis of Ito et al. (arXiv 2402.04051); say which setting ran.
 
     Naive, weight matching (5 seeds), activation matching and STE: barriers, L2 distance, the
-    alignment R at gamma 0 and 0.3; the anchor scheme with three models and MergeMany; and which
-    of the paper's three findings reproduced. Writes report.json and PNG plots into --out.
+    alignment R at gamma 0 and 0.3 (pooled and per layer); the anchor scheme with three models
+    and MergeMany; and which of the paper's three findings reproduced. Writes report.json and
+    PNG plots into --out.
     """
     import dataclasses
 
     from autoperm.demo import DemoConfig, format_report, run_demo
 
-    config = DemoConfig.quick() if quick else DemoConfig()
+    if data_name is not None and setting != "fast":
+        raise click.UsageError(f"--data chooses the fast setting's data; --setting {setting} uses MNIST digits")
+    if setting == "r-study":
+        from autoperm.demo_study import format_study, run_alignment_study
+
+        click.echo("setting r-study: R against the training budget and training-set size on MNIST digits")
+        click.echo(format_study(run_alignment_study(out_dir, quick=quick, progress=click.echo)))
+        return
+    if setting == "paper":
+        from autoperm.demo_paper import (
+            format_paper_report,
+            paper_config,
+            run_paper_setting,
+        )
+
+        config = paper_config(quick)
+    else:
+        config = DemoConfig.quick() if quick else DemoConfig()
     changes: dict[str, Any] = {"hidden": hidden, "ste_steps": ste_steps}
     if ste_optimizer is not None:
         changes.update(ste_optimizer=ste_optimizer, ste_lr=1e-3 if ste_optimizer == "adam" else 1e-2)
     config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-    report = run_demo(out_dir, config=config, progress=click.echo)
+    if setting == "paper":
+        click.echo(
+            f"setting paper: {config.depth} x {config.hidden} MLPs on MNIST digits, Adam {config.lr:g}, "
+            f"{config.epochs} epochs, batch {config.batch_size}; {runs} runs"
+        )
+        summary = run_paper_setting(out_dir, quick=quick, runs=runs, progress=click.echo, config=config)
+        click.echo(format_paper_report(summary))
+        return
+    data_name = data_name or "digits"
+    click.echo(
+        f"setting fast: {config.depth} x {config.hidden} MLPs on {data_name}, {config.epochs} epochs "
+        f"(--setting paper runs Ito et al.'s MLP setting on MNIST digits)"
+    )
+    report = run_demo(out_dir, config=config, progress=click.echo, data=data_name)
     click.echo(format_report(report))
 
 

@@ -3,6 +3,8 @@
 - :func:`plot_interpolation`: loss and accuracy along the path, one line per method and split.
 - :func:`plot_singular_values`: singular-value spectra of A and B, one panel per layer.
 - :func:`plot_alignment`: the alignment ``R_l`` per layer, one bar per comparison.
+- :func:`plot_alignment_spread`: ``R_l`` per layer as mean and std over runs (Ito et al.'s Figure 2).
+- :func:`plot_series`: numbers against a budget (e.g. ``R`` against training steps), with std bars.
 
 Each ``plot_*`` function writes the figure its ``*_figure`` twin draws; the twins return the
 open :class:`matplotlib.figure.Figure` for callers that show or inspect it.
@@ -25,10 +27,14 @@ from autoperm.evaluate.singular import SingularAnalysis  # noqa: E402
 
 __all__ = [
     "alignment_figure",
+    "alignment_spread_figure",
     "interpolation_figure",
     "plot_alignment",
+    "plot_alignment_spread",
     "plot_interpolation",
+    "plot_series",
     "plot_singular_values",
+    "series_figure",
     "singular_values_figure",
 ]
 
@@ -161,4 +167,90 @@ def alignment_figure(analyses: Mapping[str, SingularAnalysis]) -> plt.Figure:
     axis.axhline(0, color="black", lw=0.6)
     axis.legend(fontsize=8)
     axis.set_title(f"singular-vector alignment (gamma = {next(iter(analyses.values())).gamma})" if analyses else "")
+    return figure
+
+
+Spread = Mapping[str, tuple[float, float]]
+"""Name (a layer, a budget) -> ``(mean, std)``."""
+
+
+def plot_alignment_spread(
+    panels: Mapping[str, Mapping[str, Spread]], path: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Write :func:`alignment_spread_figure` to ``path`` (parent folders are created); returns the path."""
+    return _save(alignment_spread_figure(panels, title), path)
+
+
+def alignment_spread_figure(panels: Mapping[str, Mapping[str, Spread]], title: str | None = None) -> plt.Figure:
+    """``R_l`` per layer as bars of the mean with std error bars, one panel per threshold.
+
+    Args:
+        panels: panel title (e.g. ``"gamma = 0.3"``) -> series label (e.g. ``"after weight
+            matching"``) -> layer -> ``(mean, std)``; every series has the same layers.
+        title: figure title.
+
+    Returns:
+        The figure, still open; each panel has one labelled bar container per series.
+    """
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
+    for axis, (panel, series) in zip(axes[0], panels.items()):
+        names = list(next(iter(series.values())))
+        width = 0.8 / max(1, len(series))
+        for index, (label, values) in enumerate(series.items()):
+            positions = [i + (index - (len(series) - 1) / 2) * width for i in range(len(names))]
+            means = [values[name][0] for name in names]
+            spreads = [values[name][1] for name in names]
+            axis.bar(positions, means, width, yerr=spreads, capsize=3, label=label)
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        axis.set_ylabel("alignment R_l")
+        axis.set_title(panel)
+        axis.axhline(0, color="black", lw=0.6)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def plot_series(
+    panels: Mapping[str, Mapping[str, Spread]],
+    path: str | os.PathLike[str],
+    xlabel: Mapping[str, str] | None = None,
+    ylabel: str = "",
+    title: str | None = None,
+) -> Path:
+    """Write :func:`series_figure` to ``path`` (parent folders are created); returns the path."""
+    return _save(series_figure(panels, xlabel, ylabel, title), path)
+
+
+def series_figure(
+    panels: Mapping[str, Mapping[str, Mapping[float, tuple[float, float]]]],
+    xlabel: Mapping[str, str] | None = None,
+    ylabel: str = "",
+    title: str | None = None,
+) -> plt.Figure:
+    """Numbers against a budget, one line with std error bars per series, one panel per study.
+
+    Args:
+        panels: panel title -> series label -> x value (e.g. training steps) -> ``(mean, std)``.
+        xlabel: the x-axis label of each panel, by panel title.
+        ylabel: the y-axis label of every panel.
+        title: figure title.
+
+    Returns:
+        The figure, still open; x axes are logarithmic.
+    """
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4), squeeze=False)
+    for axis, (panel, series) in zip(axes[0], panels.items()):
+        for label, points in series.items():
+            xs = sorted(points)
+            axis.errorbar(xs, [points[x][0] for x in xs], yerr=[points[x][1] for x in xs], marker="o", capsize=3,
+                          label=label)
+        axis.set_xscale("log")
+        axis.set_xlabel((xlabel or {}).get(panel, ""))
+        axis.set_ylabel(ylabel)
+        axis.set_title(panel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
     return figure

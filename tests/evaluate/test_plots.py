@@ -6,14 +6,17 @@ import matplotlib.image
 import pytest
 import torch
 from matplotlib import pyplot as plt
+from matplotlib.container import BarContainer
 
 from autoperm.evaluate import InterpolationCurve, singular_analysis
 from autoperm.evaluate.plots import (
     alignment_figure,
+    alignment_spread_figure,
     interpolation_figure,
     plot_alignment,
     plot_interpolation,
     plot_singular_values,
+    series_figure,
     singular_values_figure,
 )
 
@@ -97,3 +100,32 @@ def test_plot_functions_write_readable_images(tmp_path):
     assert matplotlib.image.imread(plot_singular_values(analysis, tmp_path / "s.png")).ndim == 3
     assert matplotlib.image.imread(plot_alignment({"same": analysis}, tmp_path / "r.png")).ndim == 3
     assert plt.get_fignums() == []  # the plot functions close what they draw
+
+
+def test_alignment_spread_figure_has_mean_bars_with_std_errors_per_panel(close_figures):
+    panels = {
+        "gamma = 0": {"without permutation": {"l0": (0.01, 0.0), "l1": (0.02, 0.01)},
+                      "after weight matching": {"l0": (0.2, 0.05), "l1": (0.3, 0.02)}},
+        "gamma = 0.3": {"without permutation": {"l0": (0.0, 0.0), "l1": (0.05, 0.0)},
+                        "after weight matching": {"l0": (0.4, 0.1), "l1": (0.5, 0.0)}},
+    }
+    figure = alignment_spread_figure(panels, title="R per layer")
+    assert [axis.get_title() for axis in figure.axes] == ["gamma = 0", "gamma = 0.3"]
+    for axis, series in zip(figure.axes, panels.values()):
+        bars = {container.get_label(): [bar.get_height() for bar in container] for container in axis.containers
+                if isinstance(container, BarContainer)}
+        assert bars == {label: [mean for mean, _ in values.values()] for label, values in series.items()}
+        assert [tick.get_text() for tick in axis.get_xticklabels()] == ["l0", "l1"]
+    errors = [container.errorbar for container in figure.axes[0].containers if isinstance(container, BarContainer)]
+    assert all(error is not None and error.has_yerr for error in errors)  # std error bars on every series
+
+
+def test_series_figure_draws_a_line_per_series_against_a_log_axis(close_figures):
+    panels = {"budget": {"after WM": {40.0: (0.1, 0.01), 600.0: (0.14, 0.02), 3200.0: (0.36, 0.03)},
+                         "naive": {600.0: (0.0, 0.0), 40.0: (0.002, 0.001)}}}
+    figure = series_figure(panels, xlabel={"budget": "steps"}, ylabel="R")
+    (axis,) = figure.axes
+    assert axis.get_xscale() == "log" and axis.get_xlabel() == "steps" and axis.get_ylabel() == "R"
+    lines = {container.get_label(): (list(container.lines[0].get_xdata()), list(container.lines[0].get_ydata()))
+             for container in axis.containers}
+    assert lines == {"after WM": ([40.0, 600.0, 3200.0], [0.1, 0.14, 0.36]), "naive": ([40.0, 600.0], [0.002, 0.0])}
