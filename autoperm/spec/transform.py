@@ -80,7 +80,7 @@ def check_transforms(spec: PermutationSpec, transforms: Mapping[str, torch.Tenso
         kind = transform_kind(spec, group, transform)
         if kind not in admitted(group.kind):
             raise SpecError(
-                f"group {name!r} is of kind {group.kind!r} and does not admit a {kind} transform; "
+                f"group {name!r} is of kind {group.kind!r} and does not admit {kind} transforms; "
                 "give a transform of its kind, or run `autoperm verify` on a spec that declares a larger kind"
             )
         if kind == "invertible" and not bool(torch.isfinite(torch.linalg.cond(transform.to(torch.float64))).all()):
