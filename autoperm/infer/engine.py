@@ -237,7 +237,8 @@ def infer_spec(
         PermutationGroup(
             name=names[component],
             size=resolved.size[component],
-            members=tuple(group_members),
+            members=tuple(group_members) if kinds[component][2] is None else tuple(
+                m.model_copy(update={"role": role}) for m, role in zip(group_members, kinds[component][2])),
             per=names[fibres[component]] if component in fibres else None,
             kind=kinds[component][0],
             kind_limited_by=kinds[component][1],
@@ -259,9 +260,9 @@ _NEXT_KIND = {"scale": "orthogonal", "orthogonal": "invertible"}
 
 
 def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[Member]],
-                 state_ids: dict[str, str]) -> dict[int, tuple[str, str | None]]:
-    """Each group's kind and the op that limited it; gives members their roles (in place, on
-    the fresh ``members`` lists) where the kind needs them.
+                 state_ids: dict[str, str]) -> dict[int, tuple[str, str | None, list[str] | None]]:
+    """Each group's kind, the op that kept it from the next larger kind, and its members' roles
+    (``None`` for kinds that need none).
 
     A component admits the kinds every call touching one of its nodes preserves there, and
     those of every component it is a part of (a product or concatenation moves its parts);
@@ -289,7 +290,7 @@ def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[M
                             excluded[child].setdefault(kind, excluded[component].get(kind, (0, "a part of a larger axis")))
                         admitted[child] = narrowed
                         changed = True
-    result: dict[int, tuple[str, str | None]] = {}
+    result: dict[int, tuple[str, str | None, list[str] | None]] = {}
     for component, group_members in members.items():
         kinds = admitted[component]
         roles = [ctx.roles.get((state_ids[m.param], m.axis), set()) for m in group_members]
@@ -302,10 +303,9 @@ def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[M
                     kinds = kinds & ROLE_FREE
                     break
         kind = largest(kinds)
-        if kind in ("scale", "invertible"):
-            group_members[:] = [m.model_copy(update={"role": next(iter(r))}) for m, r in zip(group_members, roles)]
         reason = excluded[component].get(_NEXT_KIND.get(kind, ""))
-        result[component] = (kind, reason[1] if reason else None)
+        member_roles = [next(iter(r)) for r in roles] if kind not in ROLE_FREE else None
+        result[component] = (kind, reason[1] if reason else None, member_roles)
     return result
 
 
