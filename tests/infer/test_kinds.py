@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
@@ -175,7 +175,6 @@ def test_multihead_attention_module_kinds():
     assert verify_spec(model, infer_spec(model, x), x).passed
 
 
-@settings(max_examples=12, deadline=None)
 @given(norm=st.sampled_from(sorted(NORMS)), act=st.sampled_from(["relu", "gelu"]), rope=st.booleans(), heads=st.sampled_from([1, 2, 4]),
        tied=st.booleans(), seed=st.integers(0, 1000))
 def test_random_transformers_have_the_derived_kinds_and_are_sound(norm, act, rope, heads, tied, seed):
