@@ -22,9 +22,11 @@ from autoperm.spec import (
     PermutationGroup,
     PermutationSpec,
     apply_permutation,
+    apply_transform,
     identity_permutation,
     invert_permutation,
     random_permutation,
+    random_transform,
 )
 from autoperm.infer import UnsupportedOpWarning, infer_spec, register_alias, register_module_rule, register_op_rule
 from autoperm.verify import VerifyReport, verify_spec
@@ -98,9 +100,11 @@ __all__ = [
     "SpecError",
     "TraceError",
     "apply_permutation",
+    "apply_transform",
     "identity_permutation",
     "invert_permutation",
     "random_permutation",
+    "random_transform",
     "UnsupportedOpWarning",
     "VerifyReport",
     "infer_spec",

@@ -1,9 +1,9 @@
-"""Checking a spec: a random permutation of the weights must leave the model's outputs unchanged."""
+"""Checking a spec: a random element of every group's kind must leave the model's outputs unchanged."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from autoperm.errors import SpecError
-from autoperm.spec import PermutationSpec, apply_permutation, random_permutation
+from autoperm.spec import PermutationSpec, apply_permutation, apply_transform, random_permutation, random_transform
+from autoperm.spec.transform import transform_kind
 from autoperm.trace import EvalMode
 from autoperm.trace.common import normalise_inputs
 
@@ -32,6 +33,9 @@ class VerifyReport:
         groups: number of active groups that were permuted.
         permuted_tensors: state-dict entries the permutation moved.
         seed: seed of the random permutation.
+        kinds: how many groups were checked with a transform of each kind beyond permutations.
+        failed_groups: when the check fails, the groups whose transform alone changes the
+            outputs (a kind the model does not admit); empty when the permutations fail.
     """
 
     max_abs_diff: float
@@ -42,6 +46,8 @@ class VerifyReport:
     seed: int
     tolerance: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)
+    failed_groups: tuple[str, ...] = ()
 
 
 def model_outputs(model: nn.Module, example_inputs: Any, state_dict: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -74,13 +80,18 @@ def verify_spec(
     atol: float | None = None,
     rtol: float | None = None,
     precision: Literal["float64", "float32"] = "float64",
+    kinds: Iterable[str] | None = None,
 ) -> VerifyReport:
-    """Permute the model's weights by a random permutation of ``spec`` and compare outputs.
+    """Transform the model's weights by a random element of each group's kind and compare outputs.
 
-    A sound spec gives the same outputs up to float rounding. The check runs in float64 by
-    default (weights and floating inputs cast; the model itself is not modified), where an
-    unsound group stands far above rounding; ``precision="float32"`` runs the model as it is.
-    The model is run in eval mode (BatchNorm running statistics included).
+    Every group is permuted at random; a group whose ``kind`` is larger also moves by a random
+    transform of that kind (:func:`autoperm.spec.random_transform`: positive scales, Haar
+    orthogonal maps, well-conditioned invertible maps). A sound spec gives the same outputs up
+    to float rounding. The check runs in float64 by default (weights and floating inputs cast;
+    the model itself is not modified), where an unsound group stands far above rounding;
+    ``precision="float32"`` runs the model as it is. The model is run in eval mode (BatchNorm
+    running statistics included). When the check fails, each group's transform is tried alone
+    to name the groups that do not admit their declared kind (``failed_groups``).
 
     Args:
         model: the model the spec describes.
@@ -90,6 +101,8 @@ def verify_spec(
         atol, rtol: pass if ``max_abs_diff <= atol + rtol * max |output|`` (defaults per
             precision in ``TOLERANCES``).
         precision: ``"float64"`` (default) or ``"float32"`` (the model's own dtype).
+        kinds: the kinds to draw (default: every group's own); ``["permutation"]`` checks
+            permutations only.
 
     Raises:
         SpecError: the spec does not match the model's state dict.
@@ -111,18 +124,23 @@ def verify_spec(
         if precision != "float64":
             raise
         logger.warning("the model does not run in float64 (%s); verifying in its own precision", error)
-        return verify_spec(model, spec, example_inputs, seed, *given, precision="float32")
-    candidate = model_outputs(model, example_inputs, permuted)
-    if len(reference) != len(candidate) or not reference:
-        raise SpecError("the model returned no floating-point outputs to compare")
-    max_abs = 0.0
-    scale = 0.0
-    for ref, cand in zip(reference, candidate):
-        if ref.numel():
-            max_abs = max(max_abs, (ref.double() - cand.double()).abs().max().item())
-            scale = max(scale, ref.double().abs().max().item())
+        return verify_spec(model, spec, example_inputs, seed, *given, precision="float32", kinds=kinds)
+    transforms = {name: t for name, t in random_transform(spec, seed=seed, kinds=kinds).items() if t.is_floating_point()}
+    transformed = apply_transform(spec, transforms, permuted) if transforms else permuted
+    max_abs, scale = _difference(reference, model_outputs(model, example_inputs, transformed))
     tolerance = atol + rtol * scale
-    moved = sum(1 for name in spec.members_by_param if permuted[name] is not state_dict[name])
+    failed: list[str] = []
+    if max_abs > tolerance and transforms:
+        permutations_pass = _difference(reference, model_outputs(model, example_inputs, permuted))[0] <= tolerance
+        for name in transforms if permutations_pass else ():
+            alone = apply_transform(spec, {name: transforms[name]}, permuted)
+            if _difference(reference, model_outputs(model, example_inputs, alone))[0] > tolerance:
+                failed.append(name)
+    moved = sum(1 for name in spec.members_by_param if transformed[name] is not state_dict[name])
+    drawn: dict[str, int] = {}
+    for name, transform in transforms.items():
+        kind = transform_kind(spec, spec[name], transform)
+        drawn[kind] = drawn.get(kind, 0) + 1
     return VerifyReport(
         max_abs_diff=max_abs,
         max_rel_diff=max_abs / scale if scale else max_abs,
@@ -132,4 +150,23 @@ def verify_spec(
         seed=seed,
         tolerance=tolerance,
         details={"precision": precision},
+        kinds=drawn,
+        failed_groups=tuple(failed),
     )
+
+
+def _difference(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[float, float]:
+    """Largest absolute difference between two lists of outputs, and the largest absolute reference value.
+
+    Raises:
+        SpecError: the model returned no floating-point outputs, or a different number of them.
+    """
+    if len(reference) != len(candidate) or not reference:
+        raise SpecError("the model returned no floating-point outputs to compare")
+    max_abs = 0.0
+    scale = 0.0
+    for ref, cand in zip(reference, candidate):
+        if ref.numel():
+            max_abs = max(max_abs, (ref.double() - cand.double()).abs().max().item())
+            scale = max(scale, ref.double().abs().max().item())
+    return max_abs, scale

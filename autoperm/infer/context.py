@@ -7,6 +7,7 @@ from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 from autoperm.infer.axes import AxisGraph
+from autoperm.spec.kinds import ALL_KINDS, PERMUTATION_ONLY, closure
 from autoperm.trace.graph import TensorRef, TracedGraph
 
 __all__ = ["AffineLayout", "RuleContext"]
@@ -26,6 +27,10 @@ class RuleContext:
     """Turns statements about tensor axes into facts of an :class:`AxisGraph`.
 
     Axes are addressed as ``(tensor, dim)``; negative dims count from the end.
+
+    Besides the axis graph it records the symmetry kinds: for every node, the kinds that every
+    call touching it preserves (``kinds``), the first call that excluded each other kind
+    (``excluded_by``), and for state tensor axes the roles the rules gave them (``roles``).
     """
 
     def __init__(self, traced: TracedGraph, axes: AxisGraph | None = None):
@@ -36,23 +41,37 @@ class RuleContext:
         self.module_name: str | None = None
         self.touched: set[tuple[str, int]] = set()  # axes the current rule has spoken about
         self.affine: dict[str, AffineLayout] = {}  # node -> the per-channel affine on its output
+        self.constants = {ref.id for ref in traced.constants}
+        self.rule_kinds: frozenset[str] = PERMUTATION_ONLY  # what the current call's op preserves
+        self.carried: dict[Hashable, frozenset[str]] = {}  # node -> kinds the current call carries on it
+        self.call_nodes: list[Hashable] = []  # nodes the current call reached without a tensor (atoms)
+        self.kinds: dict[Hashable, frozenset[str]] = {}
+        self.excluded_by: dict[Hashable, dict[str, tuple[int, str]]] = {}
+        self.roles: dict[Hashable, set[str]] = {}
+        self.linked: list[Hashable] = []  # tensor axes the current call coupled or fixed
+        self._state_ids = {ref.id for ref in traced.state.values()}
+        self._calls_recorded = 0
 
     # ------------------------------------------------------------------ axes
     def ax(self, tensor: TensorRef, dim: int) -> Hashable:
         """The axis-graph node of ``tensor``'s axis ``dim``."""
         dim = dim % tensor.ndim if tensor.ndim else 0
         self.touched.add((tensor.id, dim))
+        self.linked.append((tensor.id, dim))
         return self.axes.node((tensor.id, dim), tensor.shape[dim])
 
     def atom(self, size: int) -> Hashable:
         """A fresh factor axis of ``size`` indices."""
-        return self.axes.atom(size)
+        node = self.axes.atom(size)
+        self.call_nodes.append(node)
+        return node
 
     def same(self, a: TensorRef, dim_a: int, b: TensorRef, dim_b: int) -> None:
         """Axis ``dim_a`` of ``a`` and axis ``dim_b`` of ``b`` share one permutation."""
         self.axes.same(self.ax(a, dim_a), self.ax(b, dim_b))
 
     def same_node(self, a: Hashable, b: Hashable) -> None:
+        self.call_nodes.extend((a, b))
         self.axes.same(a, b)
 
     def same_all(self, a: TensorRef, b: TensorRef) -> None:
@@ -80,7 +99,17 @@ class RuleContext:
         for d in range(tensor.ndim) if dim is None else [dim % tensor.ndim]:
             self.touched.add((tensor.id, d))
 
+    def unread(self, tensor: TensorRef | None) -> None:
+        """The call reads only ``tensor``'s shape, dtype or device, not its values: no constraint
+        on its axes, and no limit on the kinds of transform they admit."""
+        if tensor is None:
+            return
+        self.free(tensor)
+        for d in range(tensor.ndim):
+            self.carried.setdefault((tensor.id, d), ALL_KINDS)
+
     def fix_node(self, node: Hashable) -> None:
+        self.call_nodes.append(node)
         self.axes.fix(node)
 
     def mixes(self, tensor: TensorRef, dim: int | None) -> None:
@@ -96,7 +125,81 @@ class RuleContext:
         self.axes.define(self.ax(tensor, dim), kind, children)
 
     def define_node(self, node: Hashable, kind: str, children: Sequence[Hashable]) -> None:
+        self.call_nodes.extend((node, *children))
         self.axes.define(node, kind, children)
+
+    # ------------------------------------------------------------- kinds
+    def carries(self, tensor: TensorRef | None, dim: int | None = None, role: str | None = None,
+                kinds: Sequence[str] | None = None) -> None:
+        """Axis ``dim`` (every axis when ``None``) of ``tensor`` admits the op's kinds (``OpRule.kinds``).
+
+        Only for axes the rule couples: the op must be equivariant along them under every
+        transform of those kinds (a linear layer's input and output features, both operands of
+        a residual add). ``kinds`` narrows the op's kinds for these axes (attention's query-key
+        contraction: orthogonal). ``role`` is the part a state tensor's axis plays: ``"out"``
+        when its values become the activation (a bias, a weight's output rows, an embedding
+        table), ``"in"`` when it is contracted against the activation. Constant tensors never
+        carry (``x + ones`` is affine, not linear).
+        """
+        if tensor is None or tensor.id in self.constants or not tensor.ndim:
+            return
+        allowed = self.rule_kinds & (closure(kinds) if kinds is not None else ALL_KINDS)
+        for d in range(tensor.ndim) if dim is None else [dim % tensor.ndim]:
+            key = (tensor.id, d)
+            self.carried[key] = self.carried.get(key, allowed) & allowed
+            if role is not None and tensor.state_name is not None:
+                self.roles.setdefault(key, set()).add(role)
+
+    def carries_linked(self) -> None:
+        """Every tensor axis the call has coupled so far, and every atom it made, carries the op's
+        kinds; state tensors take role ``"out"`` (their values become the activation).
+
+        For structural ops that only move entries (reshape, transpose, cat, slicing), which are
+        linear along every axis they couple. Axes they leave free (copies) are not carried.
+        """
+        for key in dict.fromkeys([*self.linked, *self.call_nodes]):
+            if key[0] in self.constants:
+                continue
+            self.carried[key] = self.carried.get(key, self.rule_kinds) & self.rule_kinds
+            if key[0] in self._state_ids:
+                self.roles.setdefault(key, set()).add("out")
+
+    def narrow(self, tensor: TensorRef | None, dim: int, kinds: Sequence[str] = ("permutation",)) -> None:
+        """Axis ``dim`` of ``tensor`` admits at most ``kinds`` in this call, whatever else was carried."""
+        if tensor is None or not tensor.ndim:
+            return
+        key = (tensor.id, dim % tensor.ndim)
+        self.carried[key] = self.carried.get(key, ALL_KINDS) & closure(kinds)
+
+    def carries_node(self, node: Hashable, kinds: Sequence[str] | None = None) -> None:
+        """Like :meth:`carries`, for a node that is no tensor axis (an atom such as a head's dims)."""
+        allowed = self.rule_kinds & (closure(kinds) if kinds is not None else ALL_KINDS)
+        self.carried[node] = self.carried.get(node, allowed) & allowed
+        self.call_nodes.append(node)
+
+    def begin_call(self, kinds: frozenset[str]) -> None:
+        """Start recording the kinds of one call whose op preserves ``kinds`` on the axes it carries."""
+        self.rule_kinds = kinds
+        self.carried = {}
+        self.call_nodes = []
+        self.linked = []
+
+    def record_kinds(self, description: str, tensors: Sequence[TensorRef | None]) -> None:
+        """Close the current call: every axis of ``tensors`` and every atom it reached admits what
+        the call carries on it, or permutations only."""
+        self._calls_recorded += 1
+        keys: list[Hashable] = [(t.id, d) for t in tensors if t is not None for d in range(t.ndim)]
+        for key in dict.fromkeys([*keys, *self.call_nodes, *self.carried]):
+            admitted = self.kinds.get(key, ALL_KINDS)
+            narrowed = admitted & self.carried.get(key, PERMUTATION_ONLY)
+            if narrowed != admitted:
+                self.kinds[key] = narrowed
+                excluded = self.excluded_by.setdefault(key, {})
+                for kind in admitted - narrowed:
+                    excluded.setdefault(kind, (self._calls_recorded, description))
+        self.carried = {}
+        self.call_nodes = []
+        self.linked = []
 
     def size(self, node: Hashable) -> int:
         return self.axes.sizes[node]
@@ -114,14 +217,19 @@ class RuleContext:
             self.producers.append((tensor.state_name, dim % tensor.ndim))
 
     # --------------------------------------------------------- common patterns
-    def elementwise(self, inputs: Sequence[TensorRef | None], out: TensorRef | None) -> None:
-        """Broadcasting elementwise op: right-aligned axes of equal size are coupled."""
+    def elementwise(self, inputs: Sequence[TensorRef | None], out: TensorRef | None, carry: bool = False) -> None:
+        """Broadcasting elementwise op: right-aligned axes of equal size are coupled.
+
+        With ``carry``, the output axes along which no input broadcasts carry the op's kinds
+        (with their input axes; state inputs take role ``"out"``); an output axis some input
+        broadcasts along admits permutations only (a bias added to every token is not moved by
+        a map that mixes tokens).
+        """
         if out is None:
             return
         self.free(out)  # axes every input broadcasts along hold copies
-        for tensor in inputs:
-            if tensor is None:
-                continue
+        present = [t for t in inputs if t is not None]
+        for tensor in present:
             offset = out.ndim - tensor.ndim
             for dim in range(tensor.ndim):
                 out_dim = dim + offset
@@ -133,6 +241,14 @@ class RuleContext:
                 elif tensor.shape[dim] != 1:
                     self.fix(tensor, dim)
                     self.fix(out, out_dim)
+        for out_dim in range(out.ndim if present else 0):
+            full = [(t, out_dim - out.ndim + t.ndim) for t in present if out_dim - out.ndim + t.ndim >= 0]
+            if len(full) < len(present) or any(t.shape[d] != out.shape[out_dim] for t, d in full):
+                self.narrow(out, out_dim)
+            elif carry:
+                self.carries(out, out_dim)
+                for tensor, dim in full:
+                    self.carries(tensor, dim, role="out")
 
     def reshape(self, source: TensorRef, target: TensorRef) -> None:
         """Couple the axes of a reshape (view, flatten, unflatten, squeeze, unsqueeze).

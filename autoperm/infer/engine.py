@@ -18,6 +18,7 @@ from autoperm.infer.context import RuleContext
 from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
 from autoperm.infer.registry import bind, has_module_rule, module_meta_output
 from autoperm.spec.apply import layout_positions
+from autoperm.spec.kinds import ALL_KINDS, ROLE_FREE, largest
 from autoperm.spec.schema import ActivationSite, FixedAxis, Layout, Member, PermutationGroup, PermutationSpec
 from autoperm.trace import TracedGraph, trace_model
 from autoperm.trace.graph import OpCall, TensorRef
@@ -68,10 +69,12 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
             continue
         ctx.touched = set()
         ctx.axes.reason = f"{call.describe()} keeps it fixed"
+        ctx.begin_call(rule.kinds)
         try:
             functional = rule.functional(ctx, bound)
             rule.couple(ctx, functional)
             _fix_forgotten(ctx, call, involved)
+            ctx.record_kinds(call.describe(), involved)
             layout = rule.affine(functional) if rule.affine is not None else None
             if layout is not None:
                 ctx.affine[call.node] = layout
@@ -210,11 +213,13 @@ def infer_spec(
     sizes = ctx.axes.sizes
 
     members: dict[int, list[Member]] = {}
+    state_ids: dict[str, str] = {}  # state-dict name -> tensor id
     names_of: dict[str, list[str]] = {}
     for alias, target in traced.aliases.items():
         names_of.setdefault(target, []).append(alias)
     for canonical, ref in traced.state.items():
         names = names_of.get(canonical) or [canonical]
+        state_ids.update(dict.fromkeys(names, ref.id))
         for dim in range(ref.ndim):
             for placement in _placements(resolved, sizes, (ref.id, dim)):
                 for name in names:
@@ -227,12 +232,16 @@ def infer_spec(
     fibres = _fibres(ctx, resolved, sizes, members, traced)
     names = _group_names(ctx.producers, members, fibres)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    kinds = _group_kinds(ctx, resolved, members, state_ids)
     groups = [
         PermutationGroup(
             name=names[component],
             size=resolved.size[component],
-            members=tuple(group_members),
+            members=tuple(group_members) if kinds[component][2] is None else tuple(
+                m.model_copy(update={"role": role}) for m, role in zip(group_members, kinds[component][2])),
             per=names[fibres[component]] if component in fibres else None,
+            kind=kinds[component][0],
+            kind_limited_by=kinds[component][1],
             activations=tuple(sites.get(component, ())) if component not in fibres else (),
         )
         for component, group_members in members.items()
@@ -244,6 +253,60 @@ def infer_spec(
         groups=tuple(groups), affine_sites=affine_sites(traced, ctx.affine, moved), hidden_units=hidden_units,
         kept_fixed=kept_fixed, shapes=shapes,
     )
+
+
+_NEXT_KIND = {"scale": "orthogonal", "orthogonal": "invertible"}
+"""For a group of this kind, the kind whose exclusion ``kind_limited_by`` names."""
+
+
+def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[Member]],
+                 state_ids: dict[str, str]) -> dict[int, tuple[str, str | None, list[str] | None]]:
+    """Each group's kind, the op that kept it from the next larger kind, and its members' roles
+    (``None`` for kinds that need none).
+
+    A component admits the kinds every call touching one of its nodes preserves there, and
+    those of every component it is a part of (a product or concatenation moves its parts);
+    scale and invertible maps also need a single role on every member.
+    """
+    admitted = dict.fromkeys(range(len(resolved.members)), ALL_KINDS)
+    excluded: dict[int, dict[str, tuple[float, str]]] = {c: {} for c in admitted}
+    for node, kinds in ctx.kinds.items():
+        component = resolved.component.get(node)
+        if component is None:
+            continue
+        admitted[component] &= kinds
+        for kind, reason in ctx.excluded_by.get(node, {}).items():
+            if kind not in excluded[component] or reason < excluded[component][kind]:
+                excluded[component][kind] = reason
+    changed = True
+    while changed:  # a composite axis's limits hold for its parts
+        changed = False
+        for component, definitions in resolved.definitions.items():
+            for definition in definitions:
+                for child in {resolved.component[c] for c in definition.children}:
+                    narrowed = admitted[child] & admitted[component]
+                    if narrowed != admitted[child]:
+                        for kind in admitted[child] - narrowed:
+                            excluded[child].setdefault(kind, excluded[component].get(kind, (0, "a part of a larger axis")))
+                        admitted[child] = narrowed
+                        changed = True
+    result: dict[int, tuple[str, str | None, list[str] | None]] = {}
+    for component, group_members in members.items():
+        kinds = admitted[component]
+        roles = [ctx.roles.get((state_ids[m.param], m.axis), set()) for m in group_members]
+        if kinds - ROLE_FREE:
+            for member, member_roles in zip(group_members, roles):
+                if len(member_roles) != 1:
+                    what = "no known role" if not member_roles else "both roles (it writes and reads the activation)"
+                    for kind in kinds - ROLE_FREE:
+                        excluded[component].setdefault(kind, (float("inf"), f"{member.param} axis {member.axis} has {what}"))
+                    kinds = kinds & ROLE_FREE
+                    break
+        kind = largest(kinds)
+        reason = excluded[component].get(_NEXT_KIND.get(kind, ""))
+        member_roles = [next(iter(r)) for r in roles] if kind not in ROLE_FREE else None
+        result[component] = (kind, reason[1] if reason else None, member_roles)
+    return result
 
 
 def _leaf_modules(traced: TracedGraph) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoperm.infer.context import AffineLayout, RuleContext
+from autoperm.spec.kinds import PERMUTATION_ONLY, closure
 from autoperm.trace.graph import OpCall, TensorRef, tensors_in
 
 __all__ = [
@@ -135,6 +136,9 @@ class OpRule:
             a millisecond, meta LSTM seconds); ``None`` runs it.
         affine: ``affine(call)`` describes the per-channel affine on the call's output (the
             weight and bias REPAIR folds a correction into), or ``None`` when this call has none.
+        kinds: the symmetry kinds (:mod:`autoperm.spec.kinds`) the op preserves on the axes its
+            rule marks with :meth:`RuleContext.carries`; every other axis the call touches admits
+            permutations only. Closed downwards (``{"invertible"}`` holds every kind).
     """
 
     name: str
@@ -146,6 +150,7 @@ class OpRule:
     module_arguments: ModuleArguments | None = None
     meta_output: Callable[[nn.Module, torch.Tensor], Any] | None = None
     affine: Callable[[BoundCall], AffineLayout | None] | None = None
+    kinds: frozenset[str] = PERMUTATION_ONLY
 
     def functional(self, ctx: RuleContext, call: BoundCall) -> BoundCall:
         """``call`` with a module call's arguments read from the module, as the op's functional form."""
@@ -189,8 +194,11 @@ def define_rule(name: str, *, aliases: Iterable[Any] = (), args: Iterable[str] =
 
     The rule is found under its name, ``"aten.<name>"``, ``"method:<name>"``, ``aliases`` (an
     alias already taken keeps its first rule) and ``module_types``; ``facts`` are its other
-    fields (``family``, ``defaults``, ``activation``, ``module_arguments``, ``meta_output``).
+    fields (``family``, ``defaults``, ``activation``, ``module_arguments``, ``meta_output``,
+    ``affine``, ``kinds``).
     """
+    if "kinds" in facts:
+        facts = {**facts, "kinds": closure(facts["kinds"])}
 
     def decorator(couple: Coupling) -> Coupling:
         rule = _OP_RULES[name] = OpRule(name, couple, tuple(args), **{"family": name, **facts})

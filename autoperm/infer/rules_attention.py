@@ -3,6 +3,11 @@
 Heads move as units across queries, keys, values and the output projection; inside a head the
 query/key dims share one permutation and the value/output dims another (per head where the
 graph allows it: see the fibred groups of :mod:`autoperm.infer.engine`).
+
+Symmetry kinds: the scores ``q k^T`` keep an orthogonal map of the query-key dims (an
+invertible ``M`` on q with ``M^-T`` on k needs two polarities, which the axis graph does not
+track yet); the output ``softmax(.) v`` is linear in v, so the value-output dims admit
+invertible maps. Heads, tokens and batches admit permutations only.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoperm.infer.context import RuleContext
-from autoperm.infer.registry import BoundCall, define_rule, register_op_rule
+from autoperm.infer.registry import BoundCall, define_rule
 from autoperm.trace.graph import TensorRef
 
 
@@ -27,6 +32,10 @@ def attention(ctx: RuleContext, q: TensorRef | None, k: TensorRef | None, v: Ten
         return
     ctx.same(q, -1, k, -1)
     ctx.same(v, -1, out, -1)
+    ctx.carries(q, -1, kinds=("orthogonal",))
+    ctx.carries(k, -1, kinds=("orthogonal",))
+    ctx.carries(v, -1, role="out")
+    ctx.carries(out, -1)
     ctx.same(q, -2, out, -2)
     ctx.same(k, -2, v, -2)
     batch = q.ndim - 2
@@ -54,11 +63,11 @@ def attention(ctx: RuleContext, q: TensorRef | None, k: TensorRef | None, v: Ten
                 ctx.same(mask, d, q if target < batch else out, target if target < batch else -2)
 
 
-@register_op_rule("scaled_dot_product_attention", aliases=[F.scaled_dot_product_attention, "aten._scaled_dot_product_flash_attention",
-                                                            "aten._scaled_dot_product_efficient_attention",
-                                                            "aten._scaled_dot_product_flash_attention_for_cpu",
-                                                            "aten._scaled_dot_product_cudnn_attention"],
-                  args=("query", "key", "value", "attn_mask"))
+@define_rule("scaled_dot_product_attention", aliases=[F.scaled_dot_product_attention, "aten._scaled_dot_product_flash_attention",
+                                                       "aten._scaled_dot_product_efficient_attention",
+                                                       "aten._scaled_dot_product_flash_attention_for_cpu",
+                                                       "aten._scaled_dot_product_cudnn_attention"],
+             args=("query", "key", "value", "attn_mask"), kinds={"invertible"})
 def _sdpa(ctx: RuleContext, call: BoundCall) -> None:
     outputs = call.call.output_tensors()
     out = outputs[0] if outputs else None
@@ -67,7 +76,7 @@ def _sdpa(ctx: RuleContext, call: BoundCall) -> None:
         ctx.fix(extra)
 
 
-@define_rule("multi_head_attention", module_types=[nn.MultiheadAttention])
+@define_rule("multi_head_attention", module_types=[nn.MultiheadAttention], kinds={"invertible"})
 def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
     """nn.MultiheadAttention: heads move as units across Q, K, V and the output projection."""
     module: nn.MultiheadAttention = call.module
@@ -103,6 +112,9 @@ def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
     ctx.define_node(q_axis, "product", [atoms["heads"], atoms["qk"]])
     ctx.define_node(k_axis, "product", [atoms["heads"], atoms["qk"]])
     ctx.define_node(v_axis, "product", [atoms["heads"], atoms["v"]])
+    for node in (q_axis, k_axis, v_axis, atoms["v"]):
+        ctx.carries_node(node)
+    ctx.carries_node(atoms["qk"], kinds=("orthogonal",))
     in_weight, in_bias = state["in_proj_weight"], state["in_proj_bias"]
     if in_weight is not None:
         ctx.define(in_weight, 0, "concat", [q_axis, k_axis, v_axis])
@@ -110,20 +122,31 @@ def _module_mha(ctx: RuleContext, call: BoundCall) -> None:
         ctx.same(in_weight, 1, key, -1)
         ctx.same(in_weight, 1, value, -1)
         ctx.producer(in_weight, 0)
+        ctx.carries(in_weight, 0, role="out")
+        ctx.carries(in_weight, 1, role="in")
     else:
         for name, axis, source in (("q_proj_weight", q_axis, query), ("k_proj_weight", k_axis, key), ("v_proj_weight", v_axis, value)):
             weight = state[name]
             ctx.same_node(ctx.ax(weight, 0), axis)
             ctx.same(weight, 1, source, -1)
             ctx.producer(weight, 0)
+            ctx.carries(weight, 0, role="out")
+            ctx.carries(weight, 1, role="in")
+    for source in (query, key, value):
+        ctx.carries(source, -1)
     if in_bias is not None:
         ctx.define(in_bias, 0, "concat", [q_axis, k_axis, v_axis])
+        ctx.carries(in_bias, 0, role="out")
     out_weight, out_bias = state["out_proj.weight"], state["out_proj.bias"]
     ctx.define(out_weight, 1, "product", [atoms["heads"], atoms["v"]])
     ctx.same(out_weight, 0, out, -1)
     ctx.producer(out_weight, 0)
+    ctx.carries(out_weight, 1, role="in")
+    ctx.carries(out_weight, 0, role="out")
+    ctx.carries(out, -1)
     if out_bias is not None:
         ctx.same(out_bias, 0, out, -1)
+        ctx.carries(out_bias, 0, role="out")
     batch_first = module.batch_first
     if query.ndim == 3:
         token, batch = (1, 0) if batch_first else (0, 1)

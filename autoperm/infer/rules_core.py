@@ -1,4 +1,10 @@
-"""Rules for elementwise, shape, reduction and indexing ops (one rule object per canonical op)."""
+"""Rules for elementwise, shape, reduction and indexing ops (one rule object per canonical op).
+
+Symmetry kinds: ops that only move entries (reshape, transpose, cat, slicing), identities in
+eval mode (dropout, casts between floating dtypes), sums of activations and sums over other
+axes are linear and preserve invertible maps on the axes they couple; ReLU and leaky ReLU
+preserve positive scales; every other op preserves permutations only.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ def add_ops(names: Iterable[str], couple: Coupling, args: Sequence[str] = (), fa
 # ----------------------------------------------------------------------------- elementwise
 # Unary ops: only the first tensor argument is coupled to the output (``x.to(y)`` and
 # ``x.type_as(y)`` take y for its dtype alone).
+SCALE_ACTIVATIONS = ["relu", "relu_", "leaky_relu", "leaky_relu_"]
+"""Positively homogeneous activations: ``f(c x) = c f(x)`` for ``c > 0``."""
 ACTIVATIONS = [
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
     "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "softsign", "tanhshrink", "logsigmoid",
@@ -56,6 +64,12 @@ UNARY = [
     "int", "long", "bool", "type", "type_as", "cpu", "cuda", "alias", "lift_fresh_copy", "requires_grad_",
     "stochastic_depth", "zero_", "fill_", "ones_like", "zeros_like", "full_like", "empty_like", "positive",
 ]
+# Unary ops that are linear (the identity in eval mode, casts between floating dtypes, negation).
+LINEAR_UNARY = [
+    "neg", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "feature_dropout",
+    "native_dropout", "contiguous", "clone", "detach", "detach_", "to", "_to_copy", "float", "half", "double", "bfloat16",
+    "type", "type_as", "cpu", "cuda", "alias", "lift_fresh_copy", "requires_grad_", "stochastic_depth", "positive",
+]
 # n-ary ops with broadcasting: every tensor argument is coupled to the output.
 NARY = [
     "add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow", "rsub",
@@ -68,12 +82,16 @@ NARY = [
 
 
 def _unary(ctx: RuleContext, call: BoundCall) -> None:
-    """Unary ops and broadcasts (``expand``): axes grown from size 1 hold copies and are left free."""
+    """Unary ops and broadcasts (``expand``): axes grown from size 1 hold copies and are left free.
+
+    Floating input to floating output, the coupled axes carry the op's kinds (casts to integer
+    or boolean dtypes are not linear).
+    """
     tensors = call.tensors()
     for other in tensors[1:]:  # x.to(y), x.type_as(y), x.expand_as(y): y gives its dtype, device or shape only
-        ctx.free(other)
+        ctx.unread(other)
     if tensors and call.out is not None:
-        ctx.elementwise([tensors[0]], call.out)
+        ctx.elementwise([tensors[0]], call.out, carry=tensors[0].floating and call.out.floating)
         for extra in call.call.output_tensors()[1:]:  # native_dropout's mask
             ctx.elementwise([tensors[0]], extra)
 
@@ -82,14 +100,44 @@ def _nary(ctx: RuleContext, call: BoundCall) -> None:
     ctx.elementwise(call.tensors(), call.out)
 
 
+def _additive(ctx: RuleContext, call: BoundCall) -> None:
+    """``x + y`` and ``x - y`` of two tensors are linear along every axis neither broadcasts;
+    with a number (``x + 1``) they are affine and preserve permutations only."""
+    both = isinstance(call.get("input"), TensorRef) and isinstance(call.get("other"), TensorRef)
+    ctx.elementwise(call.tensors(), call.out, carry=both)
+
+
+def _scaling(ctx: RuleContext, call: BoundCall) -> None:
+    """``x * c`` and ``x / c`` by a number are linear; products of two tensors (gains, gates)
+    preserve permutations only."""
+    if call.get("rounding_mode") is not None:  # floor / trunc division
+        ctx.elementwise(call.tensors(), call.out)
+        return
+    number = call.get("other")
+    linear = isinstance(call.get("input"), TensorRef) and isinstance(number, (int, float)) and not isinstance(number, bool)
+    if not linear and call.op == "mul":  # c * x
+        number = call.get("input")
+        linear = isinstance(call.get("other"), TensorRef) and isinstance(number, (int, float)) and not isinstance(number, bool)
+    ctx.elementwise(call.tensors(), call.out, carry=linear)
+
+
 def same_shape(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The meta output of a module whose output has its input's shape and dtype."""
     return torch.empty_like(x)
 
 
-add_ops(ACTIVATIONS, _unary, ("input",), activation=True, meta_output=same_shape)
-add_ops(UNARY, _unary, ("input",), meta_output=same_shape)
-add_ops(NARY, _nary, ("input", "other"))
+_LINEAR_NARY = {"add": _additive, "sub": _additive, "add_": _additive, "sub_": _additive,
+                 "mul": _scaling, "mul_": _scaling, "div": _scaling, "div_": _scaling, "true_divide": _scaling}
+for _name in ACTIVATIONS:
+    add_ops([_name], _unary, ("input",), activation=True, meta_output=same_shape,
+            kinds={"scale"} if _name in SCALE_ACTIVATIONS else {"permutation"})
+for _name in UNARY:
+    add_ops([_name], _unary, ("input",), meta_output=same_shape, kinds={"invertible"} if _name in LINEAR_UNARY else {"permutation"})
+for _name in NARY:
+    if _name in _LINEAR_NARY:
+        add_ops([_name], _LINEAR_NARY[_name], ("input", "other"), kinds={"invertible"})
+    else:
+        add_ops([_name], _nary, ("input", "other"))
 
 
 # Normalising along one axis (softmax, F.normalize) is equivariant there, but mixes its entries.
@@ -115,8 +163,11 @@ add_ops(["normalize"], _softmax, ("input", "p", "dim"), family="softmax", defaul
 # ------------------------------------------------------------------------------ constants
 def _unconstrained(ctx: RuleContext, call: BoundCall) -> None:
     """Constant-valued tensors are unchanged by any permutation, and reading a tensor's shape,
-    dtype or device says nothing about the order of its entries: no constraint on their axes."""
-    for tensor in (*call.call.tensors(), *call.call.output_tensors()):
+    dtype or device says nothing about the order of its entries: no constraint on their axes
+    (constant outputs admit permutations only: ``ones`` is not moved by other maps)."""
+    for tensor in call.call.tensors():
+        ctx.unread(tensor)
+    for tensor in call.call.output_tensors():
         ctx.free(tensor)
 
 
@@ -137,24 +188,26 @@ add_ops(["arange", "linspace", "logspace", "eye", "tensor", "as_tensor", "rand",
 def _reshape(ctx: RuleContext, call: BoundCall) -> None:
     tensors = call.tensors()
     for other in tensors[1:]:  # view_as / reshape_as read only the other tensor's shape
-        ctx.free(other)
+        ctx.unread(other)
     if tensors and call.out is not None:
         ctx.reshape(tensors[0], call.out)
+        ctx.carries_linked()
 
 
 add_ops(["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view",
          "_reshape_alias", "squeeze_", "unsqueeze_", "ravel", "atleast_1d", "atleast_2d", "atleast_3d", "squeeze_copy",
-         "unsqueeze_copy", "view_copy"], _reshape, family="reshape")
-add_ops(["expand", "expand_as", "broadcast_to", "expand_copy"], _unary, family="expand")
+         "unsqueeze_copy", "view_copy"], _reshape, family="reshape", kinds={"invertible"})
+add_ops(["expand", "expand_as", "broadcast_to", "expand_copy"], _unary, family="expand", kinds={"invertible"})
 
 
 def _permuted(ctx: RuleContext, x: TensorRef, out: TensorRef, order: Sequence[int]) -> None:
     """Output axis ``d`` is input axis ``order[d]``."""
     for out_dim, in_dim in enumerate(order):
         ctx.same(x, in_dim, out, out_dim)
+    ctx.carries_linked()
 
 
-@register_op_rule("permute", aliases=[torch.permute, torch.Tensor.permute, "aten.permute_copy"], args=("input", "dims"))
+@define_rule("permute", aliases=[torch.permute, torch.Tensor.permute, "aten.permute_copy"], args=("input", "dims"), kinds={"invertible"})
 def _permute(ctx: RuleContext, call: BoundCall) -> None:
     x, out = call.tensor("input"), call.out
     if x is None or out is None:
@@ -162,9 +215,9 @@ def _permute(ctx: RuleContext, call: BoundCall) -> None:
     _permuted(ctx, x, out, call.dims("dims", x.ndim, spread=True) or [])
 
 
-@register_op_rule("transpose", aliases=[torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.swapdims,
-                                        torch.Tensor.swapaxes, "method:swapaxes", "aten.swapaxes", "aten.transpose_copy",
-                                        "method:transpose_"], args=("input", "dim0", "dim1"))
+@define_rule("transpose", aliases=[torch.transpose, torch.Tensor.transpose, torch.swapaxes, torch.swapdims,
+                                   torch.Tensor.swapaxes, "method:swapaxes", "aten.swapaxes", "aten.transpose_copy",
+                                   "method:transpose_"], args=("input", "dim0", "dim1"), kinds={"invertible"})
 def _transpose(ctx: RuleContext, call: BoundCall) -> None:
     x, out = call.tensor("input"), call.out
     if x is None or out is None:
@@ -177,10 +230,11 @@ def _transpose(ctx: RuleContext, call: BoundCall) -> None:
 
 
 define_rule("t", aliases=[torch.t, torch.Tensor.t, "method:T", "aten.numpy_T", "method:mT", "aten.t_copy"], args=("input",),
-            defaults={"dim0": -2, "dim1": -1})(_transpose)
+            defaults={"dim0": -2, "dim1": -1}, kinds={"invertible"})(_transpose)
 
 
-@register_op_rule("movedim", aliases=[torch.movedim, torch.moveaxis, torch.Tensor.movedim, "method:moveaxis"], args=("input", "source", "destination"))
+@define_rule("movedim", aliases=[torch.movedim, torch.moveaxis, torch.Tensor.movedim, "method:moveaxis"], args=("input", "source", "destination"),
+             kinds={"invertible"})
 def _movedim(ctx: RuleContext, call: BoundCall) -> None:
     x, out = call.tensor("input"), call.out
     if x is None or out is None:
@@ -195,16 +249,18 @@ def _movedim(ctx: RuleContext, call: BoundCall) -> None:
 
 
 # ------------------------------------------------------------------- concatenation/split
-@register_op_rule("cat", aliases=[torch.cat, torch.concat, torch.concatenate, "aten.concat", "aten.concatenate"], args=("tensors", "dim"))
+@define_rule("cat", aliases=[torch.cat, torch.concat, torch.concatenate, "aten.concat", "aten.concatenate"], args=("tensors", "dim"),
+             kinds={"invertible"})
 def _cat(ctx: RuleContext, call: BoundCall) -> None:
     out = call.out
     parts = [t for t in tensors_in(call.get("tensors", [])) if 0 not in t.shape]
     if out is None or not parts:
         return
     ctx.split(out, parts, int(call.get("dim", 0)))
+    ctx.carries_linked()
 
 
-@register_op_rule("stack", aliases=[torch.stack], args=("tensors", "dim"))
+@define_rule("stack", aliases=[torch.stack], args=("tensors", "dim"), kinds={"invertible"})
 def _stack(ctx: RuleContext, call: BoundCall) -> None:
     out = call.out
     parts = tensors_in(call.get("tensors", []))
@@ -215,6 +271,7 @@ def _stack(ctx: RuleContext, call: BoundCall) -> None:
     for part in parts:
         for d in range(part.ndim):
             ctx.same(part, d, out, d if d < dim else d + 1)
+    ctx.carries_linked()
 
 
 def _split(ctx: RuleContext, call: BoundCall) -> None:
@@ -227,13 +284,14 @@ def _split(ctx: RuleContext, call: BoundCall) -> None:
         ctx.unknown([x, *parts])
         return
     ctx.split(x, [p for p in parts if p.shape[dim] > 0], dim)
+    ctx.carries_linked()
 
 
 add_ops(["split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split", "unsafe_chunk", "split_copy"], _split,
-        ("input", "sizes", "dim"), family="split")
+        ("input", "sizes", "dim"), family="split", kinds={"invertible"})
 
 
-@register_op_rule("unbind", aliases=[torch.unbind, torch.Tensor.unbind], args=("input", "dim"))
+@define_rule("unbind", aliases=[torch.unbind, torch.Tensor.unbind], args=("input", "dim"), kinds={"invertible"})
 def _unbind(ctx: RuleContext, call: BoundCall) -> None:
     """unbind and select: the chosen axis is fixed, the others pass through."""
     x = call.tensor("input")
@@ -245,28 +303,30 @@ def _unbind(ctx: RuleContext, call: BoundCall) -> None:
     for part in parts:
         for d in range(part.ndim):
             ctx.same(x, d if d < dim else d + 1, part, d)
+    ctx.carries_linked()
 
 
 # --------------------------------------------------------------------------- indexing
-@register_op_rule("getitem", aliases=[operator.getitem], args=("input", "index"))
+@define_rule("getitem", aliases=[operator.getitem], args=("input", "index"), kinds={"invertible"})
 def _getitem(ctx: RuleContext, call: BoundCall) -> None:
     source, index, out = call.get("input"), call.get("index"), call.out
     if out is None:  # an element that is no tensor (None, a size)
         for tensor in tensors_in(source):
-            ctx.free(tensor)
+            ctx.unread(tensor)
         return
     if isinstance(source, (list, tuple)):  # element of a tuple output
         if isinstance(index, int) and -len(source) <= index < len(source) and isinstance(source[index], TensorRef):
             for element in tensors_in(source):
-                ctx.free(element)  # the other elements are not read here
+                ctx.unread(element)  # the other elements are not read here
             ctx.same_all(source[index], out)
+            ctx.carries_linked()
         else:
             ctx.unknown([*tensors_in(source), out])
         return
     if not isinstance(source, TensorRef):
         ctx.fix(out)
         return
-    _tensor_index(ctx, source, index, out)
+    _tensor_index(ctx, source, index, out, carry=True)
 
 
 @register_op_rule("setitem", aliases=[operator.setitem], args=("input", "index", "value"))
@@ -285,8 +345,12 @@ def _setitem(ctx: RuleContext, call: BoundCall) -> None:
     _tensor_index(ctx, x, index, value)
 
 
-def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef) -> None:
-    """Basic indexing: full slices keep an axis, partial slices and integers fix it."""
+def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef, carry: bool = False) -> None:
+    """Basic indexing: full slices keep an axis, partial slices and integers fix it.
+
+    With ``carry`` (a read, not ``setitem``), basic indexing carries the op's kinds on the
+    axes it couples; indexing with a tensor does not.
+    """
     items = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, (TensorRef, list)) for i in items):
         _advanced_index(ctx, x, [slice(None) if _is_full(i) else i for i in items], out)
@@ -315,6 +379,8 @@ def _tensor_index(ctx: RuleContext, x: TensorRef, index: object, out: TensorRef)
         else:
             ctx.unknown([x, out])
             return
+    if carry:
+        ctx.carries_linked()
 
 
 def _block(item: slice, size: int) -> tuple[int, int] | None:
@@ -367,7 +433,8 @@ def _advanced_index(ctx: RuleContext, x: TensorRef, items: list[object], out: Te
         ctx.same(x, d, out, d - 1 + idx.ndim)
 
 
-define_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"))(_unbind)
+define_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_copy"], args=("input", "dim", "index"),
+            kinds={"invertible"})(_unbind)
 
 
 def _sliced(ctx: RuleContext, x: TensorRef, out: TensorRef, dim: int, start: Any, end: Any, step: Any) -> None:
@@ -383,11 +450,12 @@ def _sliced(ctx: RuleContext, x: TensorRef, out: TensorRef, dim: int, start: Any
             ctx.fix(out, d)
 
 
-@register_op_rule("slice", aliases=["aten.slice_copy"], args=("input", "dim", "start", "end", "step"))
+@define_rule("slice", aliases=["aten.slice_copy"], args=("input", "dim", "start", "end", "step"), kinds={"invertible"})
 def _slice(ctx: RuleContext, call: BoundCall) -> None:
     x, out = call.tensor("input"), call.out
     if x is not None and out is not None:
         _sliced(ctx, x, out, call.dim("dim", x.ndim), call.get("start"), call.get("end"), call.get("step", 1))
+        ctx.carries_linked()
 
 
 def _narrow(ctx: RuleContext, call: BoundCall) -> None:
@@ -397,9 +465,10 @@ def _narrow(ctx: RuleContext, call: BoundCall) -> None:
     start, length = call.get("start"), call.get("length")
     end = start + length if isinstance(start, int) and isinstance(length, int) else length
     _sliced(ctx, x, out, call.dim("dim", x.ndim), start, end, 1)
+    ctx.carries_linked()
 
 
-add_ops(["narrow"], _narrow, ("input", "dim", "start", "length"))
+add_ops(["narrow"], _narrow, ("input", "dim", "start", "length"), kinds={"invertible"})
 
 
 # ---------------------------------------------------------------------------- reductions
@@ -410,6 +479,23 @@ def _reduction(ctx: RuleContext, call: BoundCall) -> None:
     dims = call.dims("dim", x.ndim)
     for out in call.call.output_tensors():
         ctx.reduce(x, out, dims)
+
+
+def _linear_reduction(ctx: RuleContext, call: BoundCall) -> None:
+    """``sum`` and ``mean`` are linear: the axes they keep carry the op's kinds (the reduced
+    ones admit permutations only: a sum is not moved by other maps)."""
+    _reduction(ctx, call)
+    x = call.tensors()[0] if call.tensors() else None
+    if x is None or x.ndim == 0 or len(call.call.output_tensors()) != 1:
+        return
+    dims = call.dims("dim", x.ndim)
+    reduced = set(range(x.ndim)) if dims is None else set(dims)
+    for d in range(x.ndim):
+        if d not in reduced:
+            ctx.carries(x, d, role="out")
+    out = call.out
+    for d in range(out.ndim if out is not None else 0):
+        ctx.carries(out, d)
 
 
 def _position_reduction(ctx: RuleContext, call: BoundCall, positions: bool = False) -> None:
@@ -436,8 +522,12 @@ def _sorting(ctx: RuleContext, call: BoundCall) -> None:
             ctx.unknown([tensors[0], out])
 
 
-add_ops(["sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "all", "any", "nansum", "nanmean",
-         "count_nonzero", "var_mean", "std_mean", "aminmax"], _reduction, ("input", "dim"), family="reduction")
+for _name in ["sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "all", "any", "nansum", "nanmean",
+              "count_nonzero", "var_mean", "std_mean", "aminmax"]:
+    if _name in ("sum", "mean"):
+        add_ops([_name], _linear_reduction, ("input", "dim"), family="reduction", kinds={"invertible"})
+    else:
+        add_ops([_name], _reduction, ("input", "dim"), family="reduction")
 add_ops(["norm", "linalg_vector_norm"], _reduction, ("input", "p", "dim"), family="reduction")
 add_ops(["argmax", "argmin"], functools.partial(_position_reduction, positions=True), ("input", "dim"), family="position_reduction")
 add_ops(["max", "min", "median", "mode", "kthvalue"], _position_reduction, ("input", "dim"), family="position_reduction")
@@ -454,16 +544,17 @@ add_ops(["size", "dim", "numel", "nelement", "ndimension", "sym_size", "sym_nume
 _TENSOR_ATTRIBUTES = {"T": "t", "mT": "t"}
 
 
-@register_op_rule("getattr", aliases=[getattr], args=("input", "name"))
+@define_rule("getattr", aliases=[getattr], args=("input", "name"), kinds={"invertible"})
 def _getattr(ctx: RuleContext, call: BoundCall) -> None:
     """``x.shape`` / ``x.dtype`` / ``x.device`` constrain nothing; ``x.T`` is a transpose."""
     x, out = call.tensor("input"), call.out
     if out is None or x is None:
-        ctx.free(x)  # .shape, .dtype, .device: no tensor comes out
+        ctx.unread(x)  # .shape, .dtype, .device: no tensor comes out
         return
     if call.get("name") in _TENSOR_ATTRIBUTES and x.ndim == 2:
         ctx.same(x, 0, out, 1)
         ctx.same(x, 1, out, 0)
+        ctx.carries_linked()
     else:
         ctx.unknown([x, out])
 

@@ -3,6 +3,13 @@
 Each op has one rule object for its functional forms (``F.linear``, ``aten.conv2d``) and its
 ``nn`` modules; the module form reads the op's arguments from the module's state tensors and
 attributes.
+
+Symmetry kinds: linear layers, matrix products, ungrouped convolutions (channel axes) and
+embeddings preserve invertible maps on their feature axes (weights and biases that write the
+output take role ``"out"``, weights contracted against the input role ``"in"``); a product of
+two activations preserves orthogonal maps on its contraction; RMSNorm without a gain preserves
+orthogonal maps on the axes it normalises; every other layer (LayerNorm, BatchNorm, GroupNorm,
+pooling, recurrent layers) preserves permutations only.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ def _addmm_affine(call: BoundCall) -> AffineLayout | None:
 
 # ------------------------------------------------------------------------------ linear
 @define_rule("linear", aliases=[F.linear], args=("input", "weight", "bias"), module_types=[nn.Linear],
-             module_arguments=_from_module("weight", "bias"), affine=_affine(-1))
+             module_arguments=_from_module("weight", "bias"), affine=_affine(-1), kinds={"invertible"})
 def _linear(ctx: RuleContext, call: BoundCall) -> None:
     """``out[..., o] = sum_i x[..., i] weight[o, i] + bias[o]``."""
     x, weight, bias, out = call.tensor("input"), call.tensor("weight"), call.tensor("bias"), call.out
@@ -84,14 +91,27 @@ def _linear(ctx: RuleContext, call: BoundCall) -> None:
         return
     for d in range(x.ndim - 1):
         ctx.same(x, d, out, d)
+    contraction = _contraction_kinds(x, weight)
     if weight.ndim == 2:
         ctx.same(x, -1, weight, 1)
         ctx.same(weight, 0, out, -1)
         ctx.producer(weight, 0)
+        ctx.carries(weight, 0, role="out")
+        ctx.carries(out, -1)
     else:  # a vector weight: out has no feature axis
         ctx.same(x, -1, weight, 0)
+    ctx.carries(x, -1, kinds=contraction)
+    ctx.carries(weight, -1, role="in", kinds=contraction)
     if bias is not None and out.ndim:
-        ctx.elementwise([bias], out)
+        ctx.elementwise([bias], out, carry=True)
+
+
+def _contraction_kinds(a: TensorRef, b: TensorRef) -> tuple[str, ...] | None:
+    """What a contraction of ``a`` against ``b`` preserves: every kind when one of them is a state
+    tensor (which takes role ``"in"``: ``W T^-1`` against ``T x``); orthogonal maps when both are
+    activations (both move by ``T``, and ``T^T T = I`` only for orthogonal ``T``) or both state."""
+    one_state = (a.state_name is None) != (b.state_name is None)
+    return None if one_state else ("orthogonal",)
 
 
 def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: TensorRef | None) -> None:
@@ -99,25 +119,43 @@ def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: Tens
     if a is None or b is None or out is None:
         ctx.unknown([t for t in (a, b, out) if t is not None])
         return
+    contraction = _contraction_kinds(a, b)
+    a_role, b_role = ("in" if a.state_name is not None else None), ("in" if b.state_name is not None else None)
     if a.ndim == 1 and b.ndim == 1:
         ctx.same(a, 0, b, 0)
+        ctx.carries(a, 0, role=a_role, kinds=contraction)
+        ctx.carries(b, 0, role=b_role, kinds=contraction)
         return
     if b.ndim == 1:
         ctx.same(a, -1, b, 0)
+        ctx.carries(a, -1, role=a_role, kinds=contraction)
+        ctx.carries(b, 0, role=b_role, kinds=contraction)
         for d in range(a.ndim - 1):
             ctx.same(a, d, out, d)
+            ctx.carries(a, d, role="out")
+            ctx.carries(out, d)
         return
     if a.ndim == 1:
         ctx.same(a, 0, b, -2)
+        ctx.carries(a, 0, role=a_role, kinds=contraction)
+        ctx.carries(b, -2, role=b_role, kinds=contraction)
         for d in range(b.ndim - 2):
             ctx.same(b, d, out, d)
         ctx.same(b, -1, out, -1)
+        ctx.carries(b, -1, role="out")
+        ctx.carries(out, -1)
         ctx.producer(b, -1)
         return
     ctx.same(a, -1, b, -2)
     ctx.same(a, -2, out, -2)
     ctx.same(b, -1, out, -1)
     ctx.producer(b, -1)
+    ctx.carries(a, -1, role=a_role, kinds=contraction)
+    ctx.carries(b, -2, role=b_role, kinds=contraction)
+    ctx.carries(a, -2, role="out")
+    ctx.carries(out, -2)
+    ctx.carries(b, -1, role="out")
+    ctx.carries(out, -1)
     for tensor in (a, b):  # broadcast batch dims, right-aligned
         offset = out.ndim - tensor.ndim
         for d in range(tensor.ndim - 2):
@@ -125,8 +163,9 @@ def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: Tens
                 ctx.same(tensor, d, out, d + offset)
 
 
-@register_op_rule("matmul", aliases=[torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm, torch.Tensor.mm, torch.Tensor.bmm,
-                                     "aten.mm", "aten.bmm", "method:mm", "method:bmm", "method:__matmul__", operator.matmul, "aten.__matmul__"], args=("input", "other"))
+@define_rule("matmul", aliases=[torch.matmul, torch.Tensor.matmul, torch.mm, torch.bmm, torch.Tensor.mm, torch.Tensor.bmm,
+                                "aten.mm", "aten.bmm", "method:mm", "method:bmm", "method:__matmul__", operator.matmul, "aten.__matmul__"],
+             args=("input", "other"), kinds={"invertible"})
 def _matmul(ctx: RuleContext, call: BoundCall) -> None:
     tensors = call.tensors()
     if len(tensors) == 2:
@@ -136,13 +175,13 @@ def _matmul(ctx: RuleContext, call: BoundCall) -> None:
 
 
 @define_rule("addmm", aliases=[torch.addmm, torch.baddbmm, torch.addmv, "aten.baddbmm", "aten.addmv", "method:addmm", "method:baddbmm"],
-             args=("input", "mat1", "mat2"), affine=_addmm_affine)
+             args=("input", "mat1", "mat2"), affine=_addmm_affine, kinds={"invertible"})
 def _addmm(ctx: RuleContext, call: BoundCall) -> None:
-    """``input + mat1 @ mat2`` (also the batched and matrix-vector forms)."""
+    """``beta * input + alpha * mat1 @ mat2`` (also the batched and matrix-vector forms)."""
     mat1 = call.tensor("mat1") or call.tensor("batch1") or call.tensor("mat")
     mat2 = call.tensor("mat2") or call.tensor("batch2") or call.tensor("vec")
     matmul(ctx, mat1, mat2, call.out)
-    ctx.elementwise([call.tensor("input")], call.out)
+    ctx.elementwise([call.tensor("input")], call.out, carry=True)
 
 
 @register_op_rule("einsum", aliases=[torch.einsum], args=("equation", "operands"))
@@ -178,7 +217,7 @@ _CONV_MODULE = _from_module("weight", "bias", groups="groups", transposed="trans
 
 
 @define_rule("conv", aliases=[F.conv1d, F.conv2d, F.conv3d, "aten.conv1d", "aten.conv2d", "aten.conv3d"], args=_CONV_ARGS,
-             module_types=[nn.Conv1d, nn.Conv2d, nn.Conv3d], module_arguments=_CONV_MODULE, affine=_conv_affine)
+             module_types=[nn.Conv1d, nn.Conv2d, nn.Conv3d], module_arguments=_CONV_MODULE, affine=_conv_affine, kinds={"invertible"})
 def _conv(ctx: RuleContext, call: BoundCall) -> None:
     """N-d convolution. Channels couple through the weight; spatial axes are fixed.
 
@@ -208,6 +247,12 @@ def _conv(ctx: RuleContext, call: BoundCall) -> None:
     if groups == 1:
         ctx.same(x, channel, weight, in_axis)
         ctx.same(weight, out_axis, out, channel)
+        ctx.carries(x, channel)
+        ctx.carries(weight, in_axis, role="in")
+        ctx.carries(weight, out_axis, role="out")
+        ctx.carries(out, channel)
+        if bias is not None:
+            ctx.carries(bias, 0, role="out")
     else:
         group_atom = ctx.atom(groups)
         x_channels, out_channels = x.shape[channel], out.shape[channel]
@@ -228,10 +273,10 @@ def _conv(ctx: RuleContext, call: BoundCall) -> None:
 define_rule("conv_transpose", aliases=[F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, "aten.conv_transpose1d",
                                        "aten.conv_transpose2d", "aten.conv_transpose3d"], args=_CONV_T_ARGS,
             defaults={"transposed": True}, module_types=[nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d],
-            module_arguments=_CONV_MODULE, affine=_conv_affine)(_conv)
+            module_arguments=_CONV_MODULE, affine=_conv_affine, kinds={"invertible"})(_conv)
 define_rule("convolution", aliases=["aten._convolution"],
             args=("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
-            affine=_conv_affine)(_conv)
+            affine=_conv_affine, kinds={"invertible"})(_conv)
 
 
 # ---------------------------------------------------------------------------- norms
@@ -285,9 +330,21 @@ def _layer_norm(ctx: RuleContext, call: BoundCall) -> None:
 
 
 @define_rule("rms_norm", aliases=[*library_aliases("rms_norm"), "aten._fused_rms_norm"], args=("input", "normalized_shape", "weight", "eps"),
-             module_types=[nn.RMSNorm], module_arguments=_from_module("weight"), affine=_affine(-1, norm=True, vector=True))
+             module_types=[nn.RMSNorm], module_arguments=_from_module("weight", normalized_shape="normalized_shape"),
+             affine=_affine(-1, norm=True, vector=True), kinds={"orthogonal"})
 def _rms_norm(ctx: RuleContext, call: BoundCall) -> None:
-    trailing_norm(ctx, call.tensor("input"), call.call.output_tensors(), [call.tensor("weight")])
+    """``x / rms(x) * weight`` over the trailing ``normalized_shape`` dims. Without a gain an
+    orthogonal map of the normalised axes keeps ``rms(x)`` and passes through; a gain is an
+    elementwise product (permutations only)."""
+    x, outputs, weight = call.tensor("input"), call.call.output_tensors(), call.tensor("weight")
+    trailing_norm(ctx, x, outputs, [weight])
+    shape = call.get("normalized_shape")
+    count = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (list, tuple)) else 0
+    if x is None or not outputs or call.get("weight") is not None or not 0 < count <= x.ndim:
+        return
+    for d in range(x.ndim - count, x.ndim):
+        ctx.carries(x, d)
+        ctx.carries(outputs[0], d)
 
 
 def group_norm(ctx: RuleContext, x: TensorRef | None, out: TensorRef | None, groups: int, vectors: list[TensorRef | None]) -> None:
@@ -326,10 +383,14 @@ def _native_group_norm(ctx: RuleContext, call: BoundCall) -> None:
 
 
 # --------------------------------------------------------------------------- embeddings
-@define_rule("embedding", aliases=[F.embedding], args=("input", "weight"), module_types=[nn.Embedding],
-             module_arguments=_from_module("weight"))
+@define_rule("embedding", aliases=[F.embedding], args=("input", "weight", "padding_idx", "max_norm"), module_types=[nn.Embedding],
+             module_arguments=_from_module("weight", max_norm="max_norm"), kinds={"invertible"})
 def _embedding(ctx: RuleContext, call: BoundCall) -> None:
-    """Rows are addressed by token id (fixed); the embedding dim couples with the output."""
+    """Rows are addressed by token id (fixed); the embedding dim couples with the output.
+
+    A lookup is linear in the table (role ``"out"``); with ``max_norm`` the rows it reads are
+    renormalised, which only orthogonal maps keep.
+    """
     indices, weight, out = call.tensor("indices") or call.tensor("input"), call.tensor("weight"), call.out
     if indices is None or weight is None or out is None:
         ctx.unknown([t for t in (indices, weight, out) if t is not None])
@@ -337,6 +398,9 @@ def _embedding(ctx: RuleContext, call: BoundCall) -> None:
     ctx.fix(weight, 0)
     ctx.same(weight, 1, out, -1)
     ctx.producer(weight, 1)
+    renormalised = ("orthogonal",) if call.get("max_norm") is not None else None
+    ctx.carries(weight, 1, role="out", kinds=renormalised)
+    ctx.carries(out, -1, kinds=renormalised)
     for d in range(indices.ndim):
         ctx.same(indices, d, out, d)
 

@@ -12,6 +12,7 @@ from autoperm.spec.apply import (
     permute_tensor,
     random_permutation,
 )
+from autoperm.spec.kinds import KINDS
 from autoperm.spec.schema import (
     ActivationSite,
     AffineSite,
@@ -22,8 +23,14 @@ from autoperm.spec.schema import (
     PermutationGroup,
     PermutationSpec,
 )
+from autoperm.spec.transform import Transforms, apply_transform, check_transforms, random_transform
 
 __all__ = [
+    "KINDS",
+    "Transforms",
+    "apply_transform",
+    "check_transforms",
+    "random_transform",
     "ActivationSite",
     "AffineSite",
     "Completeness",

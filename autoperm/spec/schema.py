@@ -14,6 +14,10 @@ A group with ``per`` set is *fibred* over another group (within-head dims over h
 one permutation for each index of group ``per``, and the first outer loop of each member runs
 over that group's index. Convention everywhere: applying ``p`` along an axis means
 ``new[i] = old[p[i]]``.
+
+A group's ``kind`` (see :mod:`autoperm.spec.kinds`) says which transforms beyond permutations
+it admits; groups of kind ``scale`` and ``invertible`` give each member a ``role`` (``"out"``:
+the axis writes the group's activation; ``"in"``: it reads it).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from autoperm.errors import SpecError
 from autoperm.io.atomic import write_text_atomic
+from autoperm.spec.kinds import ROLE_FREE, Kind, Role
 
 __all__ = [
     "Layout",
@@ -80,9 +85,15 @@ class Layout(BaseModel):
 
 
 class Member(Layout):
-    """One state-dict tensor axis (or part of one) that a group permutes."""
+    """One state-dict tensor axis (or part of one) that a group permutes.
+
+    ``role`` is ``"out"`` for an axis that writes the group's activation (moves by ``T``) and
+    ``"in"`` for one that reads it (moves by ``T^-T``); only groups of kind ``scale`` and
+    ``invertible`` need it.
+    """
 
     param: str
+    role: Role | None = None
 
 
 class ActivationSite(Layout):
@@ -125,7 +136,15 @@ class AffineSite(BaseModel):
 
 
 class PermutationGroup(BaseModel):
-    """One permutation of ``size`` indices shared by all its members."""
+    """One permutation of ``size`` indices shared by all its members.
+
+    Attributes:
+        kind: the largest kind of transform the group admits (``"permutation"``, ``"scale"``,
+            ``"orthogonal"`` or ``"invertible"``; see :mod:`autoperm.spec.kinds`). Every kind
+            contains the permutations, so permutation solvers work on every group.
+        kind_limited_by: the op that kept the group from the next larger kind (recorded by
+            inference for groups of kind ``scale`` and ``orthogonal``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -134,6 +153,8 @@ class PermutationGroup(BaseModel):
     members: tuple[Member, ...]
     fixed: bool = False
     per: str | None = None
+    kind: Kind = "permutation"
+    kind_limited_by: str | None = None
     activations: tuple[ActivationSite, ...] = ()
 
     @field_validator("size")
@@ -223,6 +244,8 @@ class PermutationSpec(BaseModel):
             names.add(group.name)
             for m_index, member in enumerate(group.members):
                 member_where = f"{where}.members[{m_index}] ({member.param!r})"
+                if group.kind not in ROLE_FREE and member.role is None:
+                    raise ValueError(f"{member_where}: a group of kind {group.kind!r} needs a role ('in' or 'out') on every member")
                 shape = self.shapes.get(member.param)
                 if self.shapes and shape is None:
                     raise ValueError(f"{member_where}: parameter not listed in 'shapes'")

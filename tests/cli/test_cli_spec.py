@@ -41,7 +41,7 @@ def test_edited_spec_with_unsound_group_fails_verify(tmp_path):
     good = tmp_path / "mlp.yaml"
     assert CliRunner().invoke(cli, ["spec", "autoperm.models:MLP", "--kwargs", "in_features=12", "--input-shape", "2,12",
                                     "-o", str(good)]).exit_code == 0
-    text = good.read_text().replace("  - {param: layers.0.bias, axis: 0}\n", "")  # break the group
+    text = good.read_text().replace("  - {param: layers.0.bias, axis: 0, role: out}\n", "")  # break the group (a scale group: members have roles)
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
     result = run("verify", "autoperm.models:MLP", "--kwargs", "in_features=12", "--input-shape", "2,12", "--spec", str(bad))

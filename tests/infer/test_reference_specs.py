@@ -14,7 +14,7 @@ SPECS = Path(__file__).resolve().parents[2] / "specs"
 
 def _structure(spec: PermutationSpec) -> list[tuple]:
     """Groups without activation sites (node names depend on the torch version)."""
-    return [(g.name, g.size, g.per, g.fixed, g.members) for g in spec.groups]
+    return [(g.name, g.size, g.per, g.fixed, g.kind, g.members) for g in spec.groups]
 
 
 @pytest.mark.parametrize("reference", REFERENCE_MODELS, ids=lambda r: r.file)
