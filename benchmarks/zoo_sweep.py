@@ -6,6 +6,9 @@ For every model (random init, no downloads, timm's default input size) the sweep
 * soundness: in float64, with every float state entry perturbed (zero-initialised layers would
   hide a wrong permutation), a random permutation drawn from the spec for each of three seeds
   must leave the outputs unchanged: relative error ``max|out_perm - out| / max|out|`` < 1e-9;
+* kinds: for models with groups larger than permutations (orthogonal, invertible, scale), the
+  same float64 check with a random element of every group's kind (``random_transform``), one
+  seed;
 * coverage: the share of hidden conv/linear output units (axis 0 of ``nn.Conv*d`` / ``nn.Linear``
   weights, the classifier of ``model.get_classifier()`` left out) that some active group moves;
 * planted recovery: B is A under ``random_permutation(spec, seed=1)`` (float32);
@@ -273,9 +276,23 @@ def run_model(name: str, threads: int | None = None) -> dict[str, Any]:
             model64.train().eval()  # modules caching tensors derived from weights in eval mode rebuild them
             errors.append(relative_error(reference, model64(x64)))
         model64.load_state_dict(state64)
+        # Symmetry kinds beyond permutations (autoperm >= issue 20): a random element of every
+        # group's kind (Haar orthogonal, well-conditioned invertible, positive scales), one seed.
+        larger = [g.name for g in spec.active_groups if getattr(g, "kind", "permutation") != "permutation"]
+        kind_errors = []
+        if larger and hasattr(autoperm, "random_transform"):
+            for seed in SOUNDNESS_SEEDS[:1]:
+                moved = autoperm.apply_transform(spec, autoperm.random_transform(spec, seed=seed), state64)
+                model64.load_state_dict(moved)
+                model64.train().eval()
+                kind_errors.append(relative_error(reference, model64(x64)))
+            model64.load_state_dict(state64)
     row["rel_errors"] = errors
     row["max_rel_error"] = max(errors)
     row["sound"] = max(errors) < SOUND_TOLERANCE
+    row["kind_groups"] = len(larger)
+    row["kind_rel_error"] = max(kind_errors) if kind_errors else None
+    row["kinds_sound"] = max(kind_errors) < SOUND_TOLERANCE if kind_errors else None
     del model, model64, reference
 
     # Planted recovery, float32.
@@ -385,6 +402,8 @@ def problems(row: Mapping[str, Any], slow_infer: float = 10.0) -> list[str]:
     found = []
     if not row["sound"]:
         found.append(f"unsound ({row['max_rel_error']:.1e})")
+    if row.get("kinds_sound") is False:
+        found.append(f"kinds unsound ({row['kind_rel_error']:.1e})")
     if not row["recovered"]:
         found.append(f"not recovered ({row['wrong_tensors']} tensors wrong, objective {row['objective_ratio'] or 0:.4f} of optimum)")
     if not row["objective_ok"]:
@@ -419,13 +438,15 @@ def summary(rows: list[Mapping[str, Any]]) -> str:
     full = sum(r["coverage"] >= 1.0 for r in ok)
     timeouts = sum(r.get("status") == "timeout" for r in rows)
     errors = len(rows) - len(ok) - timeouts
+    with_kinds = [r for r in ok if r.get("kinds_sound") is not None]
+    kinds = f" kinds beyond permutations sound {sum(r['kinds_sound'] for r in with_kinds)}/{len(with_kinds)};" if with_kinds else ""
     infer = sorted(r["infer_s"] for r in ok)
     median = infer[len(infer) // 2] if infer else float("nan")
     return (
         f"{len(rows)} models: {len(ok)} ran ({sum(r['tracer'] == 'fx' for r in ok)} fx,"
         f" {sum(r['tracer'] == 'export' for r in ok)} export), {timeouts} timeouts, {errors} errors;"
         f" sound {sound}/{len(ok)}; planted recovered {recovered}/{len(ok)};"
-        f" objective exact {objective}/{len(ok)}; full coverage {full}/{len(ok)};"
+        f" objective exact {objective}/{len(ok)}; full coverage {full}/{len(ok)};{kinds}"
         f" median infer {median:.2f} s"
     )
 
