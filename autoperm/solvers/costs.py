@@ -275,7 +275,7 @@ class CostCache:
 
 
 
-_CACHE_FLOOR = 512 << 20
+_CACHE_FLOOR = 64 << 20
 """The default product cache is the pair's size up to this, and a sixteenth of it beyond."""
 
 
@@ -283,9 +283,11 @@ def default_cache_bytes(weights: int) -> int:
     """The default budget for cached cost products, given the bytes of the two models' cost tensors.
 
     Small models cache every product (they are revisited often, and cheap to keep); large ones
-    keep a sixteenth of their size, so a 1.1B-parameter pair's peak memory stays within 1.3x its
-    weights (``benchmarks/README.md``): at that size products are rarely reused (a sweep after
-    the first re-solves only the groups whose neighbours moved, and recomputes their products).
+    keep a sixteenth of their size (at least ``_CACHE_FLOOR``), so that a pair's peak memory
+    stays near its own size (``benchmarks/README.md``): at that size products are rarely reused
+    (a sweep after the first re-solves only the groups whose neighbours moved, and recomputes
+    their products), and one MLP product of a 0.5B-parameter model (189 MB in float64 at
+    n = 4864) already outgrows a budget meant for many small ones.
     """
     return min(weights, max(_CACHE_FLOOR, weights // 16))
 

@@ -109,7 +109,7 @@ def weight_matching(
             (:mod:`autoperm.solvers.distributed`).
         cache_bytes: the most memory for cached ``n x n`` cost products; beyond it products are
             recomputed on each visit. Default: the size of the two models' cost tensors, but no
-            more than a sixteenth of it once that is above 512 MiB (512 MiB for a
+            more than a sixteenth of it once that is above 64 MiB (512 MiB for a
             TinyLlama-1.1B pair in float32), so that large models stay near their own size.
         group_callback: called after each group visit with ``(groups visited in this sweep,
             groups per sweep)`` (progress bars within a sweep).
