@@ -294,8 +294,13 @@ def default_cache_bytes(weights: int) -> int:
 
 def product_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype cost products of tensors of ``dtype`` are computed and summed in: float32 for
-    bfloat16 and float16 tensors (a half-precision matmul rounds every entry of its result to 8
-    or 11 bits, and on most CPUs is slower than float32), the tensors' own dtype otherwise."""
+    bfloat16 and float16 tensors (a half-precision matmul rounds every entry of its result, and
+    every partial sum over slices, to 8 or 11 bits), the tensors' own dtype otherwise.
+
+    Example:
+        >>> product_dtype(torch.bfloat16), product_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
     return torch.promote_types(dtype, torch.float32)
 
 
