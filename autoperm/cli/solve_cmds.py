@@ -100,11 +100,14 @@ def match(
     data = _load_data(data_source, method)
     with _progress(quiet, "epochs" if method == "ste" else "sweeps", epochs if method == "ste" else max_iter) as step:
         if method == "wm":
-            result = weight_matching(spec, sd_a, sd_b, max_iter=max_iter, seed=seed, device=device, callback=step)
+            with _group_progress(quiet) as visited:
+                result = weight_matching(spec, sd_a, sd_b, max_iter=max_iter, seed=seed, device=device, callback=step,
+                                         group_callback=visited)
         elif method == "ste":
             result = ste_matching(spec, module, sd_a, sd_b, data, epochs=epochs, lr=lr, seed=seed, device=device, callback=step)
         else:
             result = activation_matching(spec, module, sd_a, sd_b, data, max_iter=max_iter, seed=seed, device=device)
+    del sd_a  # A's pages are not needed to write B: unmapped before the output is written
     if as_directory:
         members = spec.members_by_param
 
@@ -183,9 +186,9 @@ def _match_stable_diffusion(
     inputs = list(paths) + ([spec_path] if spec_path else [])
     _refuse_overwrite([output, perms_out], inputs)
     pair = read_stable_diffusion_pair(paths[0], paths[1], output, spec_path)
-    with _progress(quiet, "sweeps", max_iter) as step:
+    with _progress(quiet, "sweeps", max_iter) as step, _group_progress(quiet) as visited:
         result = weight_matching(pair.spec, pair.state_dict_a, pair.state_dict_b, max_iter=max_iter, seed=seed,
-                                 device=device, callback=step)
+                                 device=device, callback=step, group_callback=visited)
     summary = pair.write(result.perms, output, inputs)
     if perms_out:
         _write_perms(result.perms, perms_out)
@@ -274,6 +277,22 @@ def _progress(quiet: bool, unit: str, total: int) -> Iterator[Callable[[int, flo
 
     try:
         yield step
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _group_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A second bar under the sweeps: the groups solved so far in the current sweep."""
+    bar = tqdm(unit="group", desc="groups", disable=quiet, leave=False, position=1)
+
+    def visited(done: int, total: int) -> None:
+        if done == 1:
+            bar.reset(total=total)
+        bar.update(1)
+
+    try:
+        yield visited
     finally:
         bar.close()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +36,7 @@ from autoperm.io.formats import (
     safetensors_keys,
     safetensors_metadata,
 )
+from autoperm.io.memory_map import write_safetensors
 
 __all__ = ["CheckpointLayout", "Transform", "find_layout", "is_checkpoint_directory", "load_directory", "save_directory"]
 
@@ -272,30 +274,28 @@ def _write_shard(
     transform: Transform | None,
     path: Path,
 ) -> int:
-    """Write one shard; returns its number of tensor bytes."""
+    """Write one shard, in the source's dtypes; returns its number of tensor bytes.
+
+    A safetensors shard is written one tensor at a time (:func:`autoperm.io.memory_map.write_safetensors`),
+    so writing needs the memory of its largest tensor, not of the shard (a diffusers UNet is one
+    shard of several GB); a torch shard is built whole, as ``torch.save`` needs it.
+    """
     source = _source_dtypes(layout, file, keys)
-    tensors: dict[str, torch.Tensor] = {}
-    for key in keys:
+
+    def produce(key: str) -> torch.Tensor:
         tensor = state_dict[key]
         if transform is not None:
             tensor = transform(key, tensor)
-        dtype = source.get(key, tensor.dtype)
-        tensors[key] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-    if layout.format == "safetensors":
-        from safetensors.torch import save_file
+        return tensor.detach().to(device="cpu", dtype=source.get(key, tensor.dtype)).contiguous()
 
-        # tensors sharing storage must be separate copies for safetensors
-        seen: set[int] = set()
-        for key, tensor in tensors.items():
-            pointer = tensor.untyped_storage().data_ptr()
-            if pointer in seen:
-                tensors[key] = tensor.clone()
-            seen.add(pointer)
+    if layout.format == "safetensors":
+        shapes = {key: (tuple(state_dict[key].shape), source.get(key, state_dict[key].dtype)) for key in keys}
         metadata = safetensors_metadata(layout.directory / file)
         metadata.setdefault("format", "pt")  # transformers refuses safetensors files without it
-        save_file(tensors, str(path), metadata=metadata)
-    else:
-        torch.save(tensors, path)
+        write_safetensors(path, shapes, produce, metadata=metadata)
+        return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in shapes.values())
+    tensors = {key: produce(key) for key in keys}
+    torch.save(tensors, path)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -147,3 +147,4 @@ def write_safetensors(
                 )
             data = tensor.detach().cpu().contiguous().reshape(-1)
             out.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
+            del tensor, data  # freed before the next tensor is produced

@@ -14,8 +14,9 @@ coordinate-descent schedule's business (:mod:`autoperm.solvers.weight_matching`)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, layout_positions, member_matrix
 from autoperm.spec.apply import axis_index
 
-__all__ = ["CostCache", "PermutationState", "cost_terms", "default_cache_bytes"]
+__all__ = ["CostCache", "PermutationState", "cost_terms", "default_cache_bytes", "matrix_product", "product_dtype"]
 
 
 @dataclass(frozen=True)
@@ -211,24 +212,30 @@ class CostCache:
         if base is not None:
             sources_new, sources_old = base[sources_new], base[sources_old]
         b = self.b[name]
-        difference = _gather(b.index_select(other.axis, sources_new), gather)
+        dtype = product_dtype(b.dtype)
+        difference = _gather(b.index_select(other.axis, sources_new), gather).to(dtype)
         difference.sub_(_gather(b.index_select(other.axis, sources_old), gather))
         a_part = member_matrix(self.a[name].index_select(other.axis, targets), member, group.size)
-        return product.add_((a_part @ member_matrix(difference, member, group.size).T).double())
+        return product.add_(matrix_product(a_part, member_matrix(difference, member, group.size)).double())
 
     def _product(self, term: _Term, fibred: bool, double: bool = True) -> torch.Tensor:
-        """``A_m @ B_m'^T`` from scratch, in float64 (``double=False``: in the tensors' dtype, to be
-        added to a float64 sum without a float64 copy)."""
+        """``A_m @ B_m'^T`` from scratch, in float64 (``double=False``: in :func:`product_dtype`, to
+        be added to a float64 sum without a float64 copy).
+
+        A tensor above ``_CHUNK_ELEMENTS`` is multiplied a slice at a time, unless it is already
+        in the product's dtype and both matrices are views of it (no copy at all).
+        """
         name, member, size = term.member.param, term.member, term.group.size
         a, b = self.a[name], self.b[name]
         indices = self._indices(name, term.group, member)
         split = _chunks(a, member.axis)
         views = not indices and not fibred and member.is_plain and a.shape[member.axis] == size
-        if split is not None and not (views and (member.axis == 0 or a.dim() == 2)):
+        in_place = a.dtype == b.dtype == product_dtype(a.dtype)
+        if split is not None and not (views and in_place and (member.axis == 0 or a.dim() == 2)):
             product = _split_product(a, b, indices, member, size, fibred, *split)
         else:
             a_matrix = member_matrix(a, member, size, fibred)
-            product = a_matrix @ _gathered_matrix(b, indices, member, size, fibred).mT
+            product = matrix_product(a_matrix, _gathered_matrix(b, indices, member, size, fibred))
         return product.double() if double else product
 
     def _indices(
@@ -268,7 +275,7 @@ class CostCache:
 
 
 
-_CACHE_FLOOR = 512 << 20
+_CACHE_FLOOR = 64 << 20
 """The default product cache is the pair's size up to this, and a sixteenth of it beyond."""
 
 
@@ -276,11 +283,62 @@ def default_cache_bytes(weights: int) -> int:
     """The default budget for cached cost products, given the bytes of the two models' cost tensors.
 
     Small models cache every product (they are revisited often, and cheap to keep); large ones
-    keep a sixteenth of their size, so a 1.1B-parameter pair's peak memory stays within 1.3x its
-    weights (``benchmarks/README.md``): at that size products are rarely reused (a sweep after
-    the first re-solves only the groups whose neighbours moved, and recomputes their products).
+    keep a sixteenth of their size (at least ``_CACHE_FLOOR``), so that a pair's peak memory
+    stays near its own size (``benchmarks/README.md``): at that size products are rarely reused
+    (a sweep after the first re-solves only the groups whose neighbours moved, and recomputes
+    their products), and one MLP product of a 0.5B-parameter model (189 MB in float64 at
+    n = 4864) already outgrows a budget meant for many small ones.
     """
     return min(weights, max(_CACHE_FLOOR, weights // 16))
+
+
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype cost products of tensors of ``dtype`` are computed and summed in: float32 for
+    bfloat16 and float16 tensors (a half-precision matmul rounds every entry of its result, and
+    every partial sum over slices, to 8 or 11 bits), the tensors' own dtype otherwise.
+
+    Example:
+        >>> product_dtype(torch.bfloat16), product_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+def matrix_product(a_matrix: torch.Tensor, b_matrix: torch.Tensor) -> torch.Tensor:
+    """``a_matrix @ b_matrix.mT`` in :func:`product_dtype` (batched for 3-d matrices).
+
+    Half-precision matrices are cast first, so callers pass matrices of one tensor (or one slice)
+    at a time; :func:`_matmul_precision` keeps bfloat16 data on the CPU's bfloat16 units.
+
+    Example:
+        >>> matrix_product(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(4, 3, dtype=torch.bfloat16)).dtype
+        torch.float32
+    """
+    dtype = product_dtype(torch.promote_types(a_matrix.dtype, b_matrix.dtype))
+    with _matmul_precision(a_matrix.dtype, b_matrix.dtype):
+        return a_matrix.to(dtype) @ b_matrix.to(dtype).mT
+
+
+@contextmanager
+def _matmul_precision(a_dtype: torch.dtype, b_dtype: torch.dtype) -> Iterator[None]:
+    """Float32 matmuls of bfloat16 data on the CPU's bfloat16 units, within this block.
+
+    oneDNN may round float32 matmul inputs to bfloat16 and accumulate in float32
+    (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``). For inputs that are bfloat16
+    values cast to float32 the rounding changes nothing, so the result is the float32 product,
+    about twice as fast where the CPU has bfloat16 matrix units. Other dtypes, and torch builds
+    without the setting, run as they are. The setting is process-wide while the block runs.
+    """
+    settings = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if a_dtype != torch.bfloat16 or b_dtype != torch.bfloat16 or not hasattr(settings, "fp32_precision"):
+        yield
+        return
+    before = settings.fp32_precision
+    settings.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        settings.fp32_precision = before
 
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -341,22 +399,25 @@ def _split_product(
     axis: int,
     step: int,
 ) -> torch.Tensor:
-    """``M(A) @ M(B')^T`` in the tensors' dtype, summing slices of ``step`` along ``axis`` (not the member's).
+    """``M(A) @ M(B')^T`` in :func:`product_dtype`, summing slices of ``step`` along ``axis`` (not the member's).
 
     ``M`` is the member matrix and ``B'`` = ``b`` gathered by ``indices``. The slices accumulate in
-    the tensors' dtype, as one matmul would, and no slice holds more than ``_CHUNK_ELEMENTS``.
+    the product's dtype, as one matmul would, and no slice holds more than ``_CHUNK_ELEMENTS``
+    (half-precision slices are cast one at a time, never the whole tensor).
     """
+    dtype = product_dtype(torch.promote_types(a.dtype, b.dtype))
     total: torch.Tensor | None = None
     for start in range(0, a.shape[axis], step):
         length = min(step, a.shape[axis] - start)
-        a_part = member_matrix(a.narrow(axis, start, length), member, size, fibred)
-        b_part = _gathered_matrix(b, indices, member, size, fibred, axis, start, length)
-        if total is None:
-            total = a_part @ b_part.mT
-        elif fibred:
-            total.baddbmm_(a_part, b_part.mT)
-        else:
-            total.addmm_(a_part, b_part.mT)
+        a_part = member_matrix(a.narrow(axis, start, length), member, size, fibred).to(dtype)
+        b_part = _gathered_matrix(b, indices, member, size, fibred, axis, start, length).to(dtype)
+        with _matmul_precision(a.dtype, b.dtype):
+            if total is None:
+                total = a_part @ b_part.mT
+            elif fibred:
+                total.baddbmm_(a_part, b_part.mT)
+            else:
+                total.addmm_(a_part, b_part.mT)
     assert total is not None
     return total
 

@@ -22,6 +22,7 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import torch
 
+from autoperm.solvers.costs import matrix_product
 from autoperm.solvers.lap import LapMethod, linear_assignment
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, member_matrix, permute_tensor
 
@@ -192,7 +193,7 @@ def _head_scores(
         if member.param not in a or member.param in leave_out or _covered(member, refined):
             continue
         b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
-        scores += (member_matrix(a[member.param], member, heads) @ member_matrix(b_other, member, heads).T).double().cpu().numpy()
+        scores += matrix_product(member_matrix(a[member.param], member, heads), member_matrix(b_other, member, heads)).double().cpu().numpy()
     return scores
 
 

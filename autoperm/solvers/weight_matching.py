@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 SweepCallback = Callable[[int, float], None]
 """Called after every sweep with the sweep number (from 1) and the objective."""
 
+GroupCallback = Callable[[int, int], None]
+"""Called after every group visit with the groups visited so far in this sweep and the groups per sweep."""
+
 
 def weight_matching(
     spec: PermutationSpec,
@@ -59,6 +62,7 @@ def weight_matching(
     lap: LapMethod = "auto",
     distributed: bool = False,
     cache_bytes: int | None = None,
+    group_callback: GroupCallback | None = None,
 ) -> MatchingResult:
     """Find permutations of model B that bring its weights closest to model A's.
 
@@ -105,8 +109,10 @@ def weight_matching(
             (:mod:`autoperm.solvers.distributed`).
         cache_bytes: the most memory for cached ``n x n`` cost products; beyond it products are
             recomputed on each visit. Default: the size of the two models' cost tensors, but no
-            more than a sixteenth of it once that is above 512 MiB (512 MiB for a
+            more than a sixteenth of it once that is above 64 MiB (512 MiB for a
             TinyLlama-1.1B pair in float32), so that large models stay near their own size.
+        group_callback: called after each group visit with ``(groups visited in this sweep,
+            groups per sweep)`` (progress bars within a sweep).
 
     Returns:
         A :class:`MatchingResult`; ``history[0]`` is the objective at the start.
@@ -141,7 +147,7 @@ def weight_matching(
     converged = False
     sweep = 0
     for sweep in range(1, max_iter + 1):
-        improved = solver.sweep()
+        improved = solver.sweep(group_callback)
         history.append(solver.value)
         logger.debug("weight matching sweep %d: objective %.6g", sweep, history[-1])
         if callback is not None:
@@ -210,18 +216,20 @@ class _CoordinateDescent:
         self.solved_at: dict[str, tuple[int, ...]] = {}
         self.value = placement.collective.all_sum(self.cache.objective())
 
-    def sweep(self) -> bool:
+    def sweep(self, visited: GroupCallback | None = None) -> bool:
         """Visit every group once (the first, informed sweep in the spec's order, later ones in a
-        fresh random order); return whether to sweep again (a group improved, or the sweep was
-        informed: its costs left terms out)."""
+        fresh random order), calling ``visited(done, total)`` after each; return whether to sweep
+        again (a group improved, or the sweep was informed: its costs left terms out)."""
         order = self.generator.permutation(len(self.groups))
         informed = self.informed
         if informed:
             order = np.arange(len(self.groups))
         improved = False
-        for index in order:
+        for done, index in enumerate(order, start=1):
             improved |= self.solve_group(self.groups[index])
             self.pending.discard(self.groups[index].name)
+            if visited is not None:
+                visited(done, len(order))
         self.informed = False
         return improved or informed
 

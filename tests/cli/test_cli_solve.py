@@ -115,3 +115,12 @@ def test_console_entry_point_exits_non_zero_with_one_message(files) -> None:
     assert completed.returncode == 1
     assert completed.stderr.strip().startswith("error: checkpoint") and "missing.pt" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_match_shows_bars_of_sweeps_and_of_the_groups_within_them(files) -> None:
+    out = files["dir"] / "aligned.pt"
+    result = _invoke(["match", *MODEL, "--a", str(files["a"]), "--b", str(files["b"]), "--spec", str(files["spec"]),
+                      "-o", str(out)])
+    assert result.exception is None, result.output
+    assert "sweeps" in result.output and "groups" in result.output
+    assert "wm: objective" in result.output

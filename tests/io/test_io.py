@@ -25,6 +25,7 @@ from autoperm import (
 )
 from autoperm.io import (
     find_layout,
+    mmap_safetensors,
     save_directory,
     write_safetensors,
     write_text_atomic,
@@ -123,6 +124,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
 
+<<<<<<< HEAD:tests/io/test_io.py
 def test_json_objects_are_read_with_the_file_named(tmp_path):
     from autoperm.errors import CheckpointError, ModelLoadError
     from autoperm.io import read_json_object
@@ -136,3 +138,42 @@ def test_json_objects_are_read_with_the_file_named(tmp_path):
         read_json_object(broken)
     with pytest.raises(ModelLoadError, match="list.json.*not a JSON object"):
         read_json_object(listed, ModelLoadError)
+=======
+def test_directory_shards_keep_dtypes_metadata_and_transformed_tensors(tmp_path: Path) -> None:
+    """Shards written a tensor at a time hold every transformed tensor, in the stored dtype, with the metadata."""
+    source = tmp_path / "source"
+    source.mkdir()
+    tensors = {f"layer{i}.weight": torch.randn(4, 3).to(torch.bfloat16) for i in range(5)}
+    tensors["layer0.steps"] = torch.arange(3)
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt", "note": "kept"})
+    (source / "config.json").write_text("{}")
+    seen: list[str] = []
+
+    def transform(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        seen.append(name)
+        return tensor.float() * 2 if tensor.is_floating_point() else tensor
+
+    save_directory(load_state_dict(source), find_layout(source), tmp_path / "out", transform=transform)
+    written = load_state_dict(tmp_path / "out")
+    assert sorted(seen) == sorted(tensors)
+    assert (tmp_path / "out" / "config.json").read_text() == "{}"
+    for name, tensor in tensors.items():
+        assert written[name].dtype == tensor.dtype
+        expected = (tensor.float() * 2).to(tensor.dtype) if tensor.is_floating_point() else tensor
+        assert torch.equal(written[name], expected), name
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt", "note": "kept"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32])
+def test_float8_and_unsigned_tensors_round_trip_through_the_writer(tmp_path: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import load_file
+
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4).to(dtype)
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"w": ((3, 4), dtype)}, lambda name: tensor)
+    assert torch.equal(mmap_safetensors(path)["w"].view(torch.uint8), tensor.view(torch.uint8))
+    assert torch.equal(load_file(str(path))["w"].view(torch.uint8), tensor.view(torch.uint8))
+>>>>>>> clispeed:tests/test_io.py

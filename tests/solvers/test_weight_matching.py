@@ -221,3 +221,77 @@ def test_recovers_planted_permutation_on_cuda() -> None:
     for name, tensor in sd_a.items():
         assert torch.equal(aligned[name], tensor), name
     assert result.converged
+
+
+def _identity_costs(spec, sd_a, sd_b) -> dict[str, torch.Tensor]:
+    """Each plain group's cost at the identity, ``sum_m A_m @ B_m^T``, in float64 from the stored values."""
+    from autoperm.spec import member_matrix
+
+    costs = {}
+    for group in spec.active_groups:
+        if group.per is not None:
+            continue
+        members = [m for m in group.members if sd_a[m.param].is_floating_point() and "running" not in m.param]
+        if members:
+            costs[group.name] = sum(
+                member_matrix(sd_a[m.param].double(), m, group.size) @ member_matrix(sd_b[m.param].double(), m, group.size).T
+                for m in members
+            )
+    return costs
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 64], ids=["whole", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_costs_are_float32_products(dtype: torch.dtype, chunk: int, monkeypatch) -> None:
+    """Costs of bfloat16 / float16 tensors are their float32 products (not rounded to 8 or 11 bits)."""
+    costs = importlib.import_module("autoperm.solvers.costs")
+    monkeypatch.setattr(costs, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    model = resnet20(width=1)
+    spec = resnet20_spec(model)
+    sd_a = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd_b = {k: v.to(dtype) if v.is_floating_point() else v for k, v in resnet20(width=1).state_dict().items()}
+    names = [n for n in spec.members_by_param if sd_a[n].is_floating_point() and "running" not in n]
+    state = costs.PermutationState({g.name: torch.arange(g.size) for g in spec.active_groups})
+    cache = costs.CostCache(spec, sd_a, sd_b, names, state, torch.device("cpu"))
+    for name, expected in _identity_costs(spec, sd_a, sd_b).items():
+        cost = torch.from_numpy(cache.group_cost(spec[name]))
+        scale = float(expected.abs().max())
+        assert float((cost - expected).abs().max()) <= 1e-5 * scale, name
+
+
+def test_matrix_product_casts_half_precision_only() -> None:
+    from autoperm.solvers.costs import matrix_product
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 300, generator=generator), torch.randn(32, 300, generator=generator)
+    for dtype, expected in [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                            (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+        product = matrix_product(a.to(dtype), b.to(dtype))
+        assert product.dtype == expected
+        reference = a.to(dtype).double() @ b.to(dtype).double().T
+        assert torch.allclose(product.double(), reference, rtol=0, atol=1e-4), dtype
+    assert torch.equal(matrix_product(a, b), a @ b.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_planted_permutation_recovered_through_sliced_products(dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setattr(importlib.import_module("autoperm.solvers.costs"), "_CHUNK_ELEMENTS", 64)
+    torch.manual_seed(0)
+    model = resnet20(width=1)
+    spec = resnet20_spec(model)
+    sd_a = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd_b = apply_permutation(spec, random_permutation(spec, seed=5), sd_a)
+    aligned = apply_permutation(spec, weight_matching(spec, sd_a, sd_b).perms, sd_b)
+    assert all(torch.equal(aligned[name], tensor) for name, tensor in sd_a.items())
+
+
+def test_group_callback_reports_every_group_of_every_sweep() -> None:
+    torch.manual_seed(0)
+    model = MLP(in_features=16, hidden=8, depth=3, num_classes=4)
+    spec = mlp_spec(model)
+    sd_b = MLP(in_features=16, hidden=8, depth=3, num_classes=4).state_dict()
+    calls: list[tuple[int, int]] = []
+    result = weight_matching(spec, model.state_dict(), sd_b, group_callback=lambda done, total: calls.append((done, total)))
+    groups = len(spec.active_groups)
+    assert calls == [(done, groups) for _ in range(result.n_iter) for done in range(1, groups + 1)]
