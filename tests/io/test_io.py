@@ -124,7 +124,6 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
 
-<<<<<<< HEAD:tests/io/test_io.py
 def test_json_objects_are_read_with_the_file_named(tmp_path):
     from autoperm.errors import CheckpointError, ModelLoadError
     from autoperm.io import read_json_object
@@ -138,7 +137,8 @@ def test_json_objects_are_read_with_the_file_named(tmp_path):
         read_json_object(broken)
     with pytest.raises(ModelLoadError, match="list.json.*not a JSON object"):
         read_json_object(listed, ModelLoadError)
-=======
+
+
 def test_directory_shards_keep_dtypes_metadata_and_transformed_tensors(tmp_path: Path) -> None:
     """Shards written a tensor at a time hold every transformed tensor, in the stored dtype, with the metadata."""
     source = tmp_path / "source"
@@ -176,4 +176,3 @@ def test_float8_and_unsigned_tensors_round_trip_through_the_writer(tmp_path: Pat
     write_safetensors(path, {"w": ((3, 4), dtype)}, lambda name: tensor)
     assert torch.equal(mmap_safetensors(path)["w"].view(torch.uint8), tensor.view(torch.uint8))
     assert torch.equal(load_file(str(path))["w"].view(torch.uint8), tensor.view(torch.uint8))
->>>>>>> clispeed:tests/test_io.py
