@@ -365,19 +365,24 @@ class Context:
         )
 
 
-def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: int = 0) -> dict[str, Any]:
-    """Everything for one family; returns its part of the report (curves included)."""
-    started = time.perf_counter()
+def _trained_triple(family: Family, seed: int, points: int, label: str) -> tuple[Any, ...]:
+    """Three models of ``family`` trained from seeds ``seed..seed+2``: the first module, their
+    state dicts, the spec, the evaluation context, the evaluation splits and an example input."""
     splits, eval_splits, example = _family_data(family)
-    seeds = [seed, seed + 1, seed + 2]
-    total = (family.steps or family.epochs) * 3
-    with tqdm(total=total, desc=f"{family.name}: training 3 models", file=sys.stderr, leave=False) as bar:
-        models = [train(family, family.build(family.width, s), splits, s, bar) for s in seeds]
-    sd_a, sd_b, sd_c = (_snapshot(m) for m in models)
+    with tqdm(total=(family.steps or family.epochs) * 3, desc=f"{family.name}: {label}", file=sys.stderr, leave=False) as bar:
+        models = [train(family, family.build(family.width, s), splits, s, bar) for s in (seed, seed + 1, seed + 2)]
     model = models[0]
     spec = autoperm.infer_spec(model, example)
     bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     context = Context(family, model, spec, splits, points, evaluator(eval_splits), bn)
+    return model, [_snapshot(m) for m in models], spec, context, eval_splits, example
+
+
+def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: int = 0) -> dict[str, Any]:
+    """Everything for one family; returns its part of the report (curves included)."""
+    started = time.perf_counter()
+    model, (sd_a, sd_b, sd_c), spec, context, eval_splits, example = _trained_triple(family, seed, points, "training 3 models")
+    splits = context.splits
     train_data = splits["train"]
     loss_fn = sequence_loss
     endpoints = {label: context.evaluate(_loaded(model, sd)) for label, sd in (("A", sd_a), ("B", sd_b), ("C", sd_c))}
@@ -407,7 +412,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
                 rows[key] = {"barrier": _barriers(curves[key]), "seconds": time.perf_counter() - tick}
     # variance collapse at the midpoint (plain interpolation), per REPAIR site; BatchNorm
     # networks are left out (their interpolated running statistics are reset before evaluating)
-    for method in ("wm", "ste") if not bn else ():
+    for method in ("wm", "ste") if not context.bn else ():
         repairer = Repairer(spec, model, sd_a, aligned[method], train_data, batch_size=512)
         rows[method]["variance_ratio"] = repairer.variance_ratio(0.5)
     for method, sd in aligned.items():
@@ -458,21 +463,13 @@ def three_models(family: Family, seed: int, ste_steps: int, points: int) -> dict
     recomputed on the training split for every evaluated model that has them).
     """
     started = time.perf_counter()
-    splits, eval_splits, example = _family_data(family)
-    seeds = [seed, seed + 1, seed + 2]
-    with tqdm(total=(family.steps or family.epochs) * 3, desc=f"{family.name}: training triple {seed}", file=sys.stderr,
-              leave=False) as bar:
-        models = [train(family, family.build(family.width, s), splits, s, bar) for s in seeds]
-    sd_a, sd_b, sd_c = (_snapshot(m) for m in models)
-    model = models[0]
-    spec = autoperm.infer_spec(model, example)
-    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    context = Context(family, model, spec, splits, points, evaluator(eval_splits), bn)
+    model, (sd_a, sd_b, sd_c), spec, context, _, _ = _trained_triple(family, seed, points, f"training triple {seed}")
+    splits = context.splits
     train_data = splits["train"]
 
     def metrics(state_dict: StateDict) -> dict[str, float]:
         loaded = _loaded(model, state_dict)
-        if bn:
+        if context.bn:
             autoperm.reset_bn_stats(loaded, train_data)
         return context.evaluate(loaded.eval())
 
@@ -485,7 +482,7 @@ def three_models(family: Family, seed: int, ste_steps: int, points: int) -> dict
         ste_seconds += ste.seconds
         aligned["wm"][name] = autoperm.apply_permutation(spec, wm.perms, other)
         aligned["ste"][name] = autoperm.apply_permutation(spec, ste.perms, other)
-    row: dict[str, Any] = {"seeds": seeds}
+    row: dict[str, Any] = {"seeds": [seed, seed + 1, seed + 2]}
     with tqdm(total=3 * points, desc=f"{family.name}: anchor scheme", file=sys.stderr, leave=False) as bar:
         for method, pair in aligned.items():
             row[f"anchor_barrier {method}"] = _barriers(context.curve(pair["B"], pair["C"], False, bar))["test_loss"]
