@@ -33,9 +33,13 @@ from autoperm.verify import VerifyReport, verify_spec
 
 from autoperm.io import load_state_dict, save_state_dict
 from autoperm.solvers import (
+    Alignment,
+    GeneralizedResult,
     MatchingResult,
     MergeResult,
     SteResult,
+    align,
+    generalized_matching,
     merge_many,
     ste_matching,
     weight_matching,
@@ -61,6 +65,10 @@ from autoperm.evaluate import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alignment",
+    "GeneralizedResult",
+    "align",
+    "generalized_matching",
     "MatchingResult",
     "MergeResult",
     "SteResult",

@@ -95,9 +95,12 @@ def _logits_first(module: nn.Module, inputs: Any, output: Any) -> Any:
 @click.option("--spec", "spec_path", metavar="YAML", help="Permutation spec for --repair (inferred from the data if left out).")
 @click.option("--plot", "plot_path", metavar="PNG", help="Write the curve to this image.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the curve and barriers as JSON.")
+@click.option("--symmetries", type=click.Choice(["permutation", "orthogonal", "full"]),
+              help="First align B to A with these symmetry kinds (as `autoperm match --symmetries`); default: B as given.")
 def barrier_command(
     model: str, kwargs: Sequence[str], path_a: str, path_b: str, data_source: str, points: int,
     reset_bn: bool, repair: bool, spec_path: str | None, plot_path: str | None, json_path: str | None,
+    symmetries: str | None,
 ) -> None:
     """Loss and accuracy barriers on the straight line from checkpoint A to checkpoint B.
 
@@ -118,6 +121,8 @@ def barrier_command(
     checkpoints = _load_checkpoints(module, {"--a": path_a, "--b": path_b})
     splits = load_data(data_source)
     train_data = splits["train"] if "train" in splits else next(iter(splits.values()))
+    if symmetries:
+        checkpoints["--b"] = _aligned(module, model, spec_path, checkpoints, train_data, symmetries)
     transforms: dict[str, Any] = {"plain": None}
     repairer = None
     if repair:
@@ -157,16 +162,33 @@ def barrier_command(
         _write_json(json_path, payload)
 
 
-def _repairer(module: nn.Module, model_path: str, spec_path: str | None, checkpoints: Mapping[str, Any], train_data: Any):
-    """A :class:`autoperm.Repairer` for ``barrier --repair``; the spec is inferred on one training input if not given."""
+def _spec_on_data(module: nn.Module, model_path: str, spec_path: str | None, train_data: Any, option: str):
+    """The spec from ``--spec``, or one inferred on one training input."""
     from autoperm.cli.common import load_spec_or_infer
     from autoperm.data import DataError, iter_batches
-    from autoperm.api import Repairer
 
     inputs = next((batch for batch, _ in iter_batches(train_data)), None)
     if inputs is None:
-        raise DataError("--repair: the training data yielded no batches")
-    spec = load_spec_or_infer(spec_path, module, (inputs[:1],), model_path)
+        raise DataError(f"{option}: the training data yielded no batches")
+    return load_spec_or_infer(spec_path, module, (inputs[:1],), model_path)
+
+
+def _aligned(module: nn.Module, model_path: str, spec_path: str | None, checkpoints: Mapping[str, Any], train_data: Any,
+             symmetries: str) -> dict[str, torch.Tensor]:
+    """B aligned to A for ``barrier --symmetries`` (weight matching, generalised for orthogonal / full)."""
+    from autoperm.solvers import align
+
+    spec = _spec_on_data(module, model_path, spec_path, train_data, "--symmetries")
+    result = align(spec, checkpoints["--a"], checkpoints["--b"], symmetries=symmetries)
+    click.echo(f"aligned B to A with {symmetries} symmetries in {result.seconds:.1f} s")
+    return {name: result.state_dict[name].to(tensor.dtype) for name, tensor in checkpoints["--b"].items()}
+
+
+def _repairer(module: nn.Module, model_path: str, spec_path: str | None, checkpoints: Mapping[str, Any], train_data: Any):
+    """A :class:`autoperm.Repairer` for ``barrier --repair``; the spec is inferred on one training input if not given."""
+    from autoperm.api import Repairer
+
+    spec = _spec_on_data(module, model_path, spec_path, train_data, "--repair")
     repairer = Repairer(spec, module, checkpoints["--a"], checkpoints["--b"], train_data)
     click.echo(f"REPAIR: {len(repairer.sites)} layer(s), {sum(len(s.channels) for s in repairer.sites)} channels corrected")
     if not repairer.sites:

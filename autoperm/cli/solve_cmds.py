@@ -29,7 +29,10 @@ from autoperm.io import (
 )
 from autoperm.pretrained import is_model_directory, tied_names
 from autoperm.solvers import (
+    SYMMETRIES,
+    align,
     check_state_dicts,
+    mean_state_dict,
     merge_many,
     ste_matching,
     weight_matching,
@@ -49,7 +52,13 @@ def _solver_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-iter", default=100, show_default=True, help="Most weight-matching sweeps / rounds."),
         click.option("--data", "data_source", help="For ste/act: 'digits' or package.module:function."),
         click.option("--epochs", default=10, show_default=True, help="STE epochs (passes over --data; STE-MM ran 10 of MNIST)."),
-        click.option("--lr", default=1e-3, show_default=True, help="STE learning rate (Adam, as STE-MM)."),
+        click.option("--lr", type=float, help="Learning rate: STE's (default 1e-3, Adam, as STE-MM), or the "
+                     "refinement's with --symmetries (default 1e-2)."),
+        click.option("--symmetries", type=click.Choice(SYMMETRIES), default="permutation", show_default=True,
+                     help="Symmetry kinds to align with: permutations; also orthogonal maps (streams with norm gains "
+                     "folded, head dimensions); or every kind (invertible head maps and scales balanced first)."),
+        click.option("--steps", default=300, show_default=True,
+                     help="With --symmetries and --method ste: Adam steps learning the continuous maps on --data."),
         click.option("--quiet", is_flag=True, help="No progress bar or summary."),
         click.option("-o", "--output", required=True, type=click.Path(),
                      help="Output checkpoint: a file, or a directory when the inputs are model directories."),
@@ -73,17 +82,26 @@ _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 def match(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str, path_a: str | None,
     path_b: str | None, method: str, spec_path: str | None, device: str, perms_out: str | None, seed: int,
-    max_iter: int, data_source: str | None, epochs: int, lr: float, quiet: bool, output: str,
-    allow_config_mismatch: bool,
+    max_iter: int, data_source: str | None, epochs: int, lr: float | None, symmetries: str, steps: int, quiet: bool,
+    output: str, allow_config_mismatch: bool,
 ) -> None:
     """Permute checkpoint B so that it aligns with checkpoint A; write the permuted B.
+
+    With --symmetries orthogonal or full, B is aligned by generalised weight matching (and with
+    --method ste its continuous maps are then learned on --data) and written in A's gauge: pair
+    the output with A as it is.
 
     Give MODEL A B, MODEL --a A --b B, or A B where A is a model directory (save_pretrained):
     then MODEL is A's config.json, and when B is a directory the output is a directory in B's
     layout (config and other files copied, same shards, the tensor names as stored). B's
     config.json must name A's class with the same fields (--allow-config-mismatch accepts others).
     """
+    if symmetries != "permutation" and (method == "act" or perms_out):
+        raise click.UsageError(f"--symmetries {symmetries} works with --method wm or ste and writes no --perms-out "
+                               "(its maps are not permutations)")
     if not (path_a or path_b) and len(paths) == 2 and is_stable_diffusion_input(paths[0]):
+        if symmetries != "permutation":
+            raise SolverError(f"--symmetries {symmetries}: Stable Diffusion checkpoints are aligned with permutations only")
         _match_stable_diffusion(paths, method, spec_path, device, perms_out, seed, max_iter, quiet, output)
         return
     model, path_a, path_b = _match_paths(paths, path_a, path_b)
@@ -98,6 +116,11 @@ def match(
     spec = load_spec_or_infer(spec_path, module, example, args.name, args)
     check_state_dicts(spec, [module.state_dict(), sd_a, sd_b], names=[f"model {model!r}", path_a, path_b])
     data = _load_data(data_source, method)
+    if symmetries != "permutation":
+        _match_generalised(spec, module, sd_a, sd_b, names_b, symmetries, method, data, steps, lr, seed, max_iter, device,
+                           quiet, output, inputs, as_directory)
+        return
+    lr = 1e-3 if lr is None else lr
     with _progress(quiet, "epochs" if method == "ste" else "sweeps", epochs if method == "ste" else max_iter) as step:
         if method == "wm":
             with _group_progress(quiet) as visited:
@@ -126,6 +149,28 @@ def match(
         click.echo(f"{method}: objective {result.objective:.6g} after {result.n_iter} iteration(s){details}; wrote {output}")
 
 
+def _match_generalised(
+    spec: Any, module: torch.nn.Module, sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], names_b: Any,
+    symmetries: str, method: str, data: Any, steps: int, lr: float | None, seed: int, max_iter: int, device: str,
+    quiet: bool, output: str, inputs: Sequence[str], as_directory: bool,
+) -> None:
+    """`match --symmetries orthogonal|full`: :func:`autoperm.align`, B written in A's gauge."""
+    learn = steps if method == "ste" else 0
+    result = align(spec, sd_a, sd_b, symmetries=symmetries, seed=seed, max_iter=max_iter, model=module, data=data,
+                   steps=learn, lr=1e-2 if lr is None else lr, device=device)
+    aligned = result.state_dict
+    del sd_a
+    if as_directory:
+        save_in_stored_names(sd_b, names_b, output, inputs=inputs,
+                             transform=lambda name, tensor: aligned[name].to(tensor.dtype) if name in aligned else tensor)
+    else:
+        save_state_dict({name: aligned[name].to(tensor.dtype) for name, tensor in sd_b.items()}, output, inputs=inputs)
+    if not quiet:
+        learned = f", maps learned for {learn} steps (batch loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g})" if learn else ""
+        click.echo(f"{symmetries} symmetries: objective {result.start_objective:.6g} (permutations) -> {result.objective:.6g} "
+                   f"after {result.sweeps} sweep(s){learned}; B is in A's gauge, pair it with A as it is; wrote {output}")
+
+
 @click.command("merge")
 @click.argument("paths", nargs=-1, required=True, metavar="[MODEL] CHECKPOINTS...")
 @model_settings
@@ -136,10 +181,14 @@ def match(
 def merge(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str,
     method: str, scheme: str | None, spec_path: str | None, device: str, perms_out: str | None, seed: int,
-    max_iter: int, data_source: str | None, epochs: int, lr: float, quiet: bool, output: str,
-    allow_config_mismatch: bool,
+    max_iter: int, data_source: str | None, epochs: int, lr: float | None, symmetries: str, steps: int, quiet: bool,
+    output: str, allow_config_mismatch: bool,
 ) -> None:
     """Align CHECKPOINTS (two or more) and write their mean, in the first one's frame.
+
+    With --symmetries orthogonal or full, every checkpoint is aligned to the first by
+    `autoperm.align` (in its gauge; --method ste learns the continuous maps on --data) and the
+    mean is taken: the anchor scheme.
 
     MODEL may be left out when the first checkpoint is a model directory with weights
     (save_pretrained): its config.json gives the model, and the output is a directory in its
@@ -161,19 +210,35 @@ def merge(
     spec = load_spec_or_infer(spec_path, module, example, args.name, args)
     check_state_dicts(spec, [module.state_dict(), *state_dicts], names=[f"model {model!r}", *checkpoints])
     data = _load_data(data_source, method)
-    with _progress(quiet, "rounds", max_iter if method == "wm" else len(checkpoints) - 1) as step:
-        result = merge_many(
-            spec, state_dicts, method=method, scheme=scheme, model=module, data=data, max_rounds=max_iter,
-            seed=seed, device=device, callback=step, **({"epochs": epochs, "lr": lr} if method == "ste" else {}),
-        )
-    if as_directory:
-        save_in_stored_names(result.state_dict, loaded[0][1], output, inputs=inputs)
+    if symmetries != "permutation":
+        if perms_out or scheme == "mergemany":
+            raise click.UsageError(f"--symmetries {symmetries} merges by the anchor scheme and writes no --perms-out")
+        learn = steps if method == "ste" else 0
+        with _progress(quiet, "models", len(checkpoints) - 1) as step:
+            aligned = []
+            for index, other in enumerate(state_dicts[1:], start=1):
+                found = align(spec, state_dicts[0], other, symmetries=symmetries, seed=seed, max_iter=max_iter, model=module,
+                              data=data, steps=learn, lr=1e-2 if lr is None else lr, device=device)
+                aligned.append(found.state_dict)
+                step(index, found.objective)
+        merged = mean_state_dict([state_dicts[0], *aligned])
+        merged = {name: merged[name].to(tensor.dtype) for name, tensor in state_dicts[0].items()}
+        rounds = f"anchor scheme, {symmetries} symmetries"
     else:
-        save_state_dict(result.state_dict, output, inputs=inputs)
+        with _progress(quiet, "rounds", max_iter if method == "wm" else len(checkpoints) - 1) as step:
+            result = merge_many(
+                spec, state_dicts, method=method, scheme=scheme, model=module, data=data, max_rounds=max_iter,
+                seed=seed, device=device, callback=step, **({"epochs": epochs, "lr": 1e-3 if lr is None else lr} if method == "ste" else {}),
+            )
+        merged, rounds = result.state_dict, f"{result.n_iter} round(s)"
+    if as_directory:
+        save_in_stored_names(merged, loaded[0][1], output, inputs=inputs)
+    else:
+        save_state_dict(merged, output, inputs=inputs)
     if perms_out:
         _write_perms({f"{path}": perms for path, perms in zip(checkpoints, result.perms)}, perms_out)
     if not quiet:
-        click.echo(f"merged {len(checkpoints)} models ({method}, {result.n_iter} round(s)); wrote {output}")
+        click.echo(f"merged {len(checkpoints)} models ({method}, {rounds}); wrote {output}")
 
 
 def _match_stable_diffusion(

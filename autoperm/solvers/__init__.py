@@ -4,23 +4,36 @@
 - :func:`ste_matching`: straight-through estimator on the midpoint loss (Git Re-Basin; STE-MM's recipe).
 - :func:`activation_matching`: correlation of recorded activations (Git Re-Basin, Section 3.1).
 - :func:`merge_many`: MergeMany and the anchor scheme of Ito et al. (arXiv 2402.04051).
+- :func:`generalized_matching`: weight matching with orthogonal maps where groups admit them.
+- :func:`align`: canonical forms, balanced gauges, generalised matching and learned maps
+  (Theus et al., arXiv 2506.22712), B written back in A's gauge.
 """
 
 from autoperm.solvers.activation_matching import activation_matching
+from autoperm.solvers.align import Alignment, align, refine
+from autoperm.solvers.gauge import balancing_transforms
+from autoperm.solvers.generalized import SYMMETRIES, GeneralizedResult, generalized_matching
 from autoperm.solvers.merge import mean_state_dict, merge_many
 from autoperm.solvers.result import MatchingResult, MergeResult, check_state_dicts
 from autoperm.solvers.ste import SteResult, midpoint_loss, ste_matching
 from autoperm.solvers.weight_matching import weight_matching
 
 __all__ = [
+    "SYMMETRIES",
+    "Alignment",
+    "GeneralizedResult",
     "MatchingResult",
     "MergeResult",
     "SteResult",
     "activation_matching",
+    "align",
+    "balancing_transforms",
     "check_state_dicts",
+    "generalized_matching",
     "mean_state_dict",
     "merge_many",
     "midpoint_loss",
+    "refine",
     "ste_matching",
     "weight_matching",
 ]

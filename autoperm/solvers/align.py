@@ -1,0 +1,260 @@
+"""Alignment with every symmetry kind: canonical forms, generalised weight matching, learned refinement.
+
+The pipeline of Theus et al. ("Generalized Linear Mode Connectivity for Transformers",
+arXiv 2506.22712), for any model whose spec inference understands:
+
+1. permutation weight matching on the weights as they are (canonical forms make it worse);
+2. both models to their canonical form (:func:`autoperm.canonicalize`: norm gains folded into
+   their readers, so streams admit orthogonal maps), and with ``symmetries="full"`` invertible
+   and scale groups to their balanced gauge (:mod:`autoperm.solvers.gauge`);
+3. generalised weight matching (:func:`autoperm.solvers.generalized.generalized_matching`);
+4. optionally, the continuous maps learned on data: Adam on the midpoint loss of
+   ``(theta_A + T(theta_B)) / 2``, each orthogonal map parametrised as ``exp(K - K^T) T_0``
+   (permutations stay as found);
+5. B mapped back to A's gauge: A's balancing undone and A's norm gains unfolded into B's readers
+   (:func:`autoperm.to_gauge`), so the output pairs with the user's A unchanged. Interpolating
+   A with it computes exactly what interpolating the two canonical forms computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from autoperm.data import iter_batches
+from autoperm.errors import SolverError
+from autoperm.solvers.gauge import balancing_transforms, invert
+from autoperm.solvers.generalized import SYMMETRIES, Symmetries, _ones_basis, generalized_matching
+from autoperm.solvers.result import check_state_dicts
+from autoperm.solvers.weight_matching import weight_matching
+from autoperm.spec import PermutationSpec, apply_permutation, canonicalize, to_gauge
+from autoperm.spec.transform import apply_transform
+
+__all__ = ["Alignment", "align", "refine"]
+
+logger = logging.getLogger(__name__)
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Alignment:
+    """B aligned to A by :func:`align`.
+
+    Attributes:
+        state_dict: B aligned, in A's gauge: interpolate it with A as it is.
+        symmetries: the symmetries used.
+        spec: the spec the ``transforms`` belong to (canonical when norms were folded).
+        transforms: the transform of each group, from B's canonical (and balanced) form after the
+            permutations ``perms`` to the aligned B before step 5 of the module docstring.
+        perms: the permutation weight matching's result (step 1).
+        objective: ``sum <W_A, T(W_B)>`` in canonical coordinates after generalised matching.
+        start_objective: the same after the permutations alone.
+        sweeps: generalised-matching sweeps.
+        refined: whether the continuous maps were learned on data.
+        losses: the refinement's batch midpoint losses (empty without refinement).
+        seconds: wall time of the whole alignment.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    symmetries: str
+    spec: PermutationSpec
+    transforms: dict[str, torch.Tensor]
+    perms: dict[str, torch.Tensor]
+    objective: float = math.nan
+    start_objective: float = math.nan
+    sweeps: int = 0
+    refined: bool = False
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def align(
+    spec: PermutationSpec,
+    state_dict_a: Mapping[str, torch.Tensor],
+    state_dict_b: Mapping[str, torch.Tensor],
+    symmetries: Symmetries = "orthogonal",
+    seed: int = 0,
+    max_iter: int = 100,
+    model: nn.Module | None = None,
+    data: Any = None,
+    steps: int = 0,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    loss_fn: LossFunction | None = None,
+    device: str | torch.device = "cpu",
+) -> Alignment:
+    """Align B to A with the symmetries asked for (see the module docstring).
+
+    Args:
+        spec: the spec of the architecture (as inferred: kinds of the model as it is).
+        state_dict_a: the reference model (not modified).
+        state_dict_b: the model to align (not modified).
+        symmetries: ``"permutation"``, ``"orthogonal"`` or ``"full"``.
+        seed: seeds the solvers and the refinement's batches.
+        max_iter: the most sweeps of each weight matching.
+        model: a module of the architecture (needed to refine).
+        data: ``(inputs, targets)`` batches to refine on; with ``steps > 0`` required.
+        steps: Adam steps of the learned refinement (0: none).
+        lr: the refinement's learning rate.
+        batch_size: the refinement's batch size when ``data`` is a tensor pair.
+        loss_fn: the task loss (default: cross-entropy over the last axis).
+        device: where products and the refinement run.
+
+    Returns:
+        An :class:`Alignment`.
+
+    Raises:
+        SolverError: unknown ``symmetries``, state dicts that do not fit the spec, or
+            ``steps > 0`` without ``model`` and ``data``.
+
+    Example:
+        >>> result = align(spec, model_a.state_dict(), model_b.state_dict(), symmetries="full")
+        >>> model_b.load_state_dict(result.state_dict)  # interpolate with model_a as it is
+    """
+    started = time.perf_counter()
+    if symmetries not in SYMMETRIES:
+        raise SolverError(f"unknown symmetries {symmetries!r}; choose from {list(SYMMETRIES)}")
+    if steps > 0 and (model is None or data is None):
+        raise SolverError("refining the continuous maps (steps > 0) needs the model and data")
+    check_state_dicts(spec, [state_dict_a, state_dict_b])
+    perms = weight_matching(spec, state_dict_a, state_dict_b, max_iter=max_iter, seed=seed, device=device).perms
+    permuted = apply_permutation(spec, perms, state_dict_b)
+    if symmetries == "permutation":
+        return Alignment(permuted, symmetries, spec, dict(perms), dict(perms), seconds=time.perf_counter() - started)
+    canonical_spec, canonical_a = canonicalize(spec, state_dict_a)
+    _, canonical_b = canonicalize(spec, permuted)
+    gauge_a: dict[str, torch.Tensor] = {}
+    if symmetries == "full":
+        gauge_a = balancing_transforms(canonical_spec, canonical_a)
+        canonical_a = apply_transform(canonical_spec, gauge_a, canonical_a)
+        canonical_b = apply_transform(canonical_spec, balancing_transforms(canonical_spec, canonical_b), canonical_b)
+    identity = {g.name: torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(canonical_spec[g.per].size, 1)
+                for g in canonical_spec.active_groups}
+    matched = generalized_matching(canonical_spec, canonical_a, canonical_b, symmetries, max_iter=max_iter, seed=seed,
+                                   init_perms=identity, device=device)
+    transforms, losses = matched.transforms, []
+    if steps > 0:
+        transforms, losses = refine(canonical_spec, model, canonical_a, canonical_b, transforms, data, steps=steps, lr=lr,
+                                    batch_size=batch_size, loss_fn=loss_fn, seed=seed, device=device)
+    aligned = apply_transform(canonical_spec, transforms, canonical_b)
+    if gauge_a:
+        aligned = apply_transform(canonical_spec, invert(canonical_spec, gauge_a), aligned)
+    result = to_gauge(spec, aligned, state_dict_a)
+    logger.info("aligned with %s symmetries: objective %.6g -> %.6g", symmetries, matched.start_objective, matched.objective)
+    return Alignment(result, symmetries, canonical_spec, transforms, dict(perms), matched.objective, matched.start_objective,
+                     matched.n_iter, steps > 0, losses, time.perf_counter() - started)
+
+
+def refine(
+    spec: PermutationSpec,
+    model: nn.Module,
+    state_dict_a: Mapping[str, torch.Tensor],
+    state_dict_b: Mapping[str, torch.Tensor],
+    transforms: Mapping[str, torch.Tensor],
+    data: Any,
+    steps: int = 300,
+    lr: float = 1e-2,
+    batch_size: int = 256,
+    loss_fn: LossFunction | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Learn the continuous maps of ``transforms`` on the midpoint loss; permutations stay as they are.
+
+    Each orthogonal (or invertible, here kept orthogonal) map ``T_0`` becomes ``exp(K - K^T) T_0``
+    with ``K`` learned from zero by Adam on the loss of ``(theta_A + T(theta_B)) / 2`` (a group
+    that fixes the all-ones vector rotates only its complement). The model runs in train mode.
+
+    Args:
+        spec: the spec ``transforms`` belong to.
+        model: a module of the architecture (its own weights are not used).
+        state_dict_a: the reference model, in the coordinates of ``transforms``.
+        state_dict_b: the model ``transforms`` act on.
+        transforms: the starting transforms (LongTensor permutations, float matrices).
+        data: ``(inputs, targets)``: a tensor pair (shuffled batches of ``batch_size``), or an
+            iterable of batches (cycled).
+        steps: Adam steps.
+        lr: Adam's learning rate.
+        batch_size: for a tensor pair.
+        loss_fn: the task loss (default: cross-entropy over the last axis).
+        seed: seeds the batch order.
+        device: where the model runs.
+
+    Returns:
+        ``(transforms, batch losses)``.
+
+    Raises:
+        SolverError: no batches in ``data``.
+    """
+    device = torch.device(device)
+    loss_fn = loss_fn or _cross_entropy
+    fixed = {name: t for name, t in transforms.items() if not t.is_floating_point()}
+    starts = {name: t.to(torch.float64) for name, t in transforms.items() if t.is_floating_point()}
+    if not starts:
+        return dict(transforms), []
+    skews = {name: torch.zeros(_skew_shape(spec, name, t), dtype=torch.float64, requires_grad=True) for name, t in starts.items()}
+    optimizer = torch.optim.Adam(list(skews.values()), lr=lr)
+    a = {k: v.to(device) for k, v in state_dict_a.items()}
+    b = {k: v.to(device) for k, v in state_dict_b.items()}
+    model = model.to(device).train()
+    losses: list[float] = []
+    batches = _cycle(data, batch_size, seed)
+    for _ in range(steps):
+        inputs, targets = next(batches)
+        current = {**fixed, **{name: _rotated(spec, name, skews[name], starts[name]) for name in starts}}
+        moved = apply_transform(spec, current, b)
+        middle = {k: (a[k] + moved[k]) / 2 if a[k].is_floating_point() else a[k] for k in a}
+        loss = loss_fn(functional_call(model, middle, (inputs.to(device),)), targets.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    with torch.no_grad():
+        learned = {**fixed, **{name: _rotated(spec, name, skews[name], starts[name]) for name in starts}}
+    logger.info("refinement: batch loss %.4g -> %.4g in %d steps", losses[0], losses[-1], steps)
+    return learned, losses
+
+
+def _skew_shape(spec: PermutationSpec, name: str, start: torch.Tensor) -> tuple[int, ...]:
+    size = start.shape[-1] - (1 if spec[name].fixes_ones else 0)
+    return (*start.shape[:-2], size, size)
+
+
+def _rotated(spec: PermutationSpec, name: str, skew: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """``exp(K - K^T) T_0``, or ``H diag(1, exp(K - K^T)) H^T T_0`` for a group that fixes the ones vector."""
+    rotation = torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))
+    if spec[name].fixes_ones:
+        basis = _ones_basis(start.shape[-1])
+        full = torch.block_diag(torch.ones(1, 1, dtype=torch.float64), rotation)
+        rotation = basis @ full @ basis.T
+    return rotation @ start
+
+
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs.flatten(0, -2), targets.flatten())
+
+
+def _cycle(data: Any, batch_size: int, seed: int):
+    """Endless ``(inputs, targets)`` batches: shuffled each pass for a tensor pair, cycled otherwise."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+            order = torch.randperm(data[0].shape[0], generator=generator)
+            source: Any = (data[0][order], data[1][order])
+        else:
+            source = data
+        found = False
+        for batch in iter_batches(source, batch_size):
+            found = True
+            yield batch
+        if not found:
+            raise SolverError("no batches in data; give an iterable of (inputs, targets)")

@@ -1,0 +1,427 @@
+"""Generalised weight matching: permutations, orthogonal maps and head maps in one coordinate descent.
+
+Maximises ``sum <W_A, T(W_B)>_F`` over a transform of each group of the kind it is solved in:
+a permutation (linear assignment) or an orthogonal map (orthogonal Procrustes: the polar factor
+``U V^T`` of the cost ``C = U S V^T``; Schoenemann 1966). Orthogonal maps keep every norm, so this
+is ``min ||W_A - T(W_B)||_F``, the objective of Theus et al. ("Generalized Linear Mode
+Connectivity for Transformers", arXiv 2506.22712) for their orthogonal classes. Groups that
+must fix the all-ones vector (LayerNorm streams, ``fixes_ones``) solve Procrustes on its
+orthogonal complement.
+
+Heads are assigned jointly with their within-head maps: B's head ``c`` scores against A's head
+``a`` by the best within-head map, ``||C_ac||_*`` (the nuclear norm, Procrustes' optimum) for an
+orthogonal fibre and the assignment value for a permutation fibre; one linear assignment over
+heads, then each head's maps.
+
+The run starts from permutation weight matching (:func:`autoperm.solvers.weight_matching`) and
+works in the current coordinates: each visit computes ``D = A . B'^T`` along the group's positions
+for the current transformed ``B'`` and moves by the best group element ``Delta``; the transform of
+the group becomes ``Delta T``. Every move is measured on the tensors it touches and kept only if
+the objective improves, so ``objective`` is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from autoperm.errors import SolverError
+from autoperm.solvers.lap import linear_assignment
+from autoperm.solvers.result import check_state_dicts, is_cost_tensor, is_improvement
+from autoperm.solvers.weight_matching import weight_matching
+from autoperm.spec import Member, PermutationGroup, PermutationSpec, check_permutations
+from autoperm.spec.apply import apply_permutation, layout_positions
+
+__all__ = ["SYMMETRIES", "Symmetries", "GeneralizedResult", "generalized_matching", "solved_kind", "procrustes"]
+
+logger = logging.getLogger(__name__)
+
+Symmetries = Literal["permutation", "orthogonal", "full"]
+SYMMETRIES: tuple[str, ...] = ("permutation", "orthogonal", "full")
+"""How much of each group's kind the solvers use: permutations only; orthogonal maps where a
+group admits them; every kind (invertible groups are balanced first, see :mod:`autoperm.solvers.gauge`)."""
+
+SweepCallback = Callable[[int, float], None]
+
+
+@dataclass
+class GeneralizedResult:
+    """What :func:`generalized_matching` found.
+
+    Attributes:
+        transforms: ``{group name: transform}``: a LongTensor permutation or a float64 matrix
+            (stacked per head for fibred groups); apply with :func:`autoperm.apply_transform`.
+        objective: ``sum <W_A, T(W_B)>_F`` over the cost tensors at ``transforms``.
+        start_objective: the same at the permutation weight-matching start.
+        n_iter: sweeps run after the start.
+        converged: whether a sweep improved nothing before ``max_iter``.
+        history: the objective at the start and after every sweep.
+        kinds: the kind each group was solved in (``"permutation"`` or ``"orthogonal"``).
+    """
+
+    transforms: dict[str, torch.Tensor]
+    objective: float
+    start_objective: float
+    n_iter: int
+    converged: bool
+    history: list[float] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)
+
+
+def solved_kind(group: PermutationGroup, symmetries: str) -> str:
+    """The kind ``group`` is solved in under ``symmetries``: ``"orthogonal"`` when it admits orthogonal
+    maps (kinds ``orthogonal`` and ``invertible``) and ``symmetries`` is not ``"permutation"``, else
+    ``"permutation"`` (scale groups are balanced by the gauge, then permuted)."""
+    if symmetries not in SYMMETRIES:
+        raise SolverError(f"unknown symmetries {symmetries!r}; choose from {list(SYMMETRIES)}")
+    if symmetries != "permutation" and group.kind in ("orthogonal", "invertible"):
+        return "orthogonal"
+    return "permutation"
+
+
+def procrustes(cost: torch.Tensor, fixes_ones: bool = False) -> torch.Tensor:
+    """The orthogonal ``Q`` maximising ``sum_ij Q[i, j] cost[i, j]``: the polar factor of ``cost``.
+
+    With ``fixes_ones`` the maximum over the orthogonal maps with ``Q 1 = 1``: Procrustes on the
+    complement of the all-ones vector, in the basis of the Householder reflection that maps
+    ``e_1`` onto ``1 / sqrt(n)``. Works on a stack of matrices too (not with ``fixes_ones``).
+    """
+    cost = cost.to(torch.float64)
+    if not fixes_ones:
+        u, _, vh = torch.linalg.svd(cost)
+        return u @ vh
+    size = cost.shape[-1]
+    basis = _ones_basis(size)
+    inside = basis.T @ cost @ basis
+    rotation = torch.eye(size, dtype=torch.float64)
+    if size > 1:
+        u, _, vh = torch.linalg.svd(inside[1:, 1:])
+        rotation[1:, 1:] = u @ vh
+    return basis @ rotation @ basis.T
+
+
+def _ones_basis(size: int) -> torch.Tensor:
+    """A symmetric orthogonal matrix whose first column is ``1 / sqrt(size)`` (a Householder reflection)."""
+    direction = -torch.full((size,), 1.0 / math.sqrt(size), dtype=torch.float64)
+    direction[0] += 1.0
+    norm = direction.norm()
+    if norm < 1e-12:  # size 1: e_1 is the ones vector
+        return torch.eye(size, dtype=torch.float64)
+    direction = direction / norm
+    return torch.eye(size, dtype=torch.float64) - 2 * torch.outer(direction, direction)
+
+
+def generalized_matching(
+    spec: PermutationSpec,
+    state_dict_a: Mapping[str, torch.Tensor],
+    state_dict_b: Mapping[str, torch.Tensor],
+    symmetries: Symmetries = "orthogonal",
+    max_iter: int = 50,
+    seed: int = 0,
+    init_perms: Mapping[str, torch.Tensor] | None = None,
+    tol: float = 1e-9,
+    callback: SweepCallback | None = None,
+    device: str | torch.device = "cpu",
+) -> GeneralizedResult:
+    """Align B to A with a transform of each group's kind (see the module docstring).
+
+    Args:
+        spec: the spec; each group's ``kind`` (and ``fixes_ones``) bounds its transform. Give a
+            canonical spec (:func:`autoperm.canonicalize`) so that norm-limited streams admit
+            orthogonal maps.
+        state_dict_a: the reference model's state dict (not modified).
+        state_dict_b: the state dict to align (not modified).
+        symmetries: ``"permutation"`` (weight matching alone), ``"orthogonal"`` or ``"full"``
+            (both solve every group that admits orthogonal maps with orthogonal maps here; the
+            invertible gauge of ``"full"`` is applied by :func:`autoperm.solvers.gauge.align`).
+        max_iter: the most sweeps after the start.
+        seed: seeds the group order of every sweep and the starting weight matching.
+        init_perms: the starting permutations (default: :func:`weight_matching` of A and B).
+        tol: relative improvement below which a move or sweep counts as no progress.
+        callback: called after every sweep with ``(sweep, objective)``.
+        device: where the products run.
+
+    Returns:
+        A :class:`GeneralizedResult`.
+
+    Raises:
+        SolverError: the state dicts do not fit the spec, or ``symmetries`` is unknown.
+
+    Complexity:
+        Per sweep, one product ``O(n^2 k)`` per member plus one SVD or LAP ``O(n^3)`` per group;
+        heads add ``H^2`` within-head products and SVDs.
+
+    Example:
+        >>> spec_c, a_c = autoperm.canonicalize(spec, model_a.state_dict())
+        >>> _, b_c = autoperm.canonicalize(spec, model_b.state_dict())
+        >>> result = generalized_matching(spec_c, a_c, b_c)
+        >>> aligned = autoperm.apply_transform(spec_c, result.transforms, b_c)
+    """
+    check_state_dicts(spec, [state_dict_a, state_dict_b])
+    kinds = {g.name: solved_kind(g, symmetries) for g in spec.active_groups}
+    if init_perms is None:
+        init_perms = weight_matching(spec, state_dict_a, state_dict_b, seed=seed, device=device).perms
+    else:
+        check_permutations(spec, init_perms)
+    descent = _Descent(spec, state_dict_a, state_dict_b, dict(init_perms), kinds, torch.device(device), tol)
+    history = [descent.value]
+    if symmetries == "permutation":
+        return GeneralizedResult(descent.result(), descent.value, descent.value, 0, True, history, kinds)
+    generator = np.random.default_rng(seed)
+    converged = False
+    sweep = 0
+    for sweep in range(1, max_iter + 1):
+        improved = False
+        for index in generator.permutation(len(descent.units)):
+            improved |= descent.solve(descent.units[index])
+        history.append(descent.value)
+        if callback is not None:
+            callback(sweep, descent.value)
+        if not improved:
+            converged = True
+            break
+    logger.info("generalised matching: objective %.6g -> %.6g in %d sweep(s)", history[0], history[-1], sweep)
+    return GeneralizedResult(descent.result(), descent.value, history[0], sweep, converged, history, kinds)
+
+
+@dataclass
+class _Unit:
+    """What one visit solves: a group alone, or a head group with its fibred within-head groups."""
+
+    group: PermutationGroup
+    fibres: tuple[PermutationGroup, ...] = ()
+
+
+class _Descent:
+    """The state of one run: B's tensors in the current coordinates, and the transform of each group."""
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        state_dict_a: Mapping[str, torch.Tensor],
+        state_dict_b: Mapping[str, torch.Tensor],
+        perms: dict[str, torch.Tensor],
+        kinds: Mapping[str, str],
+        device: torch.device,
+        tol: float,
+    ):
+        self.spec = spec
+        self.kinds = dict(kinds)
+        self.tol = tol
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in state_dict_a.values()) else torch.float32
+        aligned = apply_permutation(spec, perms, state_dict_b)
+        names = [p for p in spec.members_by_param if is_cost_tensor(p, state_dict_a[p])]
+        self.a = {p: state_dict_a[p].to(device=device, dtype=dtype) for p in names}
+        self.b = {p: aligned[p].to(device=device, dtype=dtype) for p in names}
+        self.transforms: dict[str, torch.Tensor] = {
+            g.name: perms.get(g.name, torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(spec[g.per].size, 1))
+            .to(torch.long).cpu()
+            for g in spec.active_groups
+        }
+        self.units = self._units()
+        self.value = sum(self._inner(p) for p in names)
+
+    def _units(self) -> list[_Unit]:
+        """Every active group not fibred, with its fibres when it has some that its members carry."""
+        fibres: dict[str, list[PermutationGroup]] = {}
+        for group in self.spec.active_groups:
+            if group.per is not None:
+                fibres.setdefault(group.per, []).append(group)
+        units = []
+        for group in self.spec.active_groups:
+            if group.per is not None:
+                continue
+            own = tuple(fibres.get(group.name, ()))
+            carried = {(m.param, m.axis) for m in group.members}
+            if any((m.param, m.axis) not in carried for f in own for m in f.members):
+                logger.info("group %r: a within-head member lies outside the heads' own tensors; kept at the start", group.name)
+                continue
+            units.append(_Unit(group, own))
+        return units
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in self.transforms.items()}
+
+    def _inner(self, param: str) -> float:
+        return float((self.a[param] * self.b[param]).sum())
+
+    # ------------------------------------------------------------------ one visit
+    def solve(self, unit: _Unit) -> bool:
+        """Re-solve one unit with everything else fixed; return whether the objective improved."""
+        group = unit.group
+        members = [m for m in group.members if m.param in self.a]
+        if not members:
+            return False
+        if unit.fibres:
+            return self._solve_heads(unit)
+        cost = sum(_product(self.a[m.param], self.b[m.param], m, group.size) for m in members)
+        if self.kinds[group.name] == "orthogonal":
+            delta = procrustes(cost, getattr(group, "fixes_ones", False))
+            if torch.allclose(delta, torch.eye(group.size, dtype=delta.dtype), atol=1e-12):
+                return False
+            moves = [(m, _Move(matrix=delta)) for m in members]
+        else:
+            order = _assign(cost)
+            if torch.equal(order, torch.arange(group.size)):
+                return False
+            moves = [(m, _Move(index=order)) for m in members]
+        return self._commit(moves, lambda: self._update(group, moves[0][1]))
+
+    def _solve_heads(self, unit: _Unit) -> bool:
+        """Heads and their within-head maps at once (see the module docstring)."""
+        heads = unit.group
+        count = heads.size
+        covered = {(m.param, m.axis) for f in unit.fibres for m in f.members}
+        score = torch.zeros(count, count, dtype=torch.float64)
+        for member in heads.members:
+            if member.param in self.a and (member.param, member.axis) not in covered:
+                score += _product(self.a[member.param], self.b[member.param], member, count)
+        costs: dict[str, torch.Tensor] = {}
+        for fibre in unit.fibres:
+            cost = sum(_fibred_product(self.a[m.param], self.b[m.param], m, fibre.size, count)
+                       for m in fibre.members if m.param in self.a)
+            if not isinstance(cost, torch.Tensor):
+                continue
+            costs[fibre.name] = cost  # (a, c, d, d)
+            if self.kinds[fibre.name] == "orthogonal":
+                score += torch.linalg.matrix_norm(cost, ord="nuc")
+            else:
+                score += torch.tensor([[_assignment_value(cost[a, c]) for c in range(count)] for a in range(count)])
+        order = _assign(score)
+        within: dict[str, torch.Tensor] = {}
+        for name, cost in costs.items():
+            chosen = cost[torch.arange(count), order]  # (a, d, d): A's head a against B's head order[a]
+            if self.kinds[name] == "orthogonal":
+                within[name] = procrustes(chosen)
+            else:
+                within[name] = torch.stack([_assign(c.clone()) for c in chosen])
+        moves: list[tuple[Member, _Move]] = []
+        if not torch.equal(order, torch.arange(count)):
+            moves += [(m, _Move(index=order)) for m in heads.members if m.param in self.a]
+        for fibre in unit.fibres:
+            if fibre.name in within:
+                move = _Move(matrix=within[fibre.name]) if within[fibre.name].is_floating_point() else _Move(index=within[fibre.name])
+                moves += [(m, _Move(matrix=move.matrix, index=move.index, fibred=True)) for m in fibre.members if m.param in self.a]
+        if not moves:
+            return False
+
+        def update() -> None:
+            self.transforms[heads.name] = self.transforms[heads.name][order]
+            for fibre in unit.fibres:
+                carried = self.transforms[fibre.name][order]
+                self.transforms[fibre.name] = _compose(within.get(fibre.name), carried, fibre.size)
+
+        return self._commit(moves, update)
+
+    def _update(self, group: PermutationGroup, move: _Move) -> None:
+        current = self.transforms[group.name]
+        if move.index is not None:
+            self.transforms[group.name] = current[move.index]
+        else:
+            self.transforms[group.name] = _compose(move.matrix, current, group.size)
+
+    def _commit(self, moves: Sequence[tuple[Member, _Move]], update: Callable[[], None]) -> bool:
+        """Apply ``moves`` to B's tensors; keep them (and run ``update``) only if the objective improves."""
+        touched = sorted({m.param for m, _ in moves})
+        saved = {p: self.b[p] for p in touched}
+        before = sum(self._inner(p) for p in touched)
+        for member, move in moves:  # heads first, then fibres: the order of ``moves``
+            self.b[member.param] = move.apply(self.b[member.param], member)
+        gain = sum(self._inner(p) for p in touched) - before
+        if not is_improvement(gain, self.value, self.tol):
+            self.b.update(saved)
+            return False
+        self.value += gain
+        update()
+        return True
+
+
+@dataclass
+class _Move:
+    """A change of coordinates along one member: a gather ``index`` or a ``matrix`` (per head when ``fibred``)."""
+
+    matrix: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    fibred: bool = False
+
+    def apply(self, tensor: torch.Tensor, member: Member) -> torch.Tensor:
+        size = (self.index if self.index is not None else self.matrix).shape[-1]
+        moved, flat, shape = _block(tensor, member, size)
+        block = moved[flat].reshape(*shape, -1)  # (*outer, size, inner, rest)
+        if self.index is not None and not self.fibred:
+            updated = block.index_select(-3, self.index.to(block.device))
+        elif self.index is not None:
+            heads = shape[0]
+            middle = block.reshape(heads, -1, *block.shape[-3:])
+            picked = self.index.to(block.device).view(heads, 1, -1, 1, 1).expand(-1, middle.shape[1], -1, *middle.shape[-2:])
+            updated = torch.gather(middle, 2, picked).reshape(block.shape)
+        elif self.fibred:
+            heads = shape[0]
+            middle = block.reshape(heads, -1, *block.shape[-3:])
+            updated = torch.einsum("hij,hmjsr->hmisr", self.matrix.to(block), middle).reshape(block.shape)
+        else:
+            updated = torch.einsum("ij,...jsr->...isr", self.matrix.to(block), block)
+        result = moved.clone()
+        result[flat] = updated.reshape(flat.numel(), *moved.shape[1:])
+        return result.movedim(0, member.axis)
+
+
+def _block(tensor: torch.Tensor, member: Member, size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The tensor with the member's axis first, the flat positions, and the positions' shape ``(*outer, size, inner)``."""
+    positions = layout_positions(member, size)
+    return tensor.movedim(member.axis, 0), positions.flatten().to(tensor.device), tuple(positions.shape)
+
+
+def _rows(tensor: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """The member's entries as ``(size, everything else)``."""
+    moved, flat, shape = _block(tensor, member, size)
+    block = moved[flat].reshape(*shape, -1)
+    return block.movedim(-3, 0).reshape(size, -1)
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """``D[i, j] = <A's index i, B's index j>`` along one member, in float64."""
+    return (_rows(a, member, size) @ _rows(b, member, size).T).to(torch.float64).cpu()
+
+
+def _fibred_product(a: torch.Tensor, b: torch.Tensor, member: Member, size: int, heads: int) -> torch.Tensor:
+    """``D[a, c, i, j] = <A's head a index i, B's head c index j>`` along a within-head member."""
+    def per_head(tensor: torch.Tensor) -> torch.Tensor:
+        moved, flat, shape = _block(tensor, member, size)
+        block = moved[flat].reshape(heads, -1, size, shape[-1], moved.shape[1:].numel())
+        return block.movedim(2, 1).reshape(heads, size, -1)
+    return torch.einsum("aik,cjk->acij", per_head(a), per_head(b)).to(torch.float64).cpu()
+
+
+def _compose(delta: torch.Tensor | None, current: torch.Tensor, size: int) -> torch.Tensor:
+    """The transform ``delta`` after ``current`` (each a permutation index or a matrix; stacks per head)."""
+    if delta is None:
+        return current
+    if not delta.is_floating_point():
+        if current.is_floating_point():
+            return torch.gather(current, -2, delta.unsqueeze(-1).expand(*delta.shape, size))
+        return torch.gather(current, -1, delta)
+    return delta @ _as_matrix(current, size)
+
+
+def _as_matrix(transform: torch.Tensor, size: int) -> torch.Tensor:
+    """A transform as a float64 matrix (``P[i, p[i]] = 1`` for a permutation)."""
+    if transform.is_floating_point():
+        return transform.to(torch.float64)
+    return torch.nn.functional.one_hot(transform, size).to(torch.float64)
+
+
+def _assign(score: torch.Tensor) -> torch.Tensor:
+    """The permutation ``p`` maximising ``sum_i score[i, p[i]]``."""
+    result = linear_assignment(score.to(torch.float64).numpy(), maximize=True)
+    return torch.as_tensor(np.asarray(result.columns), dtype=torch.long)
+
+
+def _assignment_value(score: torch.Tensor) -> float:
+    return float(linear_assignment(score.to(torch.float64).numpy(), maximize=True).value)

@@ -1,0 +1,95 @@
+"""`autoperm match A B --symmetries orthogonal|full` on Hugging Face directories.
+
+The output directory loads with ``from_pretrained`` and computes B's function (compared in
+float64), keeps A's norm gains (B is written in A's gauge), and on a planted permutation of A
+gives back A.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+from autoperm import apply_permutation, random_permutation  # noqa: E402
+from autoperm.cli import cli  # noqa: E402
+from autoperm.spec import PermutationSpec  # noqa: E402
+from tests.conftest import perturb_  # noqa: E402
+
+BUILDERS = {
+    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96,
+                                                                          n_positions=32)),
+             transformers.GPT2LMHeadModel),
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96)), transformers.LlamaForCausalLM),
+}
+
+
+def _invoke(args: list[str]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CliRunner().invoke(cli, args, standalone_mode=False, catch_exceptions=True)
+
+
+def _logits(loader, path: Path) -> torch.Tensor:
+    model = loader.from_pretrained(path).double().eval()
+    tokens = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_full_symmetries_keep_b_function_in_a_gauge(name: str, tmp_path: Path) -> None:
+    transformers.logging.set_verbosity_error()
+    build, loader = BUILDERS[name]
+    for label, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        perturb_(build(), seed + 1, scale=0.05).save_pretrained(tmp_path / label)
+    out = tmp_path / "out"
+    result = _invoke(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--symmetries", "full", "-o", str(out)])
+    assert result.exception is None, result.output
+    assert "A's gauge" in result.output
+    assert torch.allclose(_logits(loader, out), _logits(loader, tmp_path / "b"), atol=1e-4)
+    a = loader.from_pretrained(tmp_path / "a").state_dict()
+    aligned = loader.from_pretrained(out).state_dict()
+    gains = [k for k in a if ("ln" in k or "norm" in k) and k.endswith("weight")]
+    assert gains and all(torch.equal(aligned[k], a[k]) for k in gains)
+
+
+def test_planted_permutation_comes_back_exactly_with_orthogonal_symmetries(tmp_path: Path) -> None:
+    transformers.logging.set_verbosity_error()
+    build, loader = BUILDERS["gpt2"]
+    torch.manual_seed(0)
+    model = perturb_(build(), 1, scale=0.05).eval()
+    model.save_pretrained(tmp_path / "a")
+    spec_path = tmp_path / "spec.yaml"
+    assert _invoke(["spec", str(tmp_path / "a"), "-o", str(spec_path)]).exception is None
+    spec = PermutationSpec.from_yaml(spec_path)
+    model.load_state_dict(apply_permutation(spec, random_permutation(spec, seed=5), model.state_dict()))
+    model.save_pretrained(tmp_path / "b")
+    out = tmp_path / "out"
+    result = _invoke(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--symmetries", "orthogonal", "-o", str(out)])
+    assert result.exception is None, result.output
+    a = loader.from_pretrained(tmp_path / "a").state_dict()
+    aligned = loader.from_pretrained(out).state_dict()
+    worst = max(float((aligned[k] - a[k]).abs().max()) for k in a if a[k].is_floating_point())
+    assert worst < 1e-5
+
+
+def test_symmetries_refuse_perms_out_and_activation_matching(tmp_path: Path) -> None:
+    transformers.logging.set_verbosity_error()
+    build, _ = BUILDERS["gpt2"]
+    build().save_pretrained(tmp_path / "a")
+    build().save_pretrained(tmp_path / "b")
+    for extra in (["--perms-out", str(tmp_path / "p.yaml")], ["--method", "act", "--data", "digits"]):
+        result = _invoke(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--symmetries", "full", "-o",
+                          str(tmp_path / "out"), *extra])
+        assert result.exception is not None
+        assert "--symmetries full" in str(result.exception)
+        assert not (tmp_path / "out").exists()
