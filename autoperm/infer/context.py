@@ -58,6 +58,7 @@ class RuleContext:
         self.linked: list[Hashable] = []  # tensor axes the current call coupled or fixed
         self.norm_folds: tuple[NormFold, ...] = ()
         self.fold_overrides: dict[str, dict[Hashable, tuple[frozenset[str], bool] | None]] = {}
+        self.fold_descriptions: dict[str, str] = {}  # node -> the foldable norm it belongs to
         self.folded_kinds: dict[Hashable, frozenset[str]] = {}
         self.folded_excluded_by: dict[Hashable, dict[str, tuple[int, str]]] = {}
         self.ones_fixed: set[Hashable] = set()
@@ -206,11 +207,12 @@ class RuleContext:
             self._narrow_kinds(self.kinds, self.excluded_by, key, self.carried.get(key, PERMUTATION_ONLY), description)
         if self.fold_overrides:
             override = self.fold_overrides.get(node or "", {})
+            folded_description = self.fold_descriptions.get(node or "", description)
             for key in keys:
                 entry = override[key] if key in override else (self.carried.get(key, PERMUTATION_ONLY), False)
                 if entry is None:
                     continue
-                self._narrow_kinds(self.folded_kinds, self.folded_excluded_by, key, entry[0], description)
+                self._narrow_kinds(self.folded_kinds, self.folded_excluded_by, key, entry[0], folded_description)
                 if entry[1]:
                     self.ones_fixed.add(key)
         self.carried = {}

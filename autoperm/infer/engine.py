@@ -52,6 +52,7 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
     plan = find_norm_folds(traced)
     ctx.norm_folds = plan.folds
     ctx.fold_overrides = plan.overrides
+    ctx.fold_descriptions = plan.descriptions
     ctx.axes.reason = "model input"
     for ref in traced.inputs:
         ctx.fix(ref)

@@ -51,10 +51,12 @@ class FoldPlan:
     Attributes:
         folds: one record per foldable norm, in graph order.
         overrides: graph node -> :data:`Override` for the calls of the foldable norms.
+        descriptions: graph node -> the norm it belongs to, for ``kind_limited_by`` of folded kinds.
     """
 
     folds: tuple[NormFold, ...] = ()
     overrides: dict[str, Override] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
 
 
 class _Graph:
@@ -122,6 +124,7 @@ def find_norm_folds(traced: TracedGraph) -> FoldPlan:
         folds.append(fold)
         for node, axes in override.items():
             plan.overrides.setdefault(node, {}).update(axes)
+            plan.descriptions[node] = f"{fold.op} at node {fold.node!r} with its gain folded"
     plan.folds = tuple(folds)
     return plan
 
