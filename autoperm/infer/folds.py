@@ -24,6 +24,7 @@ axes and the statistics' intermediate axes are ignored.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from autoperm.spec.schema import NormFold, Reader
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 
 __all__ = ["FoldPlan", "Override", "find_norm_folds"]
+
+logger = logging.getLogger(__name__)
 
 Override = dict[Hashable, "tuple[frozenset[str], bool] | None"]
 """Axis node -> (kinds it admits once folded, whether they must fix ones), or ``None``: ignored."""
@@ -117,7 +120,11 @@ def find_norm_folds(traced: TracedGraph) -> FoldPlan:
     plan = FoldPlan()
     folds: list[NormFold] = []
     for call in traced.calls:
-        found = _norm_call(graph, call) or _decomposed_rms_norm(graph, call)
+        try:
+            found = _norm_call(graph, call) or _decomposed_rms_norm(graph, call)
+        except Exception as error:  # an unexpected call signature: leave the norm unfolded (its kinds stay as inferred)
+            logger.warning("could not check %s for a foldable norm (%s: %s); leaving it unfolded", call.describe(), type(error).__name__, error)
+            continue
         if found is None:
             continue
         fold, override = found
