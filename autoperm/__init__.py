@@ -23,10 +23,12 @@ from autoperm.spec import (
     PermutationSpec,
     apply_permutation,
     apply_transform,
+    canonicalize,
     identity_permutation,
     invert_permutation,
     random_permutation,
     random_transform,
+    to_gauge,
 )
 from autoperm.infer import UnsupportedOpWarning, infer_spec, register_alias, register_module_rule, register_op_rule
 from autoperm.verify import VerifyReport, verify_spec

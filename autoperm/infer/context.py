@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from autoperm.infer.axes import AxisGraph
 from autoperm.spec.kinds import ALL_KINDS, PERMUTATION_ONLY, closure
+from autoperm.spec.schema import NormFold
 from autoperm.trace.graph import TensorRef, TracedGraph
 
 __all__ = ["AffineLayout", "RuleContext"]
@@ -31,6 +32,12 @@ class RuleContext:
     Besides the axis graph it records the symmetry kinds: for every node, the kinds that every
     call touching it preserves (``kinds``), the first call that excluded each other kind
     (``excluded_by``), and for state tensor axes the roles the rules gave them (``roles``).
+
+    Where norm gains can be folded into the layers that read them (``fold_overrides``, set
+    before the rules run), it also records the kinds with those gains folded (``folded_kinds``,
+    ``folded_excluded_by``) and the axes whose maps must then fix the all-ones vector
+    (``ones_fixed``): the same record, except that on the calls of a foldable norm the
+    overrides say what each axis admits (``None``: the axis is ignored, as a folded gain is).
     """
 
     def __init__(self, traced: TracedGraph, axes: AxisGraph | None = None):
@@ -49,6 +56,12 @@ class RuleContext:
         self.excluded_by: dict[Hashable, dict[str, tuple[int, str]]] = {}
         self.roles: dict[Hashable, set[str]] = {}
         self.linked: list[Hashable] = []  # tensor axes the current call coupled or fixed
+        self.norm_folds: tuple[NormFold, ...] = ()
+        self.fold_overrides: dict[str, dict[Hashable, tuple[frozenset[str], bool] | None]] = {}
+        self.fold_descriptions: dict[str, str] = {}  # node -> the foldable norm it belongs to
+        self.folded_kinds: dict[Hashable, frozenset[str]] = {}
+        self.folded_excluded_by: dict[Hashable, dict[str, tuple[int, str]]] = {}
+        self.ones_fixed: set[Hashable] = set()
         self._state_ids = {ref.id for ref in traced.state.values()}
         self._calls_recorded = 0
 
@@ -184,22 +197,37 @@ class RuleContext:
         self.call_nodes = []
         self.linked = []
 
-    def record_kinds(self, description: str, tensors: Sequence[TensorRef | None]) -> None:
-        """Close the current call: every axis of ``tensors`` and every atom it reached admits what
-        the call carries on it, or permutations only."""
+    def record_kinds(self, description: str, tensors: Sequence[TensorRef | None], node: str | None = None) -> None:
+        """Close the current call (graph node ``node``): every axis of ``tensors`` and every atom it
+        reached admits what the call carries on it, or permutations only."""
         self._calls_recorded += 1
         keys: list[Hashable] = [(t.id, d) for t in tensors if t is not None for d in range(t.ndim)]
-        for key in dict.fromkeys([*keys, *self.call_nodes, *self.carried]):
-            admitted = self.kinds.get(key, ALL_KINDS)
-            narrowed = admitted & self.carried.get(key, PERMUTATION_ONLY)
-            if narrowed != admitted:
-                self.kinds[key] = narrowed
-                excluded = self.excluded_by.setdefault(key, {})
-                for kind in admitted - narrowed:
-                    excluded.setdefault(kind, (self._calls_recorded, description))
+        keys = list(dict.fromkeys([*keys, *self.call_nodes, *self.carried]))
+        for key in keys:
+            self._narrow_kinds(self.kinds, self.excluded_by, key, self.carried.get(key, PERMUTATION_ONLY), description)
+        if self.fold_overrides:
+            override = self.fold_overrides.get(node or "", {})
+            folded_description = self.fold_descriptions.get(node or "", description)
+            for key in keys:
+                entry = override[key] if key in override else (self.carried.get(key, PERMUTATION_ONLY), False)
+                if entry is None:
+                    continue
+                self._narrow_kinds(self.folded_kinds, self.folded_excluded_by, key, entry[0], folded_description)
+                if entry[1]:
+                    self.ones_fixed.add(key)
         self.carried = {}
         self.call_nodes = []
         self.linked = []
+
+    def _narrow_kinds(self, kinds: dict[Hashable, frozenset[str]], excluded_by: dict[Hashable, dict[str, tuple[int, str]]],
+                      key: Hashable, carried: frozenset[str], description: str) -> None:
+        admitted = kinds.get(key, ALL_KINDS)
+        narrowed = admitted & carried
+        if narrowed != admitted:
+            kinds[key] = narrowed
+            excluded = excluded_by.setdefault(key, {})
+            for kind in admitted - narrowed:
+                excluded.setdefault(kind, (self._calls_recorded, description))
 
     def size(self, node: Hashable) -> int:
         return self.axes.sizes[node]

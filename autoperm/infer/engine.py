@@ -15,11 +15,13 @@ from autoperm.infer import rules_attention, rules_core, rules_layers  # noqa: F4
 from autoperm.infer.affine import affine_sites
 from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
+from autoperm.infer.folds import find_norm_folds
 from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
 from autoperm.infer.registry import bind, has_module_rule, module_meta_output
 from autoperm.spec.apply import layout_positions
 from autoperm.spec.kinds import ALL_KINDS, ROLE_FREE, largest
-from autoperm.spec.schema import ActivationSite, FixedAxis, Layout, Member, PermutationGroup, PermutationSpec
+from autoperm.spec.kinds import admitted as admitted_kinds
+from autoperm.spec.schema import ActivationSite, FixedAxis, FoldedKind, Layout, Member, PermutationGroup, PermutationSpec
 from autoperm.trace import TracedGraph, trace_model
 from autoperm.trace.graph import OpCall, TensorRef
 
@@ -41,8 +43,16 @@ class _Placement:
 
 
 def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
-    """Run the rule of every op of ``traced``; returns the context and the unsupported op types."""
+    """Run the rule of every op of ``traced``; returns the context and the unsupported op types.
+
+    The context's ``norm_folds`` lists the norms whose gains can be folded into their readers
+    (:mod:`autoperm.infer.folds`), and its ``folded_kinds`` the kinds once they are.
+    """
     ctx = RuleContext(traced)
+    plan = find_norm_folds(traced)
+    ctx.norm_folds = plan.folds
+    ctx.fold_overrides = plan.overrides
+    ctx.fold_descriptions = plan.descriptions
     ctx.axes.reason = "model input"
     for ref in traced.inputs:
         ctx.fix(ref)
@@ -74,7 +84,7 @@ def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
             functional = rule.functional(ctx, bound)
             rule.couple(ctx, functional)
             _fix_forgotten(ctx, call, involved)
-            ctx.record_kinds(call.describe(), involved)
+            ctx.record_kinds(call.describe(), involved, node=call.node)
             layout = rule.affine(functional) if rule.affine is not None else None
             if layout is not None:
                 ctx.affine[call.node] = layout
@@ -233,15 +243,17 @@ def infer_spec(
     names = _group_names(ctx.producers, members, fibres)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     kinds = _group_kinds(ctx, resolved, members, state_ids)
+    folded = _group_kinds(ctx, resolved, members, state_ids, folded=True) if ctx.norm_folds else {}
     groups = [
         PermutationGroup(
             name=names[component],
             size=resolved.size[component],
-            members=tuple(group_members) if kinds[component][2] is None else tuple(
-                m.model_copy(update={"role": role}) for m, role in zip(group_members, kinds[component][2])),
+            members=tuple(group_members) if kinds[component].roles is None else tuple(
+                m.model_copy(update={"role": role}) for m, role in zip(group_members, kinds[component].roles)),
             per=names[fibres[component]] if component in fibres else None,
-            kind=kinds[component][0],
-            kind_limited_by=kinds[component][1],
+            kind=kinds[component].kind,
+            kind_limited_by=kinds[component].limited_by,
+            folded=_folded_kind(kinds[component], folded.get(component)),
             activations=tuple(sites.get(component, ())) if component not in fibres else (),
         )
         for component, group_members in members.items()
@@ -250,7 +262,7 @@ def infer_spec(
     logger.info("inferred %d permutation groups (%s front-end)", len(groups), traced.tracer)
     return PermutationSpec(
         model=model_name or type(model).__name__, tracer=traced.tracer, leaf_modules=_leaf_modules(traced),
-        groups=tuple(groups), affine_sites=affine_sites(traced, ctx.affine, moved), hidden_units=hidden_units,
+        groups=tuple(groups), affine_sites=affine_sites(traced, ctx.affine, moved), norm_folds=ctx.norm_folds, hidden_units=hidden_units,
         kept_fixed=kept_fixed, shapes=shapes,
     )
 
@@ -259,27 +271,40 @@ _NEXT_KIND = {"scale": "orthogonal", "orthogonal": "invertible"}
 """For a group of this kind, the kind whose exclusion ``kind_limited_by`` names."""
 
 
+@dataclass(frozen=True)
+class _GroupKind:
+    kind: str
+    limited_by: str | None
+    roles: list[str] | None
+    fixes_ones: bool = False
+
+
 def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[Member]],
-                 state_ids: dict[str, str]) -> dict[int, tuple[str, str | None, list[str] | None]]:
+                 state_ids: dict[str, str], folded: bool = False) -> dict[int, _GroupKind]:
     """Each group's kind, the op that kept it from the next larger kind, and its members' roles
     (``None`` for kinds that need none).
 
     A component admits the kinds every call touching one of its nodes preserves there, and
     those of every component it is a part of (a product or concatenation moves its parts);
-    scale and invertible maps also need a single role on every member.
+    scale and invertible maps also need a single role on every member. With ``folded``, the
+    kinds once the foldable norm gains are folded (``ctx.folded_kinds``), whether the maps must
+    fix the all-ones vector, and the folded gains and biases left out of the role check.
     """
+    kinds_by_node = ctx.folded_kinds if folded else ctx.kinds
+    excluded_by = ctx.folded_excluded_by if folded else ctx.excluded_by
     admitted = dict.fromkeys(range(len(resolved.members)), ALL_KINDS)
     excluded: dict[int, dict[str, tuple[float, str]]] = {c: {} for c in admitted}
-    for node, kinds in ctx.kinds.items():
+    ones = {resolved.component[node] for node in ctx.ones_fixed if node in resolved.component} if folded else set()
+    for node, kinds in kinds_by_node.items():
         component = resolved.component.get(node)
         if component is None:
             continue
         admitted[component] &= kinds
-        for kind, reason in ctx.excluded_by.get(node, {}).items():
+        for kind, reason in excluded_by.get(node, {}).items():
             if kind not in excluded[component] or reason < excluded[component][kind]:
                 excluded[component][kind] = reason
     changed = True
-    while changed:  # a composite axis's limits hold for its parts
+    while changed:  # a composite axis's limits hold for its parts (a part fixing ones keeps the whole fixing it)
         changed = False
         for component, definitions in resolved.definitions.items():
             for definition in definitions:
@@ -290,12 +315,17 @@ def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[M
                             excluded[child].setdefault(kind, excluded[component].get(kind, (0, "a part of a larger axis")))
                         admitted[child] = narrowed
                         changed = True
-    result: dict[int, tuple[str, str | None, list[str] | None]] = {}
+                    if component in ones and child not in ones:
+                        ones.add(child)
+                        changed = True
+    folded_params = {name for fold in ctx.norm_folds for name in (fold.gain, fold.bias) if name} if folded else set()
+    result: dict[int, _GroupKind] = {}
     for component, group_members in members.items():
         kinds = admitted[component]
-        roles = [ctx.roles.get((state_ids[m.param], m.axis), set()) for m in group_members]
+        checked = [m for m in group_members if m.param not in folded_params]
+        roles = [ctx.roles.get((state_ids[m.param], m.axis), set()) for m in checked]
         if kinds - ROLE_FREE:
-            for member, member_roles in zip(group_members, roles):
+            for member, member_roles in zip(checked, roles):
                 if len(member_roles) != 1:
                     what = "no known role" if not member_roles else "both roles (it writes and reads the activation)"
                     for kind in kinds - ROLE_FREE:
@@ -305,8 +335,26 @@ def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[M
         kind = largest(kinds)
         reason = excluded[component].get(_NEXT_KIND.get(kind, ""))
         member_roles = [next(iter(r)) for r in roles] if kind not in ROLE_FREE else None
-        result[component] = (kind, reason[1] if reason else None, member_roles)
+        fixes_ones = component in ones and kind in ("orthogonal", "invertible")
+        result[component] = _GroupKind(kind, reason[1] if reason else None, member_roles, fixes_ones)
     return result
+
+
+def _folded_kind(kind: _GroupKind, folded: _GroupKind | None) -> FoldedKind | None:
+    """The group's ``folded`` record: ``None`` unless folding the norm gains changes what it admits.
+
+    A folded kind that would need roles the unfolded group lacks is lowered to orthogonal maps
+    (the roles are recorded for the unfolded kind only; norms keep at most orthogonal maps anyway).
+    """
+    if folded is None or (folded.kind, folded.fixes_ones) == (kind.kind, kind.fixes_ones):
+        return None
+    folded_kind = folded.kind
+    if folded_kind not in ROLE_FREE and kind.roles is None:
+        folded_kind = largest(admitted_kinds(folded_kind) & ROLE_FREE)
+    if folded_kind == kind.kind and not folded.fixes_ones:
+        return None
+    return FoldedKind(kind=folded_kind, fixes_ones=folded.fixes_ones and folded_kind != "permutation",
+                      kind_limited_by=folded.limited_by)
 
 
 def _leaf_modules(traced: TracedGraph) -> tuple[str, ...]:

@@ -139,6 +139,11 @@ class OpRule:
         kinds: the symmetry kinds (:mod:`autoperm.spec.kinds`) the op preserves on the axes its
             rule marks with :meth:`RuleContext.carries`; every other axis the call touches admits
             permutations only. Closed downwards (``{"invertible"}`` holds every kind).
+        folded_kinds: for a norm with a gain, the kinds it preserves on the axes it normalises
+            once its gain and bias are folded into the linear layers reading it (see
+            :mod:`autoperm.infer.folds`); ``None`` for every other op.
+        folded_fixes_ones: whether those maps must also fix the all-ones vector (LayerNorm's
+            mean subtraction).
     """
 
     name: str
@@ -151,6 +156,8 @@ class OpRule:
     meta_output: Callable[[nn.Module, torch.Tensor], Any] | None = None
     affine: Callable[[BoundCall], AffineLayout | None] | None = None
     kinds: frozenset[str] = PERMUTATION_ONLY
+    folded_kinds: frozenset[str] | None = None
+    folded_fixes_ones: bool = False
 
     def functional(self, ctx: RuleContext, call: BoundCall) -> BoundCall:
         """``call`` with a module call's arguments read from the module, as the op's functional form."""
@@ -195,10 +202,11 @@ def define_rule(name: str, *, aliases: Iterable[Any] = (), args: Iterable[str] =
     The rule is found under its name, ``"aten.<name>"``, ``"method:<name>"``, ``aliases`` (an
     alias already taken keeps its first rule) and ``module_types``; ``facts`` are its other
     fields (``family``, ``defaults``, ``activation``, ``module_arguments``, ``meta_output``,
-    ``affine``, ``kinds``).
+    ``affine``, ``kinds``, ``folded_kinds``, ``folded_fixes_ones``).
     """
-    if "kinds" in facts:
-        facts = {**facts, "kinds": closure(facts["kinds"])}
+    for fact in ("kinds", "folded_kinds"):
+        if fact in facts:
+            facts = {**facts, fact: closure(facts[fact])}
 
     def decorator(couple: Coupling) -> Coupling:
         rule = _OP_RULES[name] = OpRule(name, couple, tuple(args), **{"family": name, **facts})

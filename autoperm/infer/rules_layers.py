@@ -9,7 +9,9 @@ embeddings preserve invertible maps on their feature axes (weights and biases th
 output take role ``"out"``, weights contracted against the input role ``"in"``); a product of
 two activations preserves orthogonal maps on its contraction; RMSNorm without a gain preserves
 orthogonal maps on the axes it normalises; every other layer (LayerNorm, BatchNorm, GroupNorm,
-pooling, recurrent layers) preserves permutations only.
+pooling, recurrent layers) preserves permutations only. Once a gain that only linear layers read
+is folded into them (:mod:`autoperm.infer.folds`), RMSNorm preserves orthogonal maps and LayerNorm
+the orthogonal maps that fix the all-ones vector (``folded_kinds``, ``folded_fixes_ones``).
 """
 
 from __future__ import annotations
@@ -324,14 +326,14 @@ def trailing_norm(ctx: RuleContext, x: TensorRef | None, out: list[TensorRef], v
 
 @define_rule("layer_norm", aliases=[F.layer_norm, "aten.native_layer_norm"], args=("input", "normalized_shape", "weight", "bias"),
              module_types=[nn.LayerNorm], module_arguments=_from_module("weight", "bias"), meta_output=same_shape,
-             affine=_affine(-1, norm=True, vector=True))
+             affine=_affine(-1, norm=True, vector=True), folded_kinds={"orthogonal"}, folded_fixes_ones=True)
 def _layer_norm(ctx: RuleContext, call: BoundCall) -> None:
     trailing_norm(ctx, call.tensor("input"), call.call.output_tensors(), [call.tensor("weight"), call.tensor("bias")])
 
 
 @define_rule("rms_norm", aliases=[*library_aliases("rms_norm"), "aten._fused_rms_norm"], args=("input", "normalized_shape", "weight", "eps"),
              module_types=[nn.RMSNorm], module_arguments=_from_module("weight", normalized_shape="normalized_shape"),
-             affine=_affine(-1, norm=True, vector=True), kinds={"orthogonal"})
+             affine=_affine(-1, norm=True, vector=True), kinds={"orthogonal"}, folded_kinds={"orthogonal"})
 def _rms_norm(ctx: RuleContext, call: BoundCall) -> None:
     """``x / rms(x) * weight`` over the trailing ``normalized_shape`` dims. Without a gain an
     orthogonal map of the normalised axes keeps ``rms(x)`` and passes through; a gain is an

@@ -12,21 +12,31 @@ from autoperm.spec.apply import (
     permute_tensor,
     random_permutation,
 )
+from autoperm.spec.canonical import canonical_spec, canonicalize, to_gauge
 from autoperm.spec.kinds import KINDS
 from autoperm.spec.schema import (
     ActivationSite,
     AffineSite,
     Completeness,
     FixedAxis,
+    FoldedKind,
     Layout,
     Member,
+    NormFold,
     PermutationGroup,
     PermutationSpec,
+    Reader,
 )
 from autoperm.spec.transform import Transforms, apply_transform, check_transforms, random_transform
 
 __all__ = [
     "KINDS",
+    "canonical_spec",
+    "canonicalize",
+    "to_gauge",
+    "FoldedKind",
+    "NormFold",
+    "Reader",
     "Transforms",
     "apply_transform",
     "check_transforms",

@@ -13,6 +13,9 @@ The kinds, as sets of matrices:
 - ``orthogonal``: orthogonal matrices (``T^-T = T``, roles do not matter);
 - ``invertible``: every invertible matrix (contains the others).
 
+A group may also carry ``fixes_ones`` (:class:`autoperm.spec.PermutationGroup`): its transforms
+must then map the all-ones vector onto itself, as a LayerNorm without gain requires.
+
 ``scale`` and ``orthogonal`` are not nested. A group admits a downward-closed set of kinds
 (:func:`admitted`) and the spec records the largest one (:func:`largest`).
 Reference: Theus et al., "Generalized Linear Mode Connectivity for Transformers", arXiv 2506.22712.

@@ -17,7 +17,12 @@ over that group's index. Convention everywhere: applying ``p`` along an axis mea
 
 A group's ``kind`` (see :mod:`autoperm.spec.kinds`) says which transforms beyond permutations
 it admits; groups of kind ``scale`` and ``invertible`` give each member a ``role`` (``"out"``:
-the axis writes the group's activation; ``"in"``: it reads it).
+the axis writes the group's activation; ``"in"``: it reads it). ``fixes_ones`` limits a group's
+transforms to those that map the all-ones vector onto itself (a LayerNorm without gain).
+
+``norm_folds`` lists the norm gains (LayerNorm, RMSNorm) that only linear layers read, and a
+group's ``folded`` the kind it admits once they are folded into those layers (see
+:func:`autoperm.spec.canonicalize`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from autoperm.io.atomic import write_text_atomic
 from autoperm.spec.kinds import ROLE_FREE, Kind, Role
 
 __all__ = [
+    "FoldedKind",
+    "NormFold",
+    "Reader",
     "Layout",
     "Member",
     "ActivationSite",
@@ -135,6 +143,69 @@ class AffineSite(BaseModel):
     feeds: tuple[str, ...] = ()
 
 
+class FoldedKind(BaseModel):
+    """The kind a group admits once every foldable norm gain (``PermutationSpec.norm_folds``) is folded.
+
+    Attributes:
+        kind: the largest kind then (LayerNorm and RMSNorm without gain keep orthogonal maps).
+        fixes_ones: the transforms must also fix the all-ones vector (LayerNorm's mean subtraction).
+        kind_limited_by: the op that kept the group from the next larger kind.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Kind
+    fixes_ones: bool = False
+    kind_limited_by: str | None = None
+
+
+class Reader(BaseModel):
+    """A linear layer that reads a norm's output: ``out = contract(weight, x along axis) + bias``.
+
+    Attributes:
+        weight: state-dict name of the weight; used by no other call.
+        axis: the axis of ``weight`` contracted against the norm's features (1 for ``nn.Linear``,
+            0 for an ``(in, out)`` weight as in Hugging Face's ``Conv1D``).
+        bias: state-dict name of the layer's bias, ``None`` when it has none.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weight: str
+    axis: int
+    bias: str | None = None
+
+
+class NormFold(BaseModel):
+    """A norm whose gain (and bias) can be folded into the linear layers that alone read its output.
+
+    A LayerNorm or RMSNorm over the last axis computes ``gain * n(x) + bias``; when only linear
+    layers read it, ``W (gain * n + bias) + b = (W diag(gain)) n + (b + W bias)``, so the gain
+    becomes 1 and the bias 0 without changing the function (see :func:`autoperm.spec.canonicalize`).
+
+    Attributes:
+        node: the traced-graph node of the norm (for messages).
+        op: ``"layer_norm"`` or ``"rms_norm"``.
+        gain: state-dict name of the gain (1-D, used by no other call).
+        bias: state-dict name of the norm's bias, ``None`` when it has none.
+        readers: the linear layers that read the norm's output (directly, or through reshapes,
+            token selection and means over tokens).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node: str
+    op: Literal["layer_norm", "rms_norm"]
+    gain: str
+    bias: str | None = None
+    readers: tuple[Reader, ...]
+
+    @property
+    def folds_bias(self) -> bool:
+        """Whether the norm's bias folds into the readers' biases (it has one, and so does every reader)."""
+        return self.bias is not None and all(reader.bias is not None for reader in self.readers)
+
+
 class PermutationGroup(BaseModel):
     """One permutation of ``size`` indices shared by all its members.
 
@@ -144,6 +215,11 @@ class PermutationGroup(BaseModel):
             contains the permutations, so permutation solvers work on every group.
         kind_limited_by: the op that kept the group from the next larger kind (recorded by
             inference for groups of kind ``scale`` and ``orthogonal``).
+        fixes_ones: every transform of the group must map the all-ones vector onto itself
+            (``T 1 = 1``): a LayerNorm with gain 1 and bias 0 keeps exactly the orthogonal maps
+            that do. Permutations always do.
+        folded: the kind once the spec's ``norm_folds`` are folded, where that differs (``None``:
+            the same as ``kind``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -155,6 +231,8 @@ class PermutationGroup(BaseModel):
     per: str | None = None
     kind: Kind = "permutation"
     kind_limited_by: str | None = None
+    fixes_ones: bool = False
+    folded: FoldedKind | None = None
     activations: tuple[ActivationSite, ...] = ()
 
     @field_validator("size")
@@ -230,6 +308,7 @@ class PermutationSpec(BaseModel):
     leaf_modules: tuple[str, ...] = ()
     groups: tuple[PermutationGroup, ...]
     affine_sites: tuple[AffineSite, ...] | None = None
+    norm_folds: tuple[NormFold, ...] = ()
     hidden_units: int | None = None
     kept_fixed: tuple[FixedAxis, ...] = ()
     shapes: dict[str, tuple[int, ...]] = {}
@@ -267,6 +346,8 @@ class PermutationSpec(BaseModel):
             shape = self.shapes.get(site.weight)
             if shape is not None and not 0 <= site.weight_axis < len(shape):
                 raise ValueError(f"affine_sites[{index}] ({site.node!r}).weight_axis: {site.weight_axis} out of range for shape {list(shape)}")
+        for index, fold in enumerate(self.norm_folds):
+            self._check_fold(index, fold)
         for index, group in enumerate(self.groups):
             if group.per is None:
                 continue
@@ -280,6 +361,27 @@ class PermutationSpec(BaseModel):
                         f" outer loop of count {per_size} (the size of group {group.per!r})"
                     )
         return self
+
+    def _check_fold(self, index: int, fold: NormFold) -> None:
+        """Every parameter of a fold is listed in ``shapes`` and each reader's axis matches the gain."""
+        where = f"norm_folds[{index}] ({fold.node!r})"
+        if not fold.readers:
+            raise ValueError(f"{where}: a fold needs at least one reader")
+        if not self.shapes:
+            return
+        names = [("gain", fold.gain), ("bias", fold.bias)]
+        names += [(f"readers[{i}].{field}", name) for i, r in enumerate(fold.readers) for field, name in (("weight", r.weight), ("bias", r.bias))]
+        for field, name in names:
+            if name is not None and name not in self.shapes:
+                raise ValueError(f"{where}.{field}: parameter {name!r} not listed in 'shapes'")
+        gain = self.shapes[fold.gain]
+        if len(gain) != 1:
+            raise ValueError(f"{where}.gain: {fold.gain!r} has shape {list(gain)}; a foldable gain is a vector")
+        for i, reader in enumerate(fold.readers):
+            shape = self.shapes[reader.weight]
+            if len(shape) != 2 or not 0 <= reader.axis < 2 or shape[reader.axis] != gain[0]:
+                raise ValueError(f"{where}.readers[{i}]: axis {reader.axis} of {reader.weight!r} (shape {list(shape)}) "
+                                 f"does not run over the {gain[0]} features of {fold.gain!r}")
 
     def completeness(self) -> Completeness:
         """Permutable share of the hidden units, and every fixed hidden axis with its reason.
@@ -381,6 +483,8 @@ class PermutationSpec(BaseModel):
             group["members"] = [_name_first(m, "param") for m in group["members"]]
             if "activations" in group:
                 group["activations"] = [_name_first(a, "node") for a in group["activations"]]
+        for fold in data.get("norm_folds", ()):
+            fold["readers"] = [_name_first(reader, "weight") for reader in fold["readers"]]
         if data.get("affine_sites") is not None:
             data["affine_sites"] = [_name_first(site, "node") for site in data["affine_sites"]]
         text = yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, width=100)
@@ -462,7 +566,9 @@ def _represent_list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.Node:
 
 
 def _represent_dict(dumper: yaml.SafeDumper, value: dict[str, Any]) -> yaml.Node:
-    flow = ("param" in value and "reason" not in value) or "node" in value  # one member / activation site per line
+    flow = ("param" in value and "reason" not in value) or ("node" in value and "readers" not in value)
+    flow = flow or ("weight" in value and set(value) <= {"weight", "axis", "bias"})
+    # one member / activation site / affine site / fold reader per line
     return dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=flow)
 
 

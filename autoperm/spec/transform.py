@@ -11,6 +11,11 @@ A fibred group (``per`` set) takes one of these per index of its ``per`` group, 
 Along each member's positions ``new[i] = sum_j M[i, j] old[j]`` with ``M = T`` for members of
 role ``"out"`` (and role-free kinds) and ``M = T^-T`` for role ``"in"``; the sums run in float64
 and the result is cast back to the tensor's dtype.
+
+A group with ``fixes_ones`` (a stream read by LayerNorms without gain) admits only the maps with
+``T 1 = 1``: :func:`random_transform` draws them as ``H diag(1, Q') H^T``, where ``H`` is an
+orthonormal basis whose first column is ``1 / sqrt(n)``, and :func:`check_transforms` rejects
+the others.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from autoperm.spec.apply import axis_index, check_permutations, layout_positions
 from autoperm.spec.kinds import KINDS, admitted, largest
 from autoperm.spec.schema import Member, PermutationGroup, PermutationSpec
 
-__all__ = ["Transforms", "apply_transform", "random_transform", "transform_kind", "check_transforms"]
+__all__ = ["Transforms", "apply_transform", "random_transform", "transform_kind", "check_transforms", "ones_basis"]
 
 Transforms = dict[str, torch.Tensor]
 """Group name -> permutation (LongTensor), positive scale vector or float matrix (see the module docstring)."""
@@ -85,8 +90,22 @@ def check_transforms(spec: PermutationSpec, transforms: Mapping[str, torch.Tenso
             )
         if kind == "invertible" and not bool(torch.isfinite(torch.linalg.cond(transform.to(torch.float64))).all()):
             raise SpecError(f"the matrix of group {name!r} is singular")
+        if group.fixes_ones and kind != "permutation":
+            _check_fixes_ones(group, transform, kind)
         kinds[name] = kind
     return kinds
+
+
+def _check_fixes_ones(group: PermutationGroup, transform: torch.Tensor, kind: str) -> None:
+    """Raise unless ``transform`` (a scale or a matrix, per head when stacked) maps the all-ones vector onto itself."""
+    values = transform.to(torch.float64)
+    image = values if kind == "scale" else values @ torch.ones(group.size, dtype=torch.float64)
+    error = (image - 1).abs().max().item()
+    if error > ORTHOGONAL_TOLERANCE * max(1.0, group.size ** 0.5):
+        raise SpecError(
+            f"group {group.name!r} admits only transforms that fix the all-ones vector (T 1 = 1: a LayerNorm "
+            f"reads it), but its {kind} transform moves it by up to {error:.3g}; draw it with random_transform"
+        )
 
 
 def apply_transform(
@@ -177,9 +196,32 @@ def _haar_orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(size, dtype=torch.float64))
 
 
-def _draw(kind: str, size: int, generator: torch.Generator) -> torch.Tensor:
+def ones_basis(size: int) -> torch.Tensor:
+    """An orthonormal basis ``H`` (float64, symmetric) whose first column is ``1 / sqrt(size)``.
+
+    The Householder reflection that swaps ``e_1`` and ``1 / sqrt(size)``; the maps that fix the
+    all-ones vector are ``H diag(1, M) H^T`` for any ``M`` of size ``size - 1``.
+    """
+    target = torch.full((size,), size ** -0.5, dtype=torch.float64)
+    direction = torch.zeros(size, dtype=torch.float64)
+    direction[0] = 1.0
+    direction -= target
+    norm = direction.dot(direction)
+    if norm.item() < 1e-24:  # size 1: e_1 already is the normalised ones vector
+        return torch.eye(size, dtype=torch.float64)
+    return torch.eye(size, dtype=torch.float64) - 2 * torch.outer(direction, direction) / norm
+
+
+def _draw(kind: str, size: int, generator: torch.Generator, fixes_ones: bool = False) -> torch.Tensor:
     if kind == "permutation":
         return torch.randperm(size, generator=generator)
+    if fixes_ones:  # scales that fix ones are the identity; matrices act on the complement of ones only
+        if kind == "scale" or size == 1:
+            return torch.randperm(size, generator=generator)
+        basis = ones_basis(size)
+        inner = torch.eye(size, dtype=torch.float64)
+        inner[1:, 1:] = _draw(kind, size - 1, generator)
+        return basis @ inner @ basis.T
     if kind == "scale":
         return torch.exp(torch.rand(size, generator=generator, dtype=torch.float64) * 2 - 1)
     if kind == "orthogonal":
@@ -193,7 +235,10 @@ def random_transform(spec: PermutationSpec, seed: int | None = None, kinds: Iter
 
     Permutations are uniform; scales are ``exp(U(-1, 1))``; orthogonal maps are Haar-random
     (QR with the sign fix); invertible maps are ``Q1 diag(exp(U(-0.5, 0.5))) Q2`` with Haar
-    ``Q1, Q2`` (condition number below ``e``). Everything but permutations is float64.
+    ``Q1, Q2`` (condition number below ``e``). Groups with ``fixes_ones`` draw ``H diag(1, M) H^T``
+    with ``M`` of the kind one size smaller and ``H`` from :func:`ones_basis` (for orthogonal
+    groups: Haar-random among the orthogonal maps that fix ``1``). Everything but permutations
+    is float64.
 
     Args:
         spec: the spec.
@@ -216,6 +261,6 @@ def random_transform(spec: PermutationSpec, seed: int | None = None, kinds: Iter
     for group in spec.active_groups:
         kind = largest(admitted(group.kind) & (allowed | {"permutation"}))
         count = spec[group.per].size if group.per is not None else None
-        items = [_draw(kind, group.size, generator) for _ in range(count or 1)]
+        items = [_draw(kind, group.size, generator, group.fixes_ones) for _ in range(count or 1)]
         drawn[group.name] = torch.stack(items) if count is not None else items[0]
     return drawn

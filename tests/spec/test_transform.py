@@ -140,3 +140,32 @@ def test_random_transform_draws_each_kind():
     assert torch.equal(random_transform(spec, seed=5)["hidden"], random_transform(spec, seed=5)["hidden"])
     with pytest.raises(SpecError, match="unknown kinds"):
         random_transform(spec, kinds=["rotation"])
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "invertible"])
+def test_ones_fixing_groups_draw_and_check(kind):
+    """``fixes_ones`` groups draw maps with ``T 1 = 1`` (per head when fibred); other matrices are refused, naming the group."""
+    roles = kind == "invertible"
+    spec = PermutationSpec(
+        groups=[
+            PermutationGroup(name="stream", size=5, kind=kind, fixes_ones=True, members=[
+                Member(param="w", axis=0, role="out" if roles else None), Member(param="r", axis=1, role="in" if roles else None)]),
+            PermutationGroup(name="heads", size=2, members=[Member(param="v", axis=0, inner=3)]),
+            PermutationGroup(name="dims", size=3, per="heads", kind=kind, fixes_ones=True,
+                             members=[Member(param="v", axis=0, outer=((2, 3),), role="out" if roles else None)]),
+        ],
+        shapes={"w": (5, 4), "r": (2, 5), "v": (6, 4)},
+    )
+    for seed in range(3):
+        drawn = random_transform(spec, seed=seed)
+        for name, size in (("stream", 5), ("dims", 3)):
+            matrix = drawn[name]
+            assert torch.allclose(matrix @ torch.ones(size, dtype=torch.float64), torch.ones(matrix.shape[:-1], dtype=torch.float64))
+            if kind == "orthogonal":
+                assert torch.allclose(matrix @ matrix.transpose(-1, -2), torch.eye(size, dtype=torch.float64).expand_as(matrix))
+        apply_transform(spec, drawn, {name: torch.randn(shape, dtype=torch.float64) for name, shape in spec.shapes.items()})
+    reflection = torch.eye(5, dtype=torch.float64)
+    reflection[0, 0] = -1
+    with pytest.raises(SpecError, match="'stream'.*all-ones"):
+        apply_transform(spec, {"stream": reflection}, {})
+    assert set(random_transform(spec, seed=0, kinds=["permutation"])) == {"stream", "heads", "dims"}
