@@ -32,11 +32,11 @@ from torch.func import functional_call
 from autoperm.data import iter_batches
 from autoperm.errors import SolverError
 from autoperm.solvers.gauge import balancing_transforms, invert
-from autoperm.solvers.generalized import SYMMETRIES, Symmetries, _ones_basis, generalized_matching
+from autoperm.solvers.generalized import SYMMETRIES, Symmetries, generalized_matching
 from autoperm.solvers.result import check_state_dicts
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationSpec, apply_permutation, canonicalize, to_gauge
-from autoperm.spec.transform import apply_transform
+from autoperm.spec.transform import apply_transform, ones_basis
 
 __all__ = ["Alignment", "align", "refine"]
 
@@ -217,7 +217,7 @@ def refine(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         learned = {**fixed, **{name: _rotated(spec, name, skews[name], starts[name]) for name in starts}}
     logger.info("refinement: batch loss %.4g -> %.4g in %d steps", losses[0], losses[-1], steps)
@@ -233,7 +233,7 @@ def _rotated(spec: PermutationSpec, name: str, skew: torch.Tensor, start: torch.
     """``exp(K - K^T) T_0``, or ``H diag(1, exp(K - K^T)) H^T T_0`` for a group that fixes the ones vector."""
     rotation = torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))
     if spec[name].fixes_ones:
-        basis = _ones_basis(start.shape[-1])
+        basis = ones_basis(start.shape[-1])
         full = torch.block_diag(torch.ones(1, 1, dtype=torch.float64), rotation)
         rotation = basis @ full @ basis.T
     return rotation @ start

@@ -100,3 +100,21 @@ def test_verify_falls_back_to_float32_when_float64_does_not_fit(
     assert result.exception is None, result.output
     assert "comparing in float32, tolerance 1e-05 + 0.0001 x max |output|" in result.output
     assert "OK: outputs unchanged" in result.output
+
+
+def test_barrier_and_merge_align_with_larger_symmetries(llama: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(llama["data"]))
+    report = tmp_path / "full.json"
+    result = _invoke(["barrier", str(llama["a"]), "--a", str(llama["a"]), "--b", str(llama["b"]), "--symmetries", "full",
+                      "--data", "llama_eval_tokens:tokens", "--points", "3", "--json", str(report)])
+    assert result.exception is None, result.output
+    assert "aligned B to A with full symmetries" in result.output
+    curve = json.loads(report.read_text())["curve"]["test_loss"]
+    assert all(abs(loss - curve[0]) <= 1e-4 * curve[0] for loss in curve)  # the planted B aligns back onto A
+    merged = tmp_path / "merged"
+    result = _invoke(["merge", str(llama["a"]), str(llama["b"]), "--symmetries", "orthogonal", "-o", str(merged), "--quiet"])
+    assert result.exception is None, result.output
+    a = transformers.LlamaForCausalLM.from_pretrained(llama["a"]).state_dict()
+    mean = transformers.LlamaForCausalLM.from_pretrained(merged).state_dict()
+    assert max(float((mean[k] - a[k]).abs().max()) for k in a) < 1e-5

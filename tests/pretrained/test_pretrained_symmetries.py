@@ -58,7 +58,8 @@ def test_full_symmetries_keep_b_function_in_a_gauge(name: str, tmp_path: Path) -
     assert torch.allclose(_logits(loader, out), _logits(loader, tmp_path / "b"), atol=1e-4)
     a = loader.from_pretrained(tmp_path / "a").state_dict()
     aligned = loader.from_pretrained(out).state_dict()
-    gains = [k for k in a if ("ln" in k or "norm" in k) and k.endswith("weight")]
+    # the blocks' norms fold, so B takes A's gains; GPT-2's final norm feeds the tied head and does not
+    gains = [k for k in a if ("ln" in k or "norm" in k) and k.endswith("weight") and (".h." in k or ".layers." in k)]
     assert gains and all(torch.equal(aligned[k], a[k]) for k in gains)
 
 
