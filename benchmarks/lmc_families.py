@@ -163,6 +163,34 @@ class GPT(nn.Module):
         return F.linear(self.ln(self.blocks(x)), self.embed.weight)
 
 
+class Logits(nn.Module):
+    """A Hugging Face model as a plain ``inputs -> logits`` module (its state dict under ``model.``)."""
+
+    def __init__(self, model: nn.Module, keyword: str):
+        super().__init__()
+        self.model, self.keyword = model, keyword
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**{self.keyword: inputs}).logits
+
+
+def hf_vit(width: int) -> nn.Module:
+    """transformers' ``ViTForImageClassification`` on 1x8x8 digits: 2x2 patches, 4 heads, 3 blocks, CLS head."""
+    import transformers
+
+    config = transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=width, num_hidden_layers=3,
+                                    num_attention_heads=4, intermediate_size=2 * width, num_labels=10)
+    return Logits(transformers.ViTForImageClassification(config), "pixel_values")
+
+
+def hf_gpt2(width: int) -> nn.Module:
+    """transformers' ``GPT2LMHeadModel`` over bytes (tied embeddings, as GPT-2 has them): 2 blocks, 4 heads."""
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    return Logits(transformers.GPT2LMHeadModel(config), "input_ids")
+
+
 # ------------------------------------------------------------------------------- data
 def digits(flat: bool) -> dict[str, Split]:
     data = autoperm.load_digits()
@@ -275,7 +303,11 @@ FAMILIES: dict[str, Family] = {
     "resnet": Family("resnet", _seeded(lambda w: SmallResNet(w)), 32, "image", epochs=20),
     "vit": Family("vit", _seeded(lambda w: ViT(w)), 64, "image", epochs=40, lr=2e-3),
     "gpt": Family("gpt", _seeded(lambda w: GPT(w)), 96, "text", epochs=0, lr=3e-3, batch_size=32, steps=800, ste_epochs=20),
+    "hf-vit": Family("hf-vit", _seeded(hf_vit), 64, "image", epochs=40, lr=2e-3),
+    "hf-gpt2": Family("hf-gpt2", _seeded(hf_gpt2), 96, "text", epochs=0, lr=3e-3, batch_size=32, steps=800, ste_epochs=20),
 }
+"""``hf-vit`` and ``hf-gpt2`` are the ``vit`` and ``gpt`` settings built from transformers' own classes
+(dropout left at the libraries' defaults, 0 for ViT, 0.1 for GPT-2, and off in evaluation)."""
 
 
 def authors_recipe(family: Family) -> Family:

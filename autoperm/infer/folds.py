@@ -303,6 +303,9 @@ def _reader(graph: _Graph, call: OpCall, tensor: TensorRef, features: int) -> Re
         return "through"  # a row-major reshape that keeps the last axis's size keeps the axis
     if op == "getitem" and _keeps_last_axis(bound.get("index"), tensor.ndim):
         return "through"
+    if op in ("select", "slice"):  # torch.export's form of ``x[:, 0]`` and ``x[:, 1:]``
+        dims = bound.dims("dim", tensor.ndim)
+        return "through" if dims is not None and tensor.ndim - 1 not in dims else None
     if op == "mean":
         dims = bound.dims("dim", tensor.ndim)
         return "through" if dims is not None and tensor.ndim - 1 not in dims else None
@@ -314,7 +317,10 @@ def _keeps_last_axis(index: Any, ndim: int) -> bool:
     items = list(index) if isinstance(index, tuple) else [index]
     if any(not (item is None or isinstance(item, (int, slice))) for item in items):
         return False
-    return sum(1 for item in items if item is not None) < ndim
+    indexed = [item for item in items if item is not None]
+    if len(indexed) < ndim:
+        return True
+    return len(indexed) == ndim and indexed[-1] == slice(None)  # ``x[:, 0, :]``: the last axis taken whole
 
 
 def _state_reader(graph: _Graph, weight: Any, axis: int, bias: Any, features: int) -> Reader | None:

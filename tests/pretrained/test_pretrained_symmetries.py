@@ -94,3 +94,23 @@ def test_symmetries_refuse_perms_out_and_activation_matching(tmp_path: Path) -> 
         assert result.exception is not None
         assert "--symmetries full" in str(result.exception)
         assert not (tmp_path / "out").exists()
+
+
+def test_vit_classifier_stream_admits_ones_fixing_orthogonal_maps_once_folded() -> None:
+    """ViT's final LayerNorm is read as ``x[:, 0, :]`` by the classifier: still foldable."""
+    transformers.logging.set_verbosity_error()
+    import autoperm
+
+    config = transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    model = perturb_(transformers.ViTForImageClassification(config), 1, scale=0.05).double().eval()
+    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    spec = autoperm.infer_spec(model, (images,))
+    assert len(spec.norm_folds) == 2 * 2 + 1
+    canonical, state = autoperm.canonicalize(spec, model.state_dict())
+    stream = canonical.active_groups[0]
+    assert (stream.kind, stream.fixes_ones) == ("orthogonal", True)
+    expected = model(pixel_values=images).logits
+    model.load_state_dict(autoperm.apply_transform(canonical, autoperm.random_transform(canonical, seed=1), state))
+    assert torch.allclose(model(pixel_values=images).logits, expected, atol=1e-10)

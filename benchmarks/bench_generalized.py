@@ -1,0 +1,90 @@
+"""Cost of generalised weight matching against permutation weight matching, on LLaMA shapes.
+
+For each shape, builds two independent random-init LLaMA state dicts in memory (float32,
+normal(0, 0.02) weights, norm gains drawn around 1 so that folding them matters), infers the spec
+on the meta device, and times, ``--repeats`` times each, in this order:
+
+- ``wm``: :func:`autoperm.weight_matching` (the permutation-only time);
+- ``align``: :func:`autoperm.align` with ``--symmetries`` (weight matching, canonical forms of
+  both models, generalised matching, B back in A's gauge): the whole generalised path;
+- ``generalised``: :func:`autoperm.generalized_matching` alone, on the canonical pair after
+  the permutations.
+
+Prints the medians and the ratios ``align / wm`` and ``generalised / wm``, measured in the same
+run. The canonical forms are float64 copies (8 bytes a parameter per model), which bounds the
+shapes this runs at in memory: about 24 GiB holds llama-156m, not TinyLlama-1.1B.
+
+    python benchmarks/bench_generalized.py --shapes llama-tiny llama-156m --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llm_scale import SHAPES, infer_llama_spec  # noqa: E402
+
+import autoperm  # noqa: E402
+
+
+def random_llama(spec: autoperm.PermutationSpec, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in spec.shapes.items():
+        if name.endswith("norm.weight"):
+            state[name] = 1 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            state[name] = 0.02 * torch.randn(shape, generator=generator)
+    return state
+
+
+def timed(function) -> tuple[float, object]:
+    started = time.perf_counter()
+    value = function()
+    return time.perf_counter() - started, value
+
+
+def run_shape(shape: str, symmetries: str, repeats: int) -> dict[str, float]:
+    spec = infer_llama_spec(shape)
+    a, b = random_llama(spec, 0), random_llama(spec, 1)
+    times: dict[str, list[float]] = {"wm": [], "align": [], "generalised": []}
+    for _ in range(repeats):
+        seconds, result = timed(lambda: autoperm.weight_matching(spec, a, b))
+        times["wm"].append(seconds)
+        seconds, _ = timed(lambda: autoperm.align(spec, a, b, symmetries=symmetries))
+        times["align"].append(seconds)
+        permuted = autoperm.apply_permutation(spec, result.perms, b)
+        canonical, a_c = autoperm.canonicalize(spec, a)
+        _, b_c = autoperm.canonicalize(spec, permuted)
+        identity = {g.name: torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(canonical[g.per].size, 1)
+                    for g in canonical.active_groups}
+        seconds, _ = timed(lambda: autoperm.generalized_matching(canonical, a_c, b_c, symmetries, init_perms=identity))
+        times["generalised"].append(seconds)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    parameters = sum(torch.Size(s).numel() for s in spec.shapes.values())
+    print(f"{shape} ({parameters / 1e6:.0f}M parameters, {symmetries}, {repeats} runs, medians): "
+          f"wm {medians['wm']:.2f} s, align {medians['align']:.2f} s ({medians['align'] / medians['wm']:.2f}x), "
+          f"generalised alone {medians['generalised']:.2f} s ({medians['generalised'] / medians['wm']:.2f}x)", flush=True)
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["llama-tiny"], choices=list(SHAPES))
+    parser.add_argument("--symmetries", default="orthogonal", choices=["orthogonal", "full"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for shape in args.shapes:
+        run_shape(shape, args.symmetries, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
