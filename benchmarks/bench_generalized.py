@@ -64,13 +64,15 @@ def run_shape(shape: str, symmetries: str, repeats: int) -> dict[str, float]:
         _, b_c = autoperm.canonicalize(spec, permuted)
         identity = {g.name: torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(canonical[g.per].size, 1)
                     for g in canonical.active_groups}
-        seconds, _ = timed(lambda: autoperm.generalized_matching(canonical, a_c, b_c, symmetries, init_perms=identity))
+        seconds, found = timed(lambda: autoperm.generalized_matching(canonical, a_c, b_c, symmetries, init_perms=identity))
         times["generalised"].append(seconds)
+        sweeps = found.n_iter
     medians = {key: statistics.median(values) for key, values in times.items()}
     parameters = sum(torch.Size(s).numel() for s in spec.shapes.values())
     print(f"{shape} ({parameters / 1e6:.0f}M parameters, {symmetries}, {repeats} runs, medians): "
           f"wm {medians['wm']:.2f} s, align {medians['align']:.2f} s ({medians['align'] / medians['wm']:.2f}x), "
-          f"generalised alone {medians['generalised']:.2f} s ({medians['generalised'] / medians['wm']:.2f}x)", flush=True)
+          f"generalised alone {medians['generalised']:.2f} s ({medians['generalised'] / medians['wm']:.2f}x, {sweeps} sweeps, "
+          f"{medians['generalised'] / max(sweeps, 1):.2f} s a sweep)", flush=True)
     return medians
 
 

@@ -451,6 +451,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
         alignment = autoperm.align(spec, sd_a, sd_b, symmetries=symmetries, seed=seed, model=model, data=train_data,
                                    steps=family.refine_steps if learn else 0, lr=REFINE_LR, batch_size=REFINE_BATCH, loss_fn=loss_fn)
         timings[method] = time.perf_counter() - tick
+        timings[f"{method} sweeps"] = alignment.sweeps
         aligned[method] = alignment.state_dict
 
     curves: dict[str, InterpolationCurve] = {}

@@ -230,6 +230,14 @@ class _Descent:
         }
         self.units = self._units()
         self.value = sum(self._inner(p) for p in names)
+        self.version = {g.name: 0 for g in spec.active_groups}
+        self.solved_at: dict[str, tuple[int, ...]] = {}
+        self.neighbours = {unit.group.name: self._neighbours(unit) for unit in self.units}
+
+    def _neighbours(self, unit: _Unit) -> tuple[str, ...]:
+        """The groups whose transforms a unit's cost depends on: every group on a tensor it touches."""
+        params = {m.param for g in (unit.group, *unit.fibres) for m in g.members}
+        return tuple(sorted({g.name for p in params for g, _ in self.spec.members_by_param.get(p, ()) if g.name in self.version}))
 
     def _units(self) -> list[_Unit]:
         """Every active group not fibred, with its fibres when it has some that its members carry."""
@@ -258,13 +266,25 @@ class _Descent:
 
     # ------------------------------------------------------------------ one visit
     def solve(self, unit: _Unit) -> bool:
-        """Re-solve one unit with everything else fixed; return whether the objective improved."""
+        """Re-solve one unit with everything else fixed; return whether the objective improved.
+
+        A unit is skipped while no group on its tensors has moved since it was last solved (its
+        cost, hence its answer, is the same)."""
         group = unit.group
         members = [m for m in group.members if m.param in self.a]
         if not members:
             return False
-        if unit.fibres:
-            return self._solve_heads(unit)
+        stamp = tuple(self.version[name] for name in self.neighbours[group.name])
+        if self.solved_at.get(group.name) == stamp:
+            return False
+        moved = self._solve_heads(unit) if unit.fibres else self._solve_group(group, members)
+        if moved:
+            for name in (group.name, *(f.name for f in unit.fibres)):
+                self.version[name] += 1
+        self.solved_at[group.name] = tuple(self.version[name] for name in self.neighbours[group.name])
+        return moved
+
+    def _solve_group(self, group: PermutationGroup, members: list[Member]) -> bool:
         cost = sum(_product(self.a[m.param], self.b[m.param], m, group.size) for m in members)
         if self.kinds[group.name] == "orthogonal":
             delta = procrustes(cost, group.fixes_ones)
