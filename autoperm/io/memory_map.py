@@ -156,20 +156,21 @@ def write_safetensors(
 _M_MMAP_THRESHOLD = -3
 """glibc's ``mallopt`` parameter for the size from which an allocation gets its own mapping."""
 
-LARGE_ALLOCATION_BYTES = 1 << 20
-"""The default of :func:`unmap_large_allocations`: every buffer of a slice of a cost product is larger."""
+LARGE_ALLOCATION_BYTES = 4 << 20
+"""The default of :func:`unmap_large_allocations`: the cost products' slices and blocks are larger
+(4-32 MB); the buffers of inner products (2 MiB) stay below, so the allocator reuses them."""
 
 
 def unmap_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
     """Give every allocation of at least ``threshold`` bytes its own mapping, returned to the system when freed.
 
     glibc's malloc raises this threshold as mapped buffers are freed (up to 32 MiB), after which
-    buffers of the cost products' slices (4-17 MB each) come from the heap; freed, they stay in
-    the process and the heap grows in pieces it cannot give back while weights are read in
-    between. For weight matching of a 0.5B-parameter bfloat16 pair that was 0.3-0.4 GiB of peak
-    resident memory. A fixed threshold keeps the peak at the weights plus the buffers in use;
-    each large buffer then costs fresh zero pages (a little time). Process-wide and permanent, so
-    the command-line program sets it once at start; a library caller may choose to.
+    the buffers of the cost products' slices (4-17 MB each) come from the heap; freed, they stay
+    in the process, and the heap grows in pieces it cannot give back while products are cached in
+    between. On a 0.5B-parameter bfloat16 pair that was 0.3 GiB of peak resident memory. A fixed
+    threshold keeps the peak at the weights plus the buffers in use, at the price of fresh zero
+    pages for each large buffer (system time). Process-wide and permanent: the command-line
+    program sets it once at start; a library caller may choose to.
 
     Args:
         threshold: the size in bytes from which allocations are mapped on their own.

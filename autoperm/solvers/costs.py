@@ -402,13 +402,20 @@ _CHUNK_ELEMENTS = 1 << 22
 """Most elements of a tensor gathered at once (16 MiB in float32): bounds the temporary memory."""
 
 
-def _chunks(tensor: torch.Tensor, keep_axis: int | None) -> tuple[int, int] | None:
-    """An axis other than ``keep_axis`` to slice ``tensor`` along, and the slice length; ``None`` if small."""
+_INNER_CHUNK_ELEMENTS = 1 << 18
+"""Most elements of a float64 slice of an inner product (2 MiB): small buffers, reused by the allocator
+rather than mapped afresh for every slice (an inner product is taken of every tensor a move touches)."""
+
+
+def _chunks(tensor: torch.Tensor, keep_axis: int | None, limit: int | None = None) -> tuple[int, int] | None:
+    """An axis other than ``keep_axis`` to slice ``tensor`` along, and the slice length, for slices of
+    at most ``limit`` elements (default ``_CHUNK_ELEMENTS``); ``None`` if small."""
+    limit = _CHUNK_ELEMENTS if limit is None else limit
     axes = [axis for axis in range(tensor.dim()) if axis != keep_axis]
-    if tensor.numel() <= _CHUNK_ELEMENTS or not axes:
+    if tensor.numel() <= limit or not axes:
         return None
     axis = max(axes, key=lambda a: tensor.shape[a])
-    return axis, max(1, _CHUNK_ELEMENTS * tensor.shape[axis] // tensor.numel())
+    return axis, max(1, limit * tensor.shape[axis] // tensor.numel())
 
 
 def _gather(
@@ -483,8 +490,9 @@ def _split_product(
 
 
 def _inner_product(a: torch.Tensor, b: torch.Tensor, indices: Mapping[int, torch.Tensor]) -> float:
-    """``<A, B'>`` in float64, ``B'`` = ``b`` gathered by ``indices``, a slice at a time."""
-    split = _chunks(a, None)
+    """``<A, B'>`` in float64, ``B'`` = ``b`` gathered by ``indices``, a slice of at most
+    ``_INNER_CHUNK_ELEMENTS`` at a time."""
+    split = _chunks(a, None, _INNER_CHUNK_ELEMENTS)
     if split is None:
         return float(torch.sum(a.double() * _gather(b, indices).double()))
     axis, step = split
