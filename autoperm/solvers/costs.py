@@ -82,7 +82,8 @@ class CostCache:
     Memory: besides the two state dicts (shared, not copied on the CPU), one float64 ``n x n``
     product per cost term whose permutation dependencies can change, one constant ``n x n`` sum
     per group, and temporary copies of one tensor (or, for tensors above ``_CHUNK_ELEMENTS``,
-    of one slice) at a time, within ``budget`` bytes of cached products.
+    of one slice) at a time, within ``budget`` bytes of cached products. A product above
+    ``_CHUNK_ELEMENTS`` entries is made a block of rows at a time into its float64 sum.
 
     Args:
         spec: the permutation spec.
