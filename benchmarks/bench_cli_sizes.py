@@ -200,8 +200,8 @@ def recovered(a: Path, out: Path) -> tuple[int, int]:
     return wrong, len(sd_a)
 
 
-def measure(shape: str, dtype: str, pair: str, workdir: Path, max_iter: int) -> dict[str, Any]:
-    """Create (if needed) and match one pair; returns the row of results."""
+def measure(shape: str, dtype: str, pair: str, workdir: Path, max_iter: int, keep_output: bool = False) -> dict[str, Any]:
+    """Create (if needed) and match one pair; returns the row of results (OUT is removed unless ``keep_output``)."""
     pair_dir = workdir / f"{shape}-{dtype}-{pair}"
     started = time.perf_counter()
     a, b = create_pair(shape, dtype, pair, pair_dir)
@@ -217,7 +217,8 @@ def measure(shape: str, dtype: str, pair: str, workdir: Path, max_iter: int) -> 
     _, base, _ = run_measured([sys.executable, "-c", "import torch, autoperm, autoperm.cli"], pair_dir / "base.log")
     weights = sum(p.stat().st_size for d in (a, b) for p in d.glob("*.safetensors"))
     wrong = recovered(a, out) if pair == "planted" else None
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep_output:
+        shutil.rmtree(out, ignore_errors=True)
     return {
         "shape": shape, "dtype": dtype, "pair": pair, "loadavg_before": " ".join(load),
         "create_s": round(created, 1), "match_s": round(seconds, 1),
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--pairs", default="planted", help="Comma-separated: planted, independent.")
     parser.add_argument("--max-iter", type=int, default=100, help="Most weight-matching sweeps.")
     parser.add_argument("--json", type=Path, help="Append each result as one JSON line.")
+    parser.add_argument("--keep-output", action="store_true",
+                        help="Keep each pair's OUT directory (under the pair's folder) to compare runs.")
     options = parser.parse_args()
     for shape in options.shapes.split(","):
         if shape not in SHAPES:
@@ -248,7 +251,7 @@ def main() -> None:
             for pair in options.pairs.split(","):
                 if pair not in ("planted", "independent"):
                     parser.error(f"unknown pair {pair!r}; choose planted or independent")
-                row = measure(shape, dtype, pair, options.workdir, options.max_iter)
+                row = measure(shape, dtype, pair, options.workdir, options.max_iter, options.keep_output)
                 print(json.dumps(row), flush=True)
                 if options.json:
                     with options.json.open("a") as stream:

@@ -6,7 +6,8 @@
 - :mod:`~autoperm.io.directories`: Hugging Face and diffusers directories, single files or
   shards with an index, read lazily and written back in the same layout.
 - :mod:`~autoperm.io.memory_map`: safetensors files mapped privately (no copy) and written one
-  tensor at a time, for checkpoints larger than memory.
+  tensor at a time, for checkpoints larger than memory; :func:`unmap_large_allocations` keeps
+  freed large buffers from staying in the process.
 - :mod:`~autoperm.io.single_file`: one weights file read lazily and written back in its own
   format, names, order, dtypes and metadata, one tensor at a time.
 - :mod:`~autoperm.io.stable_diffusion`: Stable Diffusion as kept: LDM single files (which
@@ -29,6 +30,7 @@ from autoperm.io.directories import (
 from autoperm.io.formats import read_json_object, read_torch_file
 from autoperm.io.memory_map import (
     mmap_safetensors,
+    unmap_large_allocations,
     write_safetensors,
 )
 from autoperm.io.single_file import (
@@ -55,6 +57,7 @@ __all__ = [
     "save_directory",
     "save_single_file",
     "save_state_dict",
+    "unmap_large_allocations",
     "write_safetensors",
     "write_text_atomic",
 ]

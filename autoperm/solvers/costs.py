@@ -25,7 +25,15 @@ import torch
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, layout_positions, member_matrix
 from autoperm.spec.apply import axis_index
 
-__all__ = ["CostCache", "PermutationState", "cost_terms", "default_cache_bytes", "matrix_product", "product_dtype"]
+__all__ = [
+    "CostCache",
+    "PermutationState",
+    "cost_terms",
+    "default_cache_bytes",
+    "matrix_product",
+    "product_dtype",
+    "sliced_matrix_product",
+]
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ class CostCache:
     Memory: besides the two state dicts (shared, not copied on the CPU), one float64 ``n x n``
     product per cost term whose permutation dependencies can change, one constant ``n x n`` sum
     per group, and temporary copies of one tensor (or, for tensors above ``_CHUNK_ELEMENTS``,
-    of one slice) at a time, within ``budget`` bytes of cached products.
+    of one slice) at a time, within ``budget`` bytes of cached products. A product above
+    ``_CHUNK_ELEMENTS`` entries is made a block of rows at a time into its float64 sum.
 
     Args:
         spec: the permutation spec.
@@ -153,8 +162,7 @@ class CostCache:
             total = None
             for term in terms:
                 if not term.depends_on:
-                    product = self._product(term, fibred, total is None)
-                    total = product if total is None else total.add_(product)
+                    total = self._accumulate(term, fibred, total)
             size = 0 if total is None else total.numel() * total.element_size()
             if self.cache_bytes + size <= self.cache_budget:
                 self.constants[group.name] = None if total is None else total.clone()
@@ -166,11 +174,10 @@ class CostCache:
             cached = self.products.get(key)
             size = 8 * group.size ** 2 * (self.spec[group.per].size if fibred else 1) if cached is None else 0
             if cached is None and self.cache_bytes + size > self.cache_budget:
-                # not cached: added to the float64 total in the tensors' dtype, without a float64 copy
-                product = self._product(term, fibred, total is None)
-                total = product if total is None else total.add_(product)
+                # not cached: added to the float64 total a block of rows at a time
+                total = self._accumulate(term, fibred, total)
                 continue
-            product = self._product(term, fibred) if cached is None else self._refresh(term, *cached)
+            product = self._accumulate(term, fibred, None) if cached is None else self._refresh(term, *cached)
             self.cache_bytes += size
             self.products[key] = ({g: self.perms[g] for g in term.depends_on}, product)
             total = product.clone() if total is None else total.add_(product)
@@ -218,12 +225,37 @@ class CostCache:
         a_part = member_matrix(self.a[name].index_select(other.axis, targets), member, group.size)
         return product.add_(matrix_product(a_part, member_matrix(difference, member, group.size)).double())
 
-    def _product(self, term: _Term, fibred: bool, double: bool = True) -> torch.Tensor:
+    def _accumulate(self, term: _Term, fibred: bool, total: torch.Tensor | None) -> torch.Tensor:
+        """``total + A_m @ B_m'^T`` in float64, in place (a new tensor when ``total`` is ``None``).
+
+        A product of more than ``_CHUNK_ELEMENTS`` entries of a plain member is made a block of
+        rows at a time, each block computed exactly as its rows of the whole product would be (the
+        same slices, in the same order) and added to the float64 total as soon as it is made: no
+        ``n x n`` product in :func:`product_dtype` is held beside the float64 total (95 MB for a
+        0.5B-parameter model's MLP group in float32).
+        """
+        member, size = term.member, term.group.size
+        rows = self.a[member.param].shape[member.axis] if member.is_plain else 0
+        if fibred or rows != size or size * size <= _CHUNK_ELEMENTS:
+            product = self._product(term, fibred, total is None)
+            return product if total is None else total.add_(product)
+        if total is None:
+            total = torch.zeros(size, size, dtype=torch.float64, device=self.device)
+        block = max(1, _CHUNK_ELEMENTS // size)
+        for start in range(0, size, block):
+            length = min(block, size - start)
+            total.narrow(0, start, length).add_(self._product(term, False, False, start, length))
+        return total
+
+    def _product(
+        self, term: _Term, fibred: bool, double: bool = True, start: int = 0, length: int | None = None
+    ) -> torch.Tensor:
         """``A_m @ B_m'^T`` from scratch, in float64 (``double=False``: in :func:`product_dtype`, to
         be added to a float64 sum without a float64 copy).
 
         A tensor above ``_CHUNK_ELEMENTS`` is multiplied a slice at a time, unless it is already
-        in the product's dtype and both matrices are views of it (no copy at all).
+        in the product's dtype and both matrices are views of it (no copy at all). ``start`` and
+        ``length`` (a plain member only) ask for those rows of the product alone.
         """
         name, member, size = term.member.param, term.member, term.group.size
         a, b = self.a[name], self.b[name]
@@ -231,10 +263,12 @@ class CostCache:
         split = _chunks(a, member.axis)
         views = not indices and not fibred and member.is_plain and a.shape[member.axis] == size
         in_place = a.dtype == b.dtype == product_dtype(a.dtype)
+        rows = size if length is None else length
+        a_rows = a if length is None else a.narrow(member.axis, start, length)
         if split is not None and not (views and in_place and (member.axis == 0 or a.dim() == 2)):
-            product = _split_product(a, b, indices, member, size, fibred, *split)
+            product = _split_product(a_rows, b, indices, member, size, fibred, *split, a_size=rows)
         else:
-            a_matrix = member_matrix(a, member, size, fibred)
+            a_matrix = member_matrix(a_rows, member, rows, fibred)
             product = matrix_product(a_matrix, _gathered_matrix(b, indices, member, size, fibred))
         return product.double() if double else product
 
@@ -319,6 +353,30 @@ def matrix_product(a_matrix: torch.Tensor, b_matrix: torch.Tensor) -> torch.Tens
         return a_matrix.to(dtype) @ b_matrix.to(dtype).mT
 
 
+def sliced_matrix_product(a_matrix: torch.Tensor, b_matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a_matrix @ b_matrix.T`` in ``dtype`` for 2-d matrices, casting a slice of columns at a time.
+
+    Neither matrix is ever copied whole into ``dtype``: at most ``_CHUNK_ELEMENTS`` of each are
+    cast at once, and the slices' products accumulate in ``dtype`` (bfloat16 data on the CPU's
+    bfloat16 units, as in :func:`matrix_product`). The result holds ``rows_a x rows_b`` entries.
+
+    Example:
+        >>> a, b = torch.ones(2, 3, dtype=torch.float16), torch.ones(4, 3, dtype=torch.float16)
+        >>> sliced_matrix_product(a, b, torch.float32).tolist()[0]
+        [3.0, 3.0, 3.0, 3.0]
+    """
+    rows, columns = a_matrix.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, rows, b_matrix.shape[0]))
+    total = torch.zeros(rows, b_matrix.shape[0], dtype=dtype, device=a_matrix.device)
+    with _matmul_precision(a_matrix.dtype, b_matrix.dtype):
+        for start in range(0, columns, step):
+            length = min(step, columns - start)
+            a_part = a_matrix.narrow(1, start, length).to(dtype)
+            b_part = b_matrix.narrow(1, start, length).to(dtype)
+            total.addmm_(a_part, b_part.T)
+    return total
+
+
 @contextmanager
 def _matmul_precision(a_dtype: torch.dtype, b_dtype: torch.dtype) -> Iterator[None]:
     """Float32 matmuls of bfloat16 data on the CPU's bfloat16 units, within this block.
@@ -345,13 +403,20 @@ _CHUNK_ELEMENTS = 1 << 22
 """Most elements of a tensor gathered at once (16 MiB in float32): bounds the temporary memory."""
 
 
-def _chunks(tensor: torch.Tensor, keep_axis: int | None) -> tuple[int, int] | None:
-    """An axis other than ``keep_axis`` to slice ``tensor`` along, and the slice length; ``None`` if small."""
+_INNER_CHUNK_ELEMENTS = 1 << 18
+"""Most elements of a float64 slice of an inner product (2 MiB): small buffers, reused by the allocator
+rather than mapped afresh for every slice (an inner product is taken of every tensor a move touches)."""
+
+
+def _chunks(tensor: torch.Tensor, keep_axis: int | None, limit: int | None = None) -> tuple[int, int] | None:
+    """An axis other than ``keep_axis`` to slice ``tensor`` along, and the slice length, for slices of
+    at most ``limit`` elements (default ``_CHUNK_ELEMENTS``); ``None`` if small."""
+    limit = _CHUNK_ELEMENTS if limit is None else limit
     axes = [axis for axis in range(tensor.dim()) if axis != keep_axis]
-    if tensor.numel() <= _CHUNK_ELEMENTS or not axes:
+    if tensor.numel() <= limit or not axes:
         return None
     axis = max(axes, key=lambda a: tensor.shape[a])
-    return axis, max(1, _CHUNK_ELEMENTS * tensor.shape[axis] // tensor.numel())
+    return axis, max(1, limit * tensor.shape[axis] // tensor.numel())
 
 
 def _gather(
@@ -398,18 +463,21 @@ def _split_product(
     fibred: bool,
     axis: int,
     step: int,
+    a_size: int | None = None,
 ) -> torch.Tensor:
     """``M(A) @ M(B')^T`` in :func:`product_dtype`, summing slices of ``step`` along ``axis`` (not the member's).
 
     ``M`` is the member matrix and ``B'`` = ``b`` gathered by ``indices``. The slices accumulate in
     the product's dtype, as one matmul would, and no slice holds more than ``_CHUNK_ELEMENTS``
-    (half-precision slices are cast one at a time, never the whole tensor).
+    (half-precision slices are cast one at a time, never the whole tensor). ``a_size``: the rows of
+    ``M(A)`` when ``a`` is a block of a plain member's rows (default ``size``).
     """
+    a_size = size if a_size is None else a_size
     dtype = product_dtype(torch.promote_types(a.dtype, b.dtype))
     total: torch.Tensor | None = None
     for start in range(0, a.shape[axis], step):
         length = min(step, a.shape[axis] - start)
-        a_part = member_matrix(a.narrow(axis, start, length), member, size, fibred).to(dtype)
+        a_part = member_matrix(a.narrow(axis, start, length), member, a_size, fibred).to(dtype)
         b_part = _gathered_matrix(b, indices, member, size, fibred, axis, start, length).to(dtype)
         with _matmul_precision(a.dtype, b.dtype):
             if total is None:
@@ -423,8 +491,9 @@ def _split_product(
 
 
 def _inner_product(a: torch.Tensor, b: torch.Tensor, indices: Mapping[int, torch.Tensor]) -> float:
-    """``<A, B'>`` in float64, ``B'`` = ``b`` gathered by ``indices``, a slice at a time."""
-    split = _chunks(a, None)
+    """``<A, B'>`` in float64, ``B'`` = ``b`` gathered by ``indices``, a slice of at most
+    ``_INNER_CHUNK_ELEMENTS`` at a time."""
+    split = _chunks(a, None, _INNER_CHUNK_ELEMENTS)
     if split is None:
         return float(torch.sum(a.double() * _gather(b, indices).double()))
     axis, step = split

@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import torch
 
-from autoperm.solvers.costs import matrix_product
+from autoperm.solvers.costs import product_dtype, sliced_matrix_product
 from autoperm.solvers.lap import LapMethod, linear_assignment
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, member_matrix, permute_tensor
 
@@ -147,11 +147,8 @@ def solve_heads(
         for f, member in fibre_members:
             if f is not fibre:
                 continue
-            b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
-            a_matrix = member_matrix(a[member.param], member, fibre.size, fibred=True)  # (H, d, k)
-            b_matrix = member_matrix(b_other, member, fibre.size, fibred=True)
-            cost = torch.einsum("aik,bjk->abij", a_matrix.double(), b_matrix.double())
-            total = cost if total is None else total + cost
+            cost = _pair_costs(spec, perms, member, fibre.size, a[member.param], b[member.param], skip)
+            total = cost if total is None else total.add_(cost)
         if total is not None:
             pair_costs[fibre.name] = total.cpu().numpy()
     best: dict[str, np.ndarray] = {}
@@ -176,6 +173,33 @@ def solve_heads(
     return new_perms, old_value, new_value
 
 
+def _pair_costs(
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+    member: Member,
+    size: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    skip: set[str],
+) -> torch.Tensor:
+    """``(H, H, d, d)`` float64 within-head costs of one fibre member: entry ``[a, b]`` is
+    ``A_a @ B_b^T`` for head ``a`` of A and head ``b`` of B (``B`` permuted on every group but ``skip``).
+
+    All head pairs come from one product of the ``(H d, k)`` member matrices, sliced along ``k``
+    (:func:`autoperm.solvers.costs.sliced_matrix_product`): in float32 for half-precision tensors
+    (whose products are exact in float32; the sums are rounded as in the group costs), in float64
+    otherwise; no float64 copy of either tensor is made.
+    """
+    b_other = permute_tensor(spec, perms, member.param, b, skip=skip)
+    a_matrix = member_matrix(a, member, size, fibred=True)  # (H, d, k)
+    b_matrix = member_matrix(b_other, member, size, fibred=True)
+    heads = a_matrix.shape[0]
+    half = product_dtype(a.dtype) != a.dtype and product_dtype(b.dtype) != b.dtype
+    dtype = torch.float32 if half else torch.float64
+    product = sliced_matrix_product(a_matrix.reshape(heads * size, -1), b_matrix.reshape(heads * size, -1), dtype)
+    return product.view(heads, size, heads, size).permute(0, 2, 1, 3).to(torch.float64, memory_format=torch.contiguous_format)
+
+
 def _head_scores(
     spec: PermutationSpec,
     group: PermutationGroup,
@@ -193,7 +217,9 @@ def _head_scores(
         if member.param not in a or member.param in leave_out or _covered(member, refined):
             continue
         b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
-        scores += matrix_product(member_matrix(a[member.param], member, heads), member_matrix(b_other, member, heads)).double().cpu().numpy()
+        a_matrix, b_matrix = member_matrix(a[member.param], member, heads), member_matrix(b_other, member, heads)
+        dtype = product_dtype(torch.promote_types(a_matrix.dtype, b_matrix.dtype))
+        scores += sliced_matrix_product(a_matrix, b_matrix, dtype).double().cpu().numpy()
     return scores
 
 
@@ -250,11 +276,8 @@ def solve_shared(
     head_scores = _head_scores(spec, group, laid, a, b, perms, skip, leave_out)
     pair = None
     for _, member in laid:
-        b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
-        a_matrix = member_matrix(a[member.param], member, size, fibred=True)  # (H, d, k)
-        b_matrix = member_matrix(b_other, member, size, fibred=True)
-        cost = torch.einsum("aik,bjk->abij", a_matrix.double(), b_matrix.double())
-        pair = cost if pair is None else pair + cost
+        cost = _pair_costs(spec, perms, member, size, a[member.param], b[member.param], skip)
+        pair = cost if pair is None else pair.add_(cost)
     assert pair is not None
     costs = pair.cpu().numpy()
     scores = head_scores.copy()

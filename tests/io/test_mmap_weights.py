@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,30 @@ def test_writer_rejects_a_wrong_tensor_and_leaves_no_file(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match="'w'"):
         write_safetensors(path, {"w": ([2, 2], torch.float32)}, lambda name: torch.zeros(3))
     assert list(tmp_path.iterdir()) == []
+
+
+_FREED_BUFFER_SCRIPT = """
+import sys
+import torch
+from autoperm.io import unmap_large_allocations
+
+def resident_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+assert unmap_large_allocations()
+large = torch.ones(4 << 20)  # 16 MiB: freed, it would raise glibc's threshold for the buffers below
+del large
+before = resident_mib()
+buffers = [torch.ones(2 << 20) for _ in range(3)]  # 8 MiB each
+del buffers
+print(resident_mib() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_large_buffers_leave_the_process() -> None:
+    """With unmap_large_allocations, freed 8 MiB buffers do not stay in the resident set."""
+    run = subprocess.run([sys.executable, "-c", _FREED_BUFFER_SCRIPT], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], check=True)
+    assert float(run.stdout.strip()) < 4.0, run.stdout

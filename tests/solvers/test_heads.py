@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -214,3 +216,44 @@ def test_masked_attention_module_under_both_front_ends():
     assert sorted(g.size for g in export_spec.active_groups) == [2, 4, 8]
     for spec in (fx_spec, export_spec):
         assert verify_spec(model, spec, x).passed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_within_head_pair_costs_equal_the_float64_reference(dtype: torch.dtype, monkeypatch) -> None:
+    """All head pairs' within-head costs from one sliced product: float32 for half precision (exact
+    products, rounded sums), float64 otherwise; equal to the float64 einsum over every pair."""
+    from autoperm.solvers import heads as heads_module
+    from autoperm.spec import member_matrix, permute_tensor
+
+    monkeypatch.setattr(importlib.import_module("autoperm.solvers.costs"), "_CHUNK_ELEMENTS", 64)
+    model = perturb_(Block(dim=32, heads=4, kv_heads=2, hidden=24).eval(), seed=0)
+    spec = autoperm.infer_spec(model, torch.randn(2, 6, 5))
+    sd_a = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    sd_b = {k: v.to(dtype) for k, v in perturb_(Block(dim=32, heads=4, kv_heads=2, hidden=24), seed=1).state_dict().items()}
+    perms = autoperm.random_permutation(spec, seed=2)
+    checked = 0
+    for fibre in (g for g in spec.active_groups if g.per is not None):
+        skip = {fibre.per, fibre.name}
+        for member in fibre.members:
+            cost = heads_module._pair_costs(spec, perms, member, fibre.size, sd_a[member.param], sd_b[member.param], skip)
+            b_other = permute_tensor(spec, perms, member.param, sd_b[member.param].double(), skip=skip)
+            a_matrix = member_matrix(sd_a[member.param].double(), member, fibre.size, fibred=True)
+            b_matrix = member_matrix(b_other, member, fibre.size, fibred=True)
+            expected = torch.einsum("aik,bjk->abij", a_matrix, b_matrix)
+            tolerance = 1e-12 if dtype in (torch.float32, torch.float64) else 1e-6
+            assert cost.dtype == torch.float64 and cost.shape == expected.shape
+            assert float((cost - expected).abs().max()) <= tolerance * float(expected.abs().max()), member.param
+            checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_heads_planted_permutation_recovered(dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setattr(importlib.import_module("autoperm.solvers.costs"), "_CHUNK_ELEMENTS", 64)
+    model = perturb_(Block(dim=32, heads=4, kv_heads=2, hidden=24).eval(), seed=4)
+    spec = autoperm.infer_spec(model, torch.randn(2, 6, 5))
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    permuted = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=5), state)
+    result = autoperm.weight_matching(spec, state, permuted)
+    recovered = autoperm.apply_permutation(spec, result.perms, permuted)
+    assert all(torch.equal(recovered[name], state[name]) for name in state)
