@@ -213,7 +213,7 @@ def refine(
         current = {**fixed, **{name: _rotated(spec, name, skews[name], starts[name]) for name in starts}}
         moved = apply_transform(spec, current, b)
         middle = {k: (a[k] + moved[k]) / 2 if a[k].is_floating_point() else a[k] for k in a}
-        loss = loss_fn(functional_call(model, middle, (inputs.to(device),)), targets.to(device))
+        loss = loss_fn(functional_call(model, middle, (inputs.to(device),), tie_weights=False), targets.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

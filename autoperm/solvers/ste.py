@@ -192,7 +192,7 @@ def ste_matching(
             for name, learned in theta.items():
                 straight_through = projection.permuted[name] + (learned - learned.detach())
                 parameters[name] = (1 - t) * a[name] + t * straight_through
-            outputs = functional_call(model, parameters, (inputs.to(device),))
+            outputs = functional_call(model, parameters, (inputs.to(device),), tie_weights=False)
             loss = loss_fn(outputs, targets.to(device))
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -320,7 +320,7 @@ def midpoint_loss(
     total, count = 0.0, 0
     for inputs, targets in iter_batches(data, batch_size):
         batch = {k: v.clone() for k, v in parameters.items()}
-        outputs = functional_call(model, batch, (inputs.to(device),))
+        outputs = functional_call(model, batch, (inputs.to(device),), tie_weights=False)
         total += float(loss_fn(outputs, targets.to(device))) * inputs.shape[0]
         count += inputs.shape[0]
     if count == 0:
