@@ -7,6 +7,7 @@ gives back A.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -114,3 +115,33 @@ def test_vit_classifier_stream_admits_ones_fixing_orthogonal_maps_once_folded() 
     expected = model(pixel_values=images).logits
     model.load_state_dict(autoperm.apply_transform(canonical, autoperm.random_transform(canonical, seed=1), state))
     assert torch.allclose(model(pixel_values=images).logits, expected, atol=1e-10)
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits
+
+
+def test_learned_refinement_runs_on_a_tied_model_and_keeps_b_function() -> None:
+    """GPT-2 shares its embedding with its head: the refinement's functional calls must accept both names."""
+    transformers.logging.set_verbosity_error()
+    import autoperm
+
+    build, _ = BUILDERS["gpt2"]
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(_Logits(perturb_(build(), seed + 1, scale=0.05)).double().eval())
+    tokens = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(2))
+    spec = autoperm.infer_spec(models[0], (tokens[:1],))
+    a, b = (m.state_dict() for m in models)
+    expected = models[1](tokens)
+    result = autoperm.align(spec, a, b, symmetries="orthogonal", model=models[0], data=(tokens[:, :-1], tokens[:, 1:]),
+                            steps=3, batch_size=4)
+    assert len(result.losses) == 3 and all(math.isfinite(loss) for loss in result.losses)
+    models[1].load_state_dict(result.state_dict)
+    assert torch.allclose(models[1](tokens), expected, atol=1e-8)
