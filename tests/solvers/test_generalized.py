@@ -198,3 +198,23 @@ def test_unknown_symmetries_are_refused():
         autoperm.align(spec, _state(model), _state(model), symmetries="affine")
     with pytest.raises(autoperm.SolverError, match="needs the model and data"):
         autoperm.align(spec, _state(model), _state(model), steps=3)
+
+
+def test_interpolating_with_a_as_it_is_equals_interpolating_canonical_forms():
+    """Why the output needs no second file for A: both endpoints share A's gains, so every point of
+    the path computes what the same point between the canonical forms computes."""
+    model, spec, inputs = _model(11, heads=2, norm="layer")
+    a = _state(model)
+    for name, tensor in a.items():
+        if "ln" in name:
+            a[name] = tensor + 0.4 * torch.rand_like(tensor)
+    b = _state(_model(12, heads=2, norm="layer")[0])
+    aligned = autoperm.align(spec, a, b, symmetries="full").state_dict
+    _, a_canonical = autoperm.canonicalize(spec, a)
+    _, b_canonical = autoperm.canonicalize(spec, aligned)
+    for t in (0.25, 0.5):
+        outputs = []
+        for x, y in ((a, aligned), (a_canonical, b_canonical)):
+            model.load_state_dict({k: (1 - t) * x[k] + t * y[k] for k in x})
+            outputs.append(model(inputs))
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-10)
