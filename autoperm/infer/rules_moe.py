@@ -37,13 +37,14 @@ import weakref
 from collections.abc import Hashable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from autoperm.infer.context import RuleContext
 from autoperm.infer.registry import BoundCall, bind, define_rule, library_aliases
-from autoperm.trace.graph import OpCall, TensorRef, TracedGraph, tensors_in
+from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 
-__all__ = ["label_axis", "ranked_axis", "traceable_experts", "TRACEABLE_EXPERTS_IMPLEMENTATION"]
+__all__ = ["TRACEABLE_EXPERTS_IMPLEMENTATION", "label_axis", "ranked_axis", "traceable_experts"]
 
 TRACEABLE_EXPERTS_IMPLEMENTATION = "batched_mm"
 """The transformers experts implementation traced in place of the configured one."""
@@ -155,8 +156,12 @@ def _use(call: OpCall, labels: TensorRef, length: int) -> list[TensorRef] | None
             return None
         chosen = source[index]
         return [out] if isinstance(chosen, TensorRef) and chosen.id == labels.id and out is not None else []
-    first = bound.tensors()[0] if bound.tensors() else None
-    passes = rule.family in ("reshape", "expand") or rule.name in _PASSING or rule.name == "getitem" and _basic(bound.get("index"))
+    tensors = bound.tensors()
+    if sum(tensor.id == labels.id for tensor in tensors) > 1:  # x[x], x.gather(0, x): the labels read themselves
+        return None
+    first = tensors[0] if tensors else None
+    passes = (rule.family in ("reshape", "expand") or rule.name in _PASSING and _keeps_integers(call)
+              or rule.name == "getitem" and _basic(bound.get("index")))
     if passes and first is not None and first.id == labels.id and out is not None and not out.floating:
         return [out]
     read = _reader(bound, rule.name)
@@ -183,6 +188,12 @@ def _reader(call: BoundCall, name: str) -> tuple[TensorRef, TensorRef, int] | No
             return None
         return x, tensors[0][1], tensors[0][0]
     return None
+
+
+def _keeps_integers(call: OpCall) -> bool:
+    """Whether a cast converts to no dtype other than 32- or 64-bit integers (a boolean mask is no labels)."""
+    dtypes = [value for value in (*call.args, *call.kwargs.values()) if isinstance(value, torch.dtype)]
+    return all(dtype in (torch.int64, torch.int32) for dtype in dtypes)
 
 
 def _basic(index: object) -> bool:

@@ -32,13 +32,13 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from autoperm.infer import infer_spec  # noqa: E402
-from autoperm.infer.rules_moe import traceable_experts  # noqa: E402
-from autoperm.solvers import weight_matching  # noqa: E402
-from autoperm.spec import PermutationSpec, apply_permutation, random_permutation  # noqa: E402
-from tests.conftest import group_of, only_group  # noqa: E402
+from autoperm.infer import infer_spec
+from autoperm.infer.rules_moe import traceable_experts
+from autoperm.solvers import weight_matching
+from autoperm.spec import PermutationSpec, apply_permutation, random_permutation
+from tests.conftest import group_of, only_group
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
+SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 96}
 
 
 def _mixtral() -> nn.Module:
@@ -170,8 +170,17 @@ def test_traceable_experts_restores_the_configured_implementation() -> None:
     assert model.config._experts_implementation == "grouped_mm"
 
 
-def test_routing_positions_used_otherwise_keep_the_experts_fixed() -> None:
-    """A router whose expert numbers also feed arithmetic (here: an offset added to them) is not understood."""
+_ODD_USES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "plain": lambda chosen: chosen,  # the control: understood, the experts move
+    "shifted": lambda chosen: (chosen + 1) % 4,  # reads expert i + 1 for the router's choice i
+    "bool mask": lambda chosen: chosen.to(torch.bool).long(),  # expert 0 or 1 only
+    "read by itself": lambda chosen: chosen[chosen],
+}
+
+
+@pytest.mark.parametrize("use", list(_ODD_USES))
+def test_routing_positions_used_otherwise_keep_the_experts_fixed(use: str) -> None:
+    """A router whose expert numbers go anywhere but to a read of the expert weights is not understood."""
 
     class OddRouter(nn.Module):
         def __init__(self) -> None:
@@ -180,13 +189,14 @@ def test_routing_positions_used_otherwise_keep_the_experts_fixed() -> None:
             self.experts = nn.Parameter(torch.randn(4, 8, 8))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            chosen = self.router(x).topk(1, dim=-1).indices.reshape(-1)
-            shifted = (chosen + 1) % 4  # reads expert (i + 1) for the router's choice i
-            return torch.bmm(self.experts[shifted], x.unsqueeze(-1)).squeeze(-1)
+            chosen = _ODD_USES[use](self.router(x).topk(1, dim=-1).indices.reshape(-1))
+            return torch.bmm(self.experts[chosen], x.unsqueeze(-1)).squeeze(-1)
 
-    spec = infer_spec(OddRouter(), torch.randn(5, 8))
-    assert not group_of(spec, "router.weight", 0)
-    assert not group_of(spec, "experts", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = infer_spec(OddRouter(), torch.randn(4, 8))
+    expected = 1 if use == "plain" else 0
+    assert len(group_of(spec, "router.weight", 0)) == len(group_of(spec, "experts", 0)) == expected
 
 
 def test_routing_positions_read_by_index_and_gather_couple_the_experts() -> None:
