@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from autoperm.infer import rules_attention, rules_core, rules_layers  # noqa: F401  (registers the rule table)
+from autoperm.infer import rules_attention, rules_core, rules_layers, rules_moe  # noqa: F401  (registers the rule table)
 from autoperm.infer.affine import affine_sites
 from autoperm.infer.axes import Resolved
 from autoperm.infer.context import RuleContext
@@ -214,7 +214,9 @@ def infer_spec(
         >>> [g.name for g in spec.groups][:2]
         ['conv1', 'layer1.0.conv1']
     """
-    traced = split_fused_axes(trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer, meta_output=module_meta_output))
+    with rules_moe.traceable_experts(model):
+        traced = trace_model(model, example_inputs, is_leaf=has_module_rule, tracer=tracer, meta_output=module_meta_output)
+    traced = split_fused_axes(traced)
     ctx, unknown = build_context(traced)
     if unknown:
         message = "kept the axes fixed around ops autoperm does not understand: " + ", ".join(unknown)

@@ -18,6 +18,7 @@ from torch import nn
 
 from autoperm.infer.context import RuleContext
 from autoperm.infer.registry import BoundCall, Coupling, define_rule, library_aliases, op_rule, register_module_rule, register_op_rule
+from autoperm.infer.rules_moe import label_axis
 from autoperm.trace.graph import TensorRef, tensors_in
 
 # Aliases beyond those library_aliases finds from the name.
@@ -411,7 +412,9 @@ def _advanced_index(ctx: RuleContext, x: TensorRef, items: list[object], out: Te
 
     The output is ``x``'s axes before ``k``, then ``idx``'s axes, then ``x``'s axes after ``k``:
     those are coupled in order; axis ``k`` of ``x`` is fixed (which entries are read depends on
-    their positions), and ``idx``'s axes are coupled with the output axes they lay out. Anything
+    their positions) unless ``idx`` holds ``topk`` positions of another axis whose every use is
+    understood (expert numbers: :func:`~autoperm.infer.rules_moe.label_axis`), which axis ``k`` is
+    then coupled with; ``idx``'s axes are coupled with the output axes they lay out. Anything
     else (several index tensors, boolean masks, slices with steps) keeps every axis fixed.
     """
     tensors = [i for i in items if isinstance(i, TensorRef)]
@@ -424,7 +427,11 @@ def _advanced_index(ctx: RuleContext, x: TensorRef, items: list[object], out: Te
     if out.ndim != x.ndim - 1 + idx.ndim:
         ctx.unknown([x, out, idx])
         return
-    ctx.fix(x, k)
+    labelled = label_axis(ctx, idx)
+    if labelled is not None and ctx.size(labelled) == x.shape[k]:
+        ctx.same_node(ctx.ax(x, k), labelled)
+    else:
+        ctx.fix(x, k)
     for d in range(k):
         ctx.same(x, d, out, d)
     for d in range(idx.ndim):
@@ -515,7 +522,8 @@ def _position_reduction(ctx: RuleContext, call: BoundCall, positions: bool = Fal
 
 
 def _sorting(ctx: RuleContext, call: BoundCall) -> None:
-    """sort, argsort, topk: which entry lands where depends on the values; every axis stays fixed."""
+    """sort, argsort: which entry lands where depends on the values; every axis stays fixed
+    (``topk``, whose positions routers use as expert numbers, is in :mod:`autoperm.infer.rules_moe`)."""
     tensors = call.tensors()
     if tensors and tensors[0].ndim:
         for out in call.call.output_tensors():
@@ -531,7 +539,7 @@ for _name in ["sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", 
 add_ops(["norm", "linalg_vector_norm"], _reduction, ("input", "p", "dim"), family="reduction")
 add_ops(["argmax", "argmin"], functools.partial(_position_reduction, positions=True), ("input", "dim"), family="position_reduction")
 add_ops(["max", "min", "median", "mode", "kthvalue"], _position_reduction, ("input", "dim"), family="position_reduction")
-add_ops(["topk", "sort", "argsort"], _sorting, ("input", "dim"), family="position_reduction")
+add_ops(["sort", "argsort"], _sorting, ("input", "dim"), family="position_reduction")
 add_ops(["cummax", "cummin"], _position_reduction, ("input", "dim"), family="position_reduction")
 
 
