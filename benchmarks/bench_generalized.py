@@ -14,7 +14,8 @@ Prints the medians and the ratios ``align / wm`` and ``generalised / wm``, measu
 run. The canonical forms are float64 copies (8 bytes a parameter per model), which bounds the
 shapes this runs at in memory: about 24 GiB holds llama-156m, not TinyLlama-1.1B.
 
-    python benchmarks/bench_generalized.py --shapes llama-tiny llama-156m --repeats 3
+    python benchmarks/bench_generalized.py --shapes llama-tiny --repeats 3
+    python benchmarks/bench_generalized.py --shapes llama-156m --repeats 3 --max-iter 2   # the cost of a sweep
 """
 
 from __future__ import annotations
@@ -50,21 +51,22 @@ def timed(function) -> tuple[float, object]:
     return time.perf_counter() - started, value
 
 
-def run_shape(shape: str, symmetries: str, repeats: int) -> dict[str, float]:
+def run_shape(shape: str, symmetries: str, repeats: int, max_iter: int) -> dict[str, float]:
     spec = infer_llama_spec(shape)
     a, b = random_llama(spec, 0), random_llama(spec, 1)
     times: dict[str, list[float]] = {"wm": [], "align": [], "generalised": []}
     for _ in range(repeats):
         seconds, result = timed(lambda: autoperm.weight_matching(spec, a, b))
         times["wm"].append(seconds)
-        seconds, _ = timed(lambda: autoperm.align(spec, a, b, symmetries=symmetries))
+        seconds, _ = timed(lambda: autoperm.align(spec, a, b, symmetries=symmetries, max_iter=max_iter))
         times["align"].append(seconds)
         permuted = autoperm.apply_permutation(spec, result.perms, b)
         canonical, a_c = autoperm.canonicalize(spec, a)
         _, b_c = autoperm.canonicalize(spec, permuted)
         identity = {g.name: torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(canonical[g.per].size, 1)
                     for g in canonical.active_groups}
-        seconds, found = timed(lambda: autoperm.generalized_matching(canonical, a_c, b_c, symmetries, init_perms=identity))
+        seconds, found = timed(lambda: autoperm.generalized_matching(canonical, a_c, b_c, symmetries, init_perms=identity,
+                                                                                    max_iter=max_iter))
         times["generalised"].append(seconds)
         sweeps = found.n_iter
     medians = {key: statistics.median(values) for key, values in times.items()}
@@ -81,11 +83,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["llama-tiny"], choices=list(SHAPES))
     parser.add_argument("--symmetries", default="orthogonal", choices=["orthogonal", "full"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-iter", type=int, default=100,
+                        help="most sweeps of each matching (align's default: 100); fewer to time a sweep on large shapes")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for shape in args.shapes:
-        run_shape(shape, args.symmetries, args.repeats)
+        run_shape(shape, args.symmetries, args.repeats, args.max_iter)
 
 
 if __name__ == "__main__":

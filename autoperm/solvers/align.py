@@ -91,6 +91,7 @@ def align(
     batch_size: int = 256,
     loss_fn: LossFunction | None = None,
     device: str | torch.device = "cpu",
+    sweep_tol: float = 0.0,
 ) -> Alignment:
     """Align B to A with the symmetries asked for (see the module docstring).
 
@@ -108,6 +109,8 @@ def align(
         batch_size: the refinement's batch size when ``data`` is a tensor pair.
         loss_fn: the task loss (default: cross-entropy over the last axis).
         device: where products and the refinement run.
+        sweep_tol: generalised matching stops after a sweep that gains less than this,
+            relatively (:func:`autoperm.solvers.generalized.generalized_matching`).
 
     Returns:
         An :class:`Alignment`.
@@ -140,7 +143,7 @@ def align(
     identity = {g.name: torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(canonical_spec[g.per].size, 1)
                 for g in canonical_spec.active_groups}
     matched = generalized_matching(canonical_spec, canonical_a, canonical_b, symmetries, max_iter=max_iter, seed=seed,
-                                   init_perms=identity, device=device)
+                                   init_perms=identity, device=device, sweep_tol=sweep_tol)
     transforms, losses = matched.transforms, []
     if steps > 0:
         transforms, losses = refine(canonical_spec, model, canonical_a, canonical_b, transforms, data, steps=steps, lr=lr,
