@@ -49,7 +49,7 @@ def test_quick_run_reports_finite_barriers_and_wm_below_naive(lmc, tmp_path):
     for name, part in report["families"].items():
         assert all(math.isfinite(v) for v in _numbers(part)), name
         methods = part["methods"]
-        assert set(methods) == {f"{m}{r}" for m in ("naive", "wm", "am", "ste") for r in ("", "+repair")}
+        assert set(methods) == {f"{m}{r}" for m in lmc.METHODS for r in ("", "+repair")}
         assert methods["wm"]["barrier"]["test_loss"] < methods["naive"]["barrier"]["test_loss"], name
         assert set(part["anchor"]) == {"wm", "wm+repair", "ste", "ste+repair"}
         assert (tmp_path / f"{name}_barrier.png").read_bytes()[:4] == b"\x89PNG"
@@ -57,13 +57,13 @@ def test_quick_run_reports_finite_barriers_and_wm_below_naive(lmc, tmp_path):
     # the curves start at A and end at B as evaluated on their own (the MLP has no BatchNorm to reset):
     # the state dicts the methods see are the trained models', not overwritten by later evaluations
     mlp = report["families"]["mlp"]
-    for method in ("naive", "wm", "am", "ste"):
+    for method in lmc.METHODS:  # the generalised rows pair B, in A's gauge, with A as it is
         assert mlp["curves"][method]["test_loss"][0] == pytest.approx(mlp["endpoints"]["A"]["test_loss"], rel=1e-6)
     assert mlp["curves"]["naive"]["test_loss"][-1] == pytest.approx(mlp["endpoints"]["B"]["test_loss"], rel=1e-6)
     assert mlp["anchor"]["wm"]["test_loss"] != mlp["methods"]["wm"]["barrier"]["test_loss"]
     assert set(report["families"]["mlp"]["width_trend"]) == {"16"}
     table = lmc.format_tables(report)
-    assert "| mlp | wm |" in table and "| vgg | naive |" in table
+    assert "| mlp | wm |" in table and "| vgg | naive |" in table and "| vgg | gwm-full+learn |" in table
 
 
 def test_repair_keeps_the_architecture_of_a_trained_pair(lmc):
