@@ -63,8 +63,7 @@ def run_shape(shape: str, symmetries: str, repeats: int, max_iter: int) -> dict[
         permuted = autoperm.apply_permutation(spec, result.perms, b)
         canonical, a_c = autoperm.canonicalize(spec, a)
         _, b_c = autoperm.canonicalize(spec, permuted)
-        identity = {g.name: torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(canonical[g.per].size, 1)
-                    for g in canonical.active_groups}
+        identity = autoperm.identity_permutation(canonical)
         seconds, found = timed(lambda: autoperm.generalized_matching(canonical, a_c, b_c, symmetries, init_perms=identity,
                                                                                     max_iter=max_iter))
         times["generalised"].append(seconds)

@@ -35,7 +35,7 @@ from autoperm.solvers.gauge import balancing_transforms, invert
 from autoperm.solvers.generalized import SYMMETRIES, Symmetries, generalized_matching
 from autoperm.solvers.result import check_state_dicts
 from autoperm.solvers.weight_matching import weight_matching
-from autoperm.spec import PermutationSpec, apply_permutation, canonicalize, to_gauge
+from autoperm.spec import PermutationSpec, apply_permutation, canonicalize, identity_permutation, to_gauge
 from autoperm.spec.transform import apply_transform, ones_basis
 
 __all__ = ["Alignment", "align", "refine"]
@@ -140,10 +140,8 @@ def align(
         gauge_a = balancing_transforms(canonical_spec, canonical_a)
         canonical_a = apply_transform(canonical_spec, gauge_a, canonical_a)
         canonical_b = apply_transform(canonical_spec, balancing_transforms(canonical_spec, canonical_b), canonical_b)
-    identity = {g.name: torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(canonical_spec[g.per].size, 1)
-                for g in canonical_spec.active_groups}
     matched = generalized_matching(canonical_spec, canonical_a, canonical_b, symmetries, max_iter=max_iter, seed=seed,
-                                   init_perms=identity, device=device, sweep_tol=sweep_tol)
+                                   init_perms=identity_permutation(canonical_spec), device=device, sweep_tol=sweep_tol)
     transforms, losses = matched.transforms, []
     if steps > 0:
         transforms, losses = refine(canonical_spec, model, canonical_a, canonical_b, transforms, data, steps=steps, lr=lr,

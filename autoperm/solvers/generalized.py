@@ -35,7 +35,7 @@ from autoperm.errors import SolverError
 from autoperm.solvers.lap import linear_assignment
 from autoperm.solvers.result import check_state_dicts, is_cost_tensor, is_improvement
 from autoperm.solvers.weight_matching import weight_matching
-from autoperm.spec import Member, PermutationGroup, PermutationSpec, check_permutations
+from autoperm.spec import Member, PermutationGroup, PermutationSpec, check_permutations, identity_permutation
 from autoperm.spec.apply import apply_permutation, layout_positions
 
 __all__ = ["SYMMETRIES", "Symmetries", "GeneralizedResult", "generalized_matching", "solved_kind", "procrustes"]
@@ -228,10 +228,9 @@ class _Descent:
         names = [p for p in spec.members_by_param if is_cost_tensor(p, state_dict_a[p])]
         self.a = {p: state_dict_a[p].to(device=device, dtype=dtype) for p in names}
         self.b = {p: aligned[p].to(device=device, dtype=dtype) for p in names}
+        identity = identity_permutation(spec)
         self.transforms: dict[str, torch.Tensor] = {
-            g.name: perms.get(g.name, torch.arange(g.size) if g.per is None else torch.arange(g.size).repeat(spec[g.per].size, 1))
-            .to(torch.long).cpu()
-            for g in spec.active_groups
+            g.name: perms.get(g.name, identity[g.name]).to(torch.long).cpu() for g in spec.active_groups
         }
         self.units = self._units()
         self.value = sum(self._inner(p) for p in names)
