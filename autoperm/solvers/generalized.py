@@ -205,6 +205,7 @@ class _Unit:
 
     group: PermutationGroup
     fibres: tuple[PermutationGroup, ...] = ()
+    heads_fixed: bool = False  # the group fibres hang on does not move (fixed, or one head)
 
 
 class _Descent:
@@ -234,7 +235,7 @@ class _Descent:
         }
         self.units = self._units()
         self.value = sum(self._inner(p) for p in names)
-        self.version = {g.name: 0 for g in spec.active_groups}
+        self.version = {g.name: 0 for g in spec.groups}
         self.solved_at: dict[str, tuple[int, ...]] = {}
         self.neighbours = {unit.group.name: self._neighbours(unit) for unit in self.units}
 
@@ -249,7 +250,8 @@ class _Descent:
         for group in self.spec.active_groups:
             if group.per is not None:
                 fibres.setdefault(group.per, []).append(group)
-        units = []
+        units = [_Unit(self.spec[name], tuple(own), heads_fixed=True)
+                 for name, own in fibres.items() if not self.spec[name].active]  # within-head maps of fixed heads
         for group in self.spec.active_groups:
             if group.per is not None:
                 continue
@@ -322,7 +324,7 @@ class _Descent:
                 score += torch.linalg.matrix_norm(cost, ord="nuc")
             else:
                 score += torch.tensor([[_assignment_value(cost[a, c]) for c in range(count)] for a in range(count)])
-        order = _assign(score)
+        order = torch.arange(count) if unit.heads_fixed else _assign(score)
         within: dict[str, torch.Tensor] = {}
         for name, cost in costs.items():
             chosen = cost[torch.arange(count), order]  # (a, d, d): A's head a against B's head order[a]
@@ -341,7 +343,8 @@ class _Descent:
             return False
 
         def update() -> None:
-            self.transforms[heads.name] = self.transforms[heads.name][order]
+            if not unit.heads_fixed:
+                self.transforms[heads.name] = self.transforms[heads.name][order]
             for fibre in unit.fibres:
                 carried = self.transforms[fibre.name][order]
                 self.transforms[fibre.name] = _compose(within.get(fibre.name), carried, fibre.size)

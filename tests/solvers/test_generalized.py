@@ -218,3 +218,16 @@ def test_interpolating_with_a_as_it_is_equals_interpolating_canonical_forms():
             model.load_state_dict({k: (1 - t) * x[k] + t * y[k] for k in x})
             outputs.append(model(inputs))
         assert torch.allclose(outputs[0], outputs[1], atol=1e-10)
+
+
+def test_within_head_maps_are_found_when_the_heads_themselves_are_fixed():
+    model, spec, _ = _model(4, heads=2)
+    heads = next(g for g in spec.groups if g.name.endswith(".heads"))
+    fixed = spec.model_copy(update={"groups": tuple(g.model_copy(update={"fixed": True}) if g.name == heads.name else g
+                                                    for g in spec.groups)})
+    assert not fixed[heads.name].active and any(g.per == heads.name for g in fixed.active_groups)
+    a = _state(model)
+    b = apply_transform(fixed, random_transform(fixed, seed=3, kinds=["permutation", "orthogonal"]), a)
+    result = generalized_matching(fixed, a, b)
+    assert heads.name not in result.transforms  # fixed heads never move
+    assert _relative_error(apply_transform(fixed, result.transforms, b), a) < 1e-6
