@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from autoperm.data import iter_batches
 from autoperm.errors import SolverError
 from autoperm.solvers.gauge import balancing_transforms, invert
 from autoperm.solvers.generalized import SYMMETRIES, Symmetries, generalized_matching
 from autoperm.solvers.result import check_state_dicts
+from autoperm.solvers.ste import _shuffled
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationSpec, apply_permutation, canonicalize, identity_permutation, to_gauge
 from autoperm.spec.transform import apply_transform, ones_basis
@@ -245,16 +245,11 @@ def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def _cycle(data: Any, batch_size: int, seed: int):
-    """Endless ``(inputs, targets)`` batches: shuffled each pass for a tensor pair, cycled otherwise."""
+    """Endless ``(inputs, targets)`` batches: shuffled each pass for a tensor pair (as STE shuffles), cycled otherwise."""
     generator = torch.Generator().manual_seed(seed)
     while True:
-        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-            order = torch.randperm(data[0].shape[0], generator=generator)
-            source: Any = (data[0][order], data[1][order])
-        else:
-            source = data
         found = False
-        for batch in iter_batches(source, batch_size):
+        for batch in _shuffled(data, batch_size, generator):
             found = True
             yield batch
         if not found:
