@@ -27,7 +27,9 @@ language model; those keep their own.
 
 Families: ``mlp`` (3 hidden layers), ``vgg`` (VGG-style CNN with BatchNorm, flatten head),
 ``resnet`` (BatchNorm, 2 stages of 2 basic blocks), ``vit`` (16 patch tokens, 4 heads, 3 blocks,
-LayerNorm), ``gpt`` (causal byte-level language model with tied embeddings, next-token loss).
+LayerNorm), ``gpt`` (causal byte-level language model with tied embeddings, next-token loss),
+``hf-vit`` and ``hf-gpt2`` (the same from transformers' classes), and ``gpt-untied`` and
+``hf-gpt2-untied`` (the language models with a separate output layer).
 
 Run from the repository root::
 
@@ -149,18 +151,22 @@ class ViT(nn.Module):
 
 
 class GPT(nn.Module):
-    """Causal byte-level language model with tied input/output embeddings (GPT-style, pre-LayerNorm)."""
+    """Causal byte-level language model (GPT-style, pre-LayerNorm), input and output embeddings tied
+    unless ``tied=False`` (then a separate bias-free ``head``)."""
 
-    def __init__(self, width: int = 96, heads: int = 4, depth: int = 2, context: int = 64, vocab: int = 256):
+    def __init__(self, width: int = 96, heads: int = 4, depth: int = 2, context: int = 64, vocab: int = 256,
+                 tied: bool = True):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Parameter(0.02 * torch.randn(context, width))
         self.blocks = nn.Sequential(*(Block(width, heads, causal=True) for _ in range(depth)))
         self.ln = nn.LayerNorm(width)
+        self.head = None if tied else nn.Linear(width, vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) + self.position[: tokens.shape[1]]
-        return F.linear(self.ln(self.blocks(x)), self.embed.weight)
+        hidden = self.ln(self.blocks(x))
+        return F.linear(hidden, self.embed.weight) if self.head is None else self.head(hidden)
 
 
 class Logits(nn.Module):
@@ -183,11 +189,13 @@ def hf_vit(width: int) -> nn.Module:
     return Logits(transformers.ViTForImageClassification(config), "pixel_values")
 
 
-def hf_gpt2(width: int) -> nn.Module:
-    """transformers' ``GPT2LMHeadModel`` over bytes (tied embeddings, as GPT-2 has them): 2 blocks, 4 heads."""
+def hf_gpt2(width: int, tied: bool = True) -> nn.Module:
+    """transformers' ``GPT2LMHeadModel`` over bytes (tied embeddings as GPT-2 has them, unless ``tied=False``):
+    2 blocks, 4 heads."""
     import transformers
 
-    config = transformers.GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    config = transformers.GPT2Config(n_embd=width, n_layer=2, n_head=4, vocab_size=256, n_positions=64,
+                                     tie_word_embeddings=tied)
     return Logits(transformers.GPT2LMHeadModel(config), "input_ids")
 
 
@@ -305,9 +313,16 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family("gpt", _seeded(lambda w: GPT(w)), 96, "text", epochs=0, lr=3e-3, batch_size=32, steps=800, ste_epochs=20),
     "hf-vit": Family("hf-vit", _seeded(hf_vit), 64, "image", epochs=40, lr=2e-3),
     "hf-gpt2": Family("hf-gpt2", _seeded(hf_gpt2), 96, "text", epochs=0, lr=3e-3, batch_size=32, steps=800, ste_epochs=20),
+    "gpt-untied": Family("gpt-untied", _seeded(lambda w: GPT(w, tied=False)), 96, "text", epochs=0, lr=3e-3,
+                         batch_size=32, steps=800, ste_epochs=20),
+    "hf-gpt2-untied": Family("hf-gpt2-untied", _seeded(lambda w: hf_gpt2(w, tied=False)), 96, "text", epochs=0,
+                             lr=3e-3, batch_size=32, steps=800, ste_epochs=20),
 }
 """``hf-vit`` and ``hf-gpt2`` are the ``vit`` and ``gpt`` settings built from transformers' own classes
-(dropout left at the libraries' defaults, 0 for ViT, 0.1 for GPT-2, and off in evaluation)."""
+(dropout left at the libraries' defaults, 0 for ViT, 0.1 for GPT-2, and off in evaluation). The
+``-untied`` language models are the same with a separate output layer: with tied embeddings the
+final LayerNorm's gain cannot be folded into the output layer without changing the embedding, so
+the residual stream admits only permutations; untied, it admits orthogonal maps after folding."""
 
 
 def authors_recipe(family: Family) -> Family:
