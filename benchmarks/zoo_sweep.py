@@ -7,8 +7,10 @@ For every model (random init, no downloads, timm's default input size) the sweep
   hide a wrong permutation), a random permutation drawn from the spec for each of three seeds
   must leave the outputs unchanged: relative error ``max|out_perm - out| / max|out|`` < 1e-9;
 * kinds: for models with groups larger than permutations (orthogonal, invertible, scale), the
-  same float64 check with a random element of every group's kind (``random_transform``), one
-  seed;
+  same float64 check with a random element of every group's kind (``random_transform``), three
+  seeds; for models with foldable norms, the canonical form (``canonicalize``: gains folded into
+  their readers) must compute the same function, and so must it under a random element of every
+  kind of the canonical spec (the streams that folding enlarges), three seeds;
 * coverage: the share of hidden conv/linear output units (axis 0 of ``nn.Conv*d`` / ``nn.Linear``
   weights, the classifier of ``model.get_classifier()`` left out) that some active group moves;
 * planted recovery: B is A under ``random_permutation(spec, seed=1)`` (float32);
@@ -235,6 +237,17 @@ def inner_product(spec: Any, a: Mapping[str, Any], b: Mapping[str, Any]) -> floa
     return total
 
 
+def _kind_errors(autoperm: Any, spec: Any, state: dict, model: Any, inputs: Any, reference: Any) -> list[float]:
+    """Relative output change under a random element of every group's kind, one per soundness seed."""
+    errors = []
+    for seed in SOUNDNESS_SEEDS:
+        moved = autoperm.apply_transform(spec, autoperm.random_transform(spec, seed=seed), state)
+        model.load_state_dict(moved)
+        model.train().eval()
+        errors.append(relative_error(reference, model(inputs)))
+    return errors
+
+
 def run_model(name: str, threads: int | None = None) -> dict[str, Any]:
     """Every measurement of the sweep for timm model ``name`` (in this process)."""
     import timm
@@ -277,22 +290,34 @@ def run_model(name: str, threads: int | None = None) -> dict[str, Any]:
             errors.append(relative_error(reference, model64(x64)))
         model64.load_state_dict(state64)
         # Symmetry kinds beyond permutations (autoperm >= issue 20): a random element of every
-        # group's kind (Haar orthogonal, well-conditioned invertible, positive scales), one seed.
+        # group's kind (Haar orthogonal, well-conditioned invertible, positive scales), three seeds;
+        # then the same on the canonical form (norm gains folded), whose streams admit the larger
+        # kinds folding gives them.
         larger = [g.name for g in spec.active_groups if getattr(g, "kind", "permutation") != "permutation"]
         kind_errors = []
         if larger and hasattr(autoperm, "random_transform"):
-            for seed in SOUNDNESS_SEEDS[:1]:
-                moved = autoperm.apply_transform(spec, autoperm.random_transform(spec, seed=seed), state64)
-                model64.load_state_dict(moved)
-                model64.train().eval()
-                kind_errors.append(relative_error(reference, model64(x64)))
-            model64.load_state_dict(state64)
+            kind_errors = _kind_errors(autoperm, spec, state64, model64, x64, reference)
+        folds = len(getattr(spec, "norm_folds", ()))
+        canonical_errors, canonical_larger = [], []
+        if folds and hasattr(autoperm, "canonicalize"):
+            canonical_spec, canonical_state = autoperm.canonicalize(spec, state64)
+            model64.load_state_dict(canonical_state)
+            model64.train().eval()
+            canonical_errors = [relative_error(reference, model64(x64))]  # folding keeps the function
+            canonical_larger = [g.name for g in canonical_spec.active_groups if g.kind != "permutation"]
+            if canonical_larger:
+                canonical_errors += _kind_errors(autoperm, canonical_spec, canonical_state, model64, x64, reference)
+        model64.load_state_dict(state64)
     row["rel_errors"] = errors
     row["max_rel_error"] = max(errors)
     row["sound"] = max(errors) < SOUND_TOLERANCE
     row["kind_groups"] = len(larger)
     row["kind_rel_error"] = max(kind_errors) if kind_errors else None
     row["kinds_sound"] = max(kind_errors) < SOUND_TOLERANCE if kind_errors else None
+    row["norm_folds"] = folds
+    row["canonical_kind_groups"] = len(canonical_larger)
+    row["canonical_rel_error"] = max(canonical_errors) if canonical_errors else None
+    row["canonical_sound"] = max(canonical_errors) < SOUND_TOLERANCE if canonical_errors else None
     del model, model64, reference
 
     # Planted recovery, float32.
@@ -404,6 +429,8 @@ def problems(row: Mapping[str, Any], slow_infer: float = 10.0) -> list[str]:
         found.append(f"unsound ({row['max_rel_error']:.1e})")
     if row.get("kinds_sound") is False:
         found.append(f"kinds unsound ({row['kind_rel_error']:.1e})")
+    if row.get("canonical_sound") is False:
+        found.append(f"canonical form or its kinds unsound ({row['canonical_rel_error']:.1e})")
     if not row["recovered"]:
         found.append(f"not recovered ({row['wrong_tensors']} tensors wrong, objective {row['objective_ratio'] or 0:.4f} of optimum)")
     if not row["objective_ok"]:
@@ -440,6 +467,10 @@ def summary(rows: list[Mapping[str, Any]]) -> str:
     errors = len(rows) - len(ok) - timeouts
     with_kinds = [r for r in ok if r.get("kinds_sound") is not None]
     kinds = f" kinds beyond permutations sound {sum(r['kinds_sound'] for r in with_kinds)}/{len(with_kinds)};" if with_kinds else ""
+    with_folds = [r for r in ok if r.get("canonical_sound") is not None]
+    if with_folds:
+        kinds += (f" canonical forms and their kinds sound {sum(r['canonical_sound'] for r in with_folds)}/{len(with_folds)}"
+                  f" ({sum(r['canonical_kind_groups'] > 0 for r in with_folds)} with larger kinds);")
     infer = sorted(r["infer_s"] for r in ok)
     median = infer[len(infer) // 2] if infer else float("nan")
     return (

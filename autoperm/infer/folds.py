@@ -283,6 +283,10 @@ def _reader(graph: _Graph, call: OpCall, tensor: TensorRef, features: int) -> Re
             return _checked_reader(graph, graph.module_state(call, "weight"), 1, graph.module_state(call, "bias") if call.module.bias is not None else None, features)
         if isinstance(call.module, nn.MultiheadAttention):
             return _attention_reader(graph, call, tensor, features)
+        outputs = call.output_tensors()
+        if (isinstance(call.module, _PASS_THROUGH_MODULES) and not others and len(outputs) == 1
+                and outputs[0].shape == tensor.shape):
+            return "through"  # timm's ``fc_norm = Identity()``, ``head_drop = Dropout()`` before the head
         return None
     if op == "linear" and bound.tensor("input") is not None and bound.tensor("input").id == tensor.id:
         return _state_reader(graph, bound.tensor("weight"), 1, bound.args.get("bias"), features)
@@ -310,6 +314,11 @@ def _reader(graph: _Graph, call: OpCall, tensor: TensorRef, features: int) -> Re
         dims = bound.dims("dim", tensor.ndim)
         return "through" if dims is not None and tensor.ndim - 1 not in dims else None
     return None
+
+
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)
+"""Modules that pass every entry through on its own: the identity, and elementwise dropout (the
+identity in evaluation; in training a random elementwise mask, which commutes with a gain)."""
 
 
 def _keeps_last_axis(index: Any, ndim: int) -> bool:

@@ -67,6 +67,27 @@ def test_multihead_attention_and_token_selection_are_readers():
     _same_function(AttentionBlock(), (torch.randn(2, 5, 3, dtype=torch.float64),))
 
 
+class IdentityBeforeHead(AttentionBlock):
+    """timm's ViT head: the first token, then ``fc_norm = Identity()`` and ``head_drop = Dropout()``."""
+
+    def __init__(self, width: int = 8):
+        super().__init__(width)
+        self.fc_norm, self.head_drop = nn.Identity(), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        h = self.norm(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(self.head_drop(self.fc_norm(self.final(x)[:, 0])))
+
+
+def test_identity_and_dropout_modules_pass_the_gain_on():
+    spec = infer_spec(IdentityBeforeHead().eval(), torch.randn(2, 5, 3))
+    assert {fold.gain: [r.weight for r in fold.readers] for fold in spec.norm_folds}["final.weight"] == ["head.weight"]
+    assert spec["inp"].folded.kind == "orthogonal"
+    _same_function(IdentityBeforeHead(), (torch.randn(2, 5, 3, dtype=torch.float64),))
+
+
 class Functional(nn.Module):
     """``F.layer_norm`` / ``F.rms_norm`` with parameters, read by ``x @ W`` and by a mean over tokens."""
 
