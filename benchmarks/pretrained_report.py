@@ -97,6 +97,7 @@ def report(name: str, workdir: Path) -> str:
         precision = "float32"
         real = real.float()
         verified = autoperm.verify_spec(real, spec, default_inputs(real, directory), seed=0)
+    kinds = kinds_check(real, spec, inputs if precision == "float64" else default_inputs(real, directory))
     tied = tied_names(meta)
     sd_a = autoperm.load_state_dict(path_a, tied=tied)
     recovered, matched = "n/a: stored names differ from the model's (converted when loading)", 0.0
@@ -113,8 +114,52 @@ def report(name: str, workdir: Path) -> str:
         recovered = "yes" if all(torch.equal(aligned[k], sd_a[k]) for k in sd_a) else "NO"
     heads = sum(1 for g in spec.active_groups if any(h.per == g.name for h in spec.active_groups))
     return (f"| {directory.name} | {spec.tracer} | {len(spec.active_groups)} ({heads} head groups) | "
-            f"{verified.max_rel_diff:.1e} {'ok' if verified.passed else 'FAIL'} ({precision}) | {recovered} | "
+            f"{verified.max_rel_diff:.1e} {'ok' if verified.passed else 'FAIL'} ({precision}) | {kinds} | {recovered} | "
             f"{inferred:.1f} s | {matched:.2f} s | {'; '.join(unknown) or '-'} |")
+
+
+def kinds_check(model: torch.nn.Module, spec, inputs) -> str:
+    """Every group's kind (random orthogonal, invertible, scale elements, seeds 0-2), as inferred and
+    on the canonical form (norm gains folded; the streams folding enlarges get their larger kind):
+    the largest relative output change and the groups beyond permutations, or ``-`` when none.
+    Runs on a copy whose vectors (norm gains, biases) are perturbed by 0.3 N(0, 1)."""
+    import copy
+
+    import autoperm
+
+    def worst(candidate: torch.nn.Module, candidate_spec) -> str:
+        larger = sum(g.kind != "permutation" for g in candidate_spec.active_groups)
+        if not larger:
+            return "-"
+        reports = [autoperm.verify_spec(candidate, candidate_spec, inputs, seed=seed, precision=precision) for seed in range(3)]
+        passed = all(r.passed for r in reports)
+        return f"{max(r.max_rel_diff for r in reports):.1e} {'ok' if passed else 'FAIL'} ({larger} groups)"
+
+    model = copy.deepcopy(model)  # gains 1 and biases 0 at initialisation would make folding trivial: perturb them
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and tensor.ndim == 1:
+                tensor.add_(0.3 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+    precision = "float64" if next(model.parameters()).dtype == torch.float64 else "float32"
+    inferred = worst(model, spec)
+    if not spec.norm_folds:
+        return f"{inferred} / no folds"
+    canonical_spec, canonical_state = autoperm.canonicalize(spec, model.state_dict())
+    canonical = copy.deepcopy(model)
+    canonical.load_state_dict(canonical_state)
+    with torch.no_grad():  # the fold itself keeps the function
+        reference, folded = (_first_tensor(m.eval()(**inputs)) for m in (model, canonical))
+    same = float((folded - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+    return f"{inferred} / {worst(canonical, canonical_spec)} (fold alone {same:.1e})"
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """The main tensor of a model's output (logits, sample, or the first entry)."""
+    for name in ("logits", "sample", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def main() -> None:
@@ -126,8 +171,9 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     names = options.only.split(",") if options.only else [*TRANSFORMERS, *DIFFUSERS]
-    print("| model | tracer | groups | verify (max rel diff) | planted recovered | infer | match | kept fixed around |")
-    print("|---|---|---|---|---|---:|---:|---|")
+    print("| model | tracer | groups | verify (max rel diff) | kinds, 3 seeds: as inferred / canonical form | planted recovered "
+          "| infer | match | kept fixed around |")
+    print("|---|---|---|---|---|---|---:|---:|---|")
     with tempfile.TemporaryDirectory() as temporary:
         workdir = options.workdir or Path(temporary)
         for name in names:
