@@ -1,7 +1,9 @@
 """The axis graph: a networkx graph over (tensor, axis) nodes whose components are permutations.
 
 Rules add three kinds of facts:
-- ``same(a, b)``: axes ``a`` and ``b`` get the same permutation (an edge);
+- ``same(a, b)``: axes ``a`` and ``b`` get the same permutation (an edge); ``same(a, b,
+  dual=True)`` also says that ``b`` is contracted against ``a`` (attention's queries and keys),
+  so where ``a`` moves by an invertible ``M``, ``b`` moves by ``M^-T`` (:meth:`AxisGraph.polarity`);
 - ``define(x, "product" | "concat", children)``: axis ``x`` is the row-major product of its
   children (a flatten / reshape) or their concatenation (cat / split);
 - ``fix(a)``: axis ``a`` is never permuted (model inputs and outputs, mixing ops, unknown ops).
@@ -22,7 +24,7 @@ from itertools import accumulate
 
 import networkx as nx
 
-__all__ = ["AxisGraph", "Definition", "Resolved"]
+__all__ = ["AxisGraph", "Definition", "Polarity", "Resolved"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,23 @@ class Resolved:
     why_fixed: dict[int, list[str]] = field(default_factory=dict)
 
 
+@dataclass
+class Polarity:
+    """Which way axes move under an invertible map of their component (:meth:`AxisGraph.polarity`).
+
+    ``parity[node]`` is 0 where the axis moves like the component's first axis and 1 where it
+    moves dual to it; ``owner[component]`` is the parity of the axes whose definitions the
+    component's parts come from; ``ambiguous`` holds the components where polarity is unknown.
+    """
+
+    parity: dict[Node, int] = field(default_factory=dict)
+    owner: dict[int, int] = field(default_factory=dict)
+    ambiguous: set[int] = field(default_factory=set)
+
+    def of(self, node: Node) -> int:
+        return self.parity.get(node, 0)
+
+
 class AxisGraph:
     """Facts about tensor axes, added by op rules and resolved into permutation groups."""
 
@@ -60,6 +79,7 @@ class AxisGraph:
         self.fixed_nodes: set[Node] = set()
         self.reasons: dict[Node, str] = {}  # why each fixed node is fixed (the first reason given)
         self.reason = "kept fixed"  # what the caller is doing now; recorded with every fix
+        self.dual_conflicts: set[Node] = set()  # axes declared both like and dual to one another
         self._atoms = 0
 
     # ------------------------------------------------------------------ building
@@ -74,15 +94,20 @@ class AxisGraph:
         self._atoms += 1
         return self.node(("atom", self._atoms), size)
 
-    def same(self, a: Node, b: Node) -> bool:
-        """Axes ``a`` and ``b`` share one permutation. Returns whether the graph changed."""
+    def same(self, a: Node, b: Node, dual: bool = False) -> bool:
+        """Axes ``a`` and ``b`` share one permutation (with ``dual``, ``b`` is contracted against
+        ``a``: it moves by the inverse transpose of ``a``'s map). Returns whether the graph changed."""
         size_a, size_b = self.sizes[a], self.sizes[b]
         if size_a != size_b:
             logger.debug("axes %s (%d) and %s (%d) differ in size; fixing both", a, size_a, b, size_b)
             return self.fix(a, f"{self.reason} (couples axes of different sizes)") | self.fix(b, f"{self.reason} (couples axes of different sizes)")
-        if size_a == 1 or a == b or self.graph.has_edge(a, b):
+        if size_a == 1:
             return False
-        self.graph.add_edge(a, b)
+        if a == b or self.graph.has_edge(a, b):
+            if dual != (a != b and self.graph.edges[a, b].get("dual", False)):
+                self.dual_conflicts.update((a, b))  # ``q k^T`` with q and k one tensor: only M = M^-T
+            return False
+        self.graph.add_edge(a, b, dual=dual)
         return True
 
     def fix(self, node: Node, reason: str | None = None) -> bool:
@@ -198,6 +223,44 @@ class AxisGraph:
                     index += 1
                 changed |= self.define(child, kind, own)
         return changed
+
+    def polarity(self, resolved: Resolved) -> Polarity:
+        """Which way each axis moves under an invertible map of its component, relative to the
+        component's first axis: ``0`` alike, ``1`` dual (``M`` against ``M^-T``); and the
+        components where that is ambiguous.
+
+        Polarity flips across ``dual`` edges. A component is ambiguous where two paths disagree
+        (an odd cycle, or an axis declared dual to itself), where it is part of an ambiguous
+        axis, or where it is part of two definitions whose axes have opposite polarity (their
+        parts were coupled as alike). Its group then keeps the kinds that need no polarity
+        (permutations, orthogonal maps). Without dual edges every axis is 0 and none is ambiguous.
+        """
+        if not self.dual_conflicts and not any(dual for _, _, dual in self.graph.edges(data="dual", default=False)):
+            return Polarity()
+        parity: dict[Node, int] = {}
+        ambiguous: set[int] = set()
+        for index, nodes in enumerate(resolved.members):
+            start = nodes[0]
+            parity[start] = 0
+            for a, b in nx.bfs_edges(self.graph, start):
+                parity[b] = parity[a] ^ int(self.graph.edges[a, b].get("dual", False))
+            inside = self.graph.subgraph(nodes).edges(data="dual", default=False)
+            if any(node in self.dual_conflicts for node in nodes) or any(parity[a] ^ parity[b] != int(dual) for a, b, dual in inside):
+                ambiguous.add(index)
+        owners: dict[int, set[int]] = {}
+        for node in self.definitions:
+            owners.setdefault(resolved.component[node], set()).add(parity[node])
+        split = {index for index, found in owners.items() if len(found) > 1}  # its definitions' parts: ambiguous
+        stack = list(ambiguous | split)
+        while stack:  # the parts of an ambiguous axis are ambiguous
+            index = stack.pop()
+            for definition in resolved.definitions.get(index, ()):
+                for child in definition.children:
+                    if resolved.component[child] not in ambiguous:
+                        ambiguous.add(resolved.component[child])
+                        stack.append(resolved.component[child])
+        owner = {index: min(found) for index, found in owners.items()}
+        return Polarity(parity, owner, ambiguous)
 
     def _fix_all(self, nodes: Iterable[Node]) -> bool:
         nodes = list(nodes)

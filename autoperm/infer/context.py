@@ -79,9 +79,10 @@ class RuleContext:
         self.call_nodes.append(node)
         return node
 
-    def same(self, a: TensorRef, dim_a: int, b: TensorRef, dim_b: int) -> None:
-        """Axis ``dim_a`` of ``a`` and axis ``dim_b`` of ``b`` share one permutation."""
-        self.axes.same(self.ax(a, dim_a), self.ax(b, dim_b))
+    def same(self, a: TensorRef, dim_a: int, b: TensorRef, dim_b: int, dual: bool = False) -> None:
+        """Axis ``dim_a`` of ``a`` and axis ``dim_b`` of ``b`` share one permutation; with ``dual``
+        the op contracts them against each other (``b`` moves by the inverse transpose of ``a``'s map)."""
+        self.axes.same(self.ax(a, dim_a), self.ax(b, dim_b), dual=dual)
 
     def same_node(self, a: Hashable, b: Hashable) -> None:
         self.call_nodes.extend((a, b))

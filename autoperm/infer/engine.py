@@ -13,7 +13,7 @@ from torch import nn
 
 from autoperm.infer import rules_attention, rules_core, rules_layers, rules_moe  # noqa: F401  (registers the rule table)
 from autoperm.infer.affine import affine_sites
-from autoperm.infer.axes import Resolved
+from autoperm.infer.axes import Polarity, Resolved
 from autoperm.infer.context import RuleContext
 from autoperm.infer.folds import find_norm_folds
 from autoperm.infer.fused_splits import SYNTHETIC_PREFIX, split_fused_axes
@@ -40,6 +40,7 @@ class _Placement:
     offset: int
     inner: int
     outer: tuple[tuple[int, int], ...]
+    polarity: int | None = 0  # 1 where the axis moves dual to its group (M^-T), None where unknown
 
 
 def build_context(traced: TracedGraph) -> tuple[RuleContext, list[str]]:
@@ -116,26 +117,33 @@ def _fix_forgotten(ctx: RuleContext, call: OpCall, tensors: list[TensorRef | Non
 
 
 def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[int, int], ...], inner: int,
-            sizes: dict[Hashable, int], out: list[_Placement], fixed: bool = False) -> None:
-    """Placements of the groups along ``node`` (or, with ``fixed``, of its fixed parts)."""
+            sizes: dict[Hashable, int], out: list[_Placement], fixed: bool = False, polarity: Polarity | None = None,
+            flip: int = 0) -> None:
+    """Placements of the groups along ``node`` (or, with ``fixed``, of its fixed parts).
+
+    ``flip`` says whether ``node``'s values move dual to the tensor axis the expansion started
+    from; each placement's ``polarity`` is then its side relative to its group (``None``: unknown).
+    """
+    polarity = polarity or Polarity()
     component = resolved.component.get(node)
     if component is None:
         return
+    side = None if component in polarity.ambiguous else flip ^ polarity.of(node)
     if component in resolved.fixed:
         if fixed and resolved.size[component] > 1:
-            out.append(_Placement(component, offset, inner, outer))
+            out.append(_Placement(component, offset, inner, outer, side))
         return
     definitions = resolved.definitions.get(component)
     if not definitions:
         if resolved.size[component] > 1 and not fixed:
-            out.append(_Placement(component, offset, inner, outer))
+            out.append(_Placement(component, offset, inner, outer, side))
         return
     definition = definitions[0]
-    children = definition.children
+    below = flip ^ polarity.of(node) ^ polarity.owner.get(component, 0)
     if definition.kind == "product":
-        children = _flat_product(resolved, children)
-        child_sizes = [sizes[c] for c in children]
-        for index, child in enumerate(children):
+        children = _flat_product(resolved, definition.children, polarity, below)
+        child_sizes = [sizes[c] for c, _ in children]
+        for index, (child, child_flip) in enumerate(children):
             after = 1
             for s in child_sizes[index + 1:]:
                 after *= s
@@ -145,32 +153,38 @@ def _expand(resolved: Resolved, node: Hashable, offset: int, outer: tuple[tuple[
                 for s in child_sizes[previous + 1:]:
                     later *= s
                 loops.append((child_sizes[previous], later * inner))
-            _expand(resolved, child, offset, tuple(loops), after * inner, sizes, out, fixed)
+            _expand(resolved, child, offset, tuple(loops), after * inner, sizes, out, fixed, polarity, child_flip)
     else:
         start = 0
-        for child in children:
-            _expand(resolved, child, offset + start * inner, outer, inner, sizes, out, fixed)
+        for child in definition.children:
+            _expand(resolved, child, offset + start * inner, outer, inner, sizes, out, fixed, polarity, below)
             start += sizes[child]
 
 
-def _placements(resolved: Resolved, sizes: dict[Hashable, int], node: Hashable, fixed: bool = False) -> list[_Placement]:
+def _placements(resolved: Resolved, sizes: dict[Hashable, int], node: Hashable, fixed: bool = False,
+                polarity: Polarity | None = None) -> list[_Placement]:
     """Where the groups sit along one tensor axis (empty for fixed or untouched axes); with
-    ``fixed``, where its fixed parts of more than one index sit."""
+    ``fixed``, where its fixed parts of more than one index sit; with ``polarity``, on which side
+    of its group each placement is."""
     placements: list[_Placement] = []
     if node in sizes:
-        _expand(resolved, node, 0, (), 1, sizes, placements, fixed)
+        _expand(resolved, node, 0, (), 1, sizes, placements, fixed, polarity)
     return placements
 
 
-def _flat_product(resolved: Resolved, children: tuple[Hashable, ...]) -> list[Hashable]:
-    """Children of a product with nested products spliced in, so every factor gets its own loop."""
-    flat: list[Hashable] = []
+def _flat_product(resolved: Resolved, children: tuple[Hashable, ...], polarity: Polarity,
+                  flip: int) -> list[tuple[Hashable, int]]:
+    """Children of a product with nested products spliced in, so every factor gets its own loop;
+    each with whether its values move dual to the expansion's start."""
+    flat: list[tuple[Hashable, int]] = []
     for child in children:
-        definitions = resolved.definitions.get(resolved.component[child])
+        component = resolved.component[child]
+        definitions = resolved.definitions.get(component)
         if definitions and definitions[0].kind == "product":
-            flat.extend(_flat_product(resolved, definitions[0].children))
+            below = flip ^ polarity.of(child) ^ polarity.owner.get(component, 0)
+            flat.extend(_flat_product(resolved, definitions[0].children, polarity, below))
         else:
-            flat.append(child)
+            flat.append((child, flip))
     return flat
 
 
@@ -224,7 +238,9 @@ def infer_spec(
     resolved = ctx.axes.resolve()
     sizes = ctx.axes.sizes
 
+    polarity = ctx.axes.polarity(resolved)
     members: dict[int, list[Member]] = {}
+    polarities: dict[int, list[int | None]] = {}  # per member: 1 where it moves dual to its group, None if unknown
     state_ids: dict[str, str] = {}  # state-dict name -> tensor id
     names_of: dict[str, list[str]] = {}
     for alias, target in traced.aliases.items():
@@ -233,19 +249,20 @@ def infer_spec(
         names = names_of.get(canonical) or [canonical]
         state_ids.update(dict.fromkeys(names, ref.id))
         for dim in range(ref.ndim):
-            for placement in _placements(resolved, sizes, (ref.id, dim)):
+            for placement in _placements(resolved, sizes, (ref.id, dim), polarity=polarity):
                 for name in names:
                     members.setdefault(placement.component, []).append(
                         Member.model_construct(param=name, axis=dim, offset=placement.offset, inner=placement.inner, outer=placement.outer)
                     )
+                    polarities.setdefault(placement.component, []).append(placement.polarity)
 
     sites = _activation_sites(traced, resolved, sizes, set(members))
     moved = {(member.param, member.axis) for group_members in members.values() for member in group_members}
     fibres = _fibres(ctx, resolved, sizes, members, traced)
     names = _group_names(ctx.producers, members, fibres)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    kinds = _group_kinds(ctx, resolved, members, state_ids)
-    folded = _group_kinds(ctx, resolved, members, state_ids, folded=True) if ctx.norm_folds else {}
+    kinds = _group_kinds(ctx, resolved, members, state_ids, polarities)
+    folded = _group_kinds(ctx, resolved, members, state_ids, polarities, folded=True) if ctx.norm_folds else {}
     groups = [
         PermutationGroup(
             name=names[component],
@@ -282,9 +299,14 @@ class _GroupKind:
 
 
 def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[Member]],
-                 state_ids: dict[str, str], folded: bool = False) -> dict[int, _GroupKind]:
+                 state_ids: dict[str, str], polarities: dict[int, list[int | None]],
+                 folded: bool = False) -> dict[int, _GroupKind]:
     """Each group's kind, the op that kept it from the next larger kind, and its members' roles
     (``None`` for kinds that need none).
+
+    A member's role is the one its rules gave its state axis, swapped where the member sits on
+    the dual side of a contraction (a key against its query: ``polarities`` 1); a member whose
+    polarity is ambiguous (``None``) has no known role.
 
     A component admits the kinds every call touching one of its nodes preserves there, and
     those of every component it is a part of (a product or concatenation moves its parts);
@@ -324,12 +346,13 @@ def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[M
     result: dict[int, _GroupKind] = {}
     for component, group_members in members.items():
         kinds = admitted[component]
-        checked = [m for m in group_members if m.param not in folded_params]
-        roles = [ctx.roles.get((state_ids[m.param], m.axis), set()) for m in checked]
+        checked = [(m, polarity) for m, polarity in zip(group_members, polarities[component]) if m.param not in folded_params]
+        roles = [_polarised(ctx.roles.get((state_ids[m.param], m.axis), set()), polarity) for m, polarity in checked]
         if kinds - ROLE_FREE:
-            for member, member_roles in zip(checked, roles):
+            for (member, polarity), member_roles in zip(checked, roles):
                 if len(member_roles) != 1:
-                    what = "no known role" if not member_roles else "both roles (it writes and reads the activation)"
+                    what = ("an ambiguous polarity (contracted both like and against the activation)" if polarity is None
+                            else "no known role" if not member_roles else "both roles (it writes and reads the activation)")
                     for kind in kinds - ROLE_FREE:
                         excluded[component].setdefault(kind, (float("inf"), f"{member.param} axis {member.axis} has {what}"))
                     kinds = kinds & ROLE_FREE
@@ -340,6 +363,13 @@ def _group_kinds(ctx: RuleContext, resolved: Resolved, members: dict[int, list[M
         fixes_ones = component in ones and kind in ("orthogonal", "invertible")
         result[component] = _GroupKind(kind, reason[1] if reason else None, member_roles, fixes_ones)
     return result
+
+
+def _polarised(roles: set[str], polarity: int | None) -> set[str]:
+    """A member's roles seen from its group: swapped on the dual side, none where it is ambiguous."""
+    if polarity is None:
+        return set()
+    return {"in" if role == "out" else "out" for role in roles} if polarity else roles
 
 
 def _folded_kind(kind: _GroupKind, folded: _GroupKind | None) -> FoldedKind | None:

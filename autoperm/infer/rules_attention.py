@@ -4,10 +4,12 @@ Heads move as units across queries, keys, values and the output projection; insi
 query/key dims share one permutation and the value/output dims another (per head where the
 graph allows it: see the fibred groups of :mod:`autoperm.infer.engine`).
 
-Symmetry kinds: the scores ``q k^T`` keep an orthogonal map of the query-key dims (an
-invertible ``M`` on q with ``M^-T`` on k needs two polarities, which the axis graph does not
-track yet); the output ``softmax(.) v`` is linear in v, so the value-output dims admit
-invertible maps. Heads, tokens and batches admit permutations only.
+Symmetry kinds: the scores ``q k^T`` keep an invertible map ``M`` of the query-key dims on q
+with ``M^-T`` on k (the keys' dims are coupled to the queries' as dual: see
+:meth:`autoperm.infer.axes.AxisGraph.polarity`); the output ``softmax(.) v`` is linear in v, so
+the value-output dims admit invertible maps. Heads, tokens and batches admit permutations only.
+``nn.MultiheadAttention`` packs q and k into one weight whose head dims share one axis, so its
+query-key dims keep orthogonal maps.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ def attention(ctx: RuleContext, q: TensorRef | None, k: TensorRef | None, v: Ten
     if q is None or k is None or v is None or out is None:
         ctx.unknown([t for t in (q, k, v, out, mask) if t is not None])
         return
-    ctx.same(q, -1, k, -1)
+    ctx.same(q, -1, k, -1, dual=True)
     ctx.same(v, -1, out, -1)
-    ctx.carries(q, -1, kinds=("orthogonal",))
-    ctx.carries(k, -1, kinds=("orthogonal",))
+    ctx.carries(q, -1, role="out")
+    ctx.carries(k, -1, role="out")
     ctx.carries(v, -1, role="out")
     ctx.carries(out, -1)
     ctx.same(q, -2, out, -2)

@@ -95,13 +95,13 @@ def _linear(ctx: RuleContext, call: BoundCall) -> None:
         ctx.same(x, d, out, d)
     contraction = _contraction_kinds(x, weight)
     if weight.ndim == 2:
-        ctx.same(x, -1, weight, 1)
+        _contract(ctx, x, -1, weight, 1)
         ctx.same(weight, 0, out, -1)
         ctx.producer(weight, 0)
         ctx.carries(weight, 0, role="out")
         ctx.carries(out, -1)
     else:  # a vector weight: out has no feature axis
-        ctx.same(x, -1, weight, 0)
+        _contract(ctx, x, -1, weight, 0)
     ctx.carries(x, -1, kinds=contraction)
     ctx.carries(weight, -1, role="in", kinds=contraction)
     if bias is not None and out.ndim:
@@ -110,10 +110,18 @@ def _linear(ctx: RuleContext, call: BoundCall) -> None:
 
 def _contraction_kinds(a: TensorRef, b: TensorRef) -> tuple[str, ...] | None:
     """What a contraction of ``a`` against ``b`` preserves: every kind when one of them is a state
-    tensor (which takes role ``"in"``: ``W T^-1`` against ``T x``); orthogonal maps when both are
-    activations (both move by ``T``, and ``T^T T = I`` only for orthogonal ``T``) or both state."""
-    one_state = (a.state_name is None) != (b.state_name is None)
-    return None if one_state else ("orthogonal",)
+    tensor (which takes role ``"in"``: ``W T^-1`` against ``T x``) or when both are activations
+    coupled as dual (``M`` on one, ``M^-T`` on the other: see :func:`matmul`); orthogonal maps when
+    both are state (both would move by ``T``, and ``T^T T = I`` only for orthogonal ``T``)."""
+    both_state = a.state_name is not None and b.state_name is not None
+    return ("orthogonal",) if both_state else None
+
+
+def _contract(ctx: RuleContext, a: TensorRef, dim_a: int, b: TensorRef, dim_b: int) -> None:
+    """Couple the contracted axes of ``a`` and ``b``: as dual when both are activations (the
+    product keeps ``M`` on one against ``M^-T`` on the other), as alike otherwise (a state
+    tensor's role ``"in"`` already says that it moves by the inverse transpose)."""
+    ctx.same(a, dim_a, b, dim_b, dual=a.state_name is None and b.state_name is None)
 
 
 def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: TensorRef | None) -> None:
@@ -124,12 +132,12 @@ def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: Tens
     contraction = _contraction_kinds(a, b)
     a_role, b_role = ("in" if a.state_name is not None else None), ("in" if b.state_name is not None else None)
     if a.ndim == 1 and b.ndim == 1:
-        ctx.same(a, 0, b, 0)
+        _contract(ctx, a, 0, b, 0)
         ctx.carries(a, 0, role=a_role, kinds=contraction)
         ctx.carries(b, 0, role=b_role, kinds=contraction)
         return
     if b.ndim == 1:
-        ctx.same(a, -1, b, 0)
+        _contract(ctx, a, -1, b, 0)
         ctx.carries(a, -1, role=a_role, kinds=contraction)
         ctx.carries(b, 0, role=b_role, kinds=contraction)
         for d in range(a.ndim - 1):
@@ -138,7 +146,7 @@ def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: Tens
             ctx.carries(out, d)
         return
     if a.ndim == 1:
-        ctx.same(a, 0, b, -2)
+        _contract(ctx, a, 0, b, -2)
         ctx.carries(a, 0, role=a_role, kinds=contraction)
         ctx.carries(b, -2, role=b_role, kinds=contraction)
         for d in range(b.ndim - 2):
@@ -148,7 +156,7 @@ def matmul(ctx: RuleContext, a: TensorRef | None, b: TensorRef | None, out: Tens
         ctx.carries(out, -1)
         ctx.producer(b, -1)
         return
-    ctx.same(a, -1, b, -2)
+    _contract(ctx, a, -1, b, -2)
     ctx.same(a, -2, out, -2)
     ctx.same(b, -1, out, -1)
     ctx.producer(b, -1)

@@ -3,8 +3,10 @@
 Hand derivations (Theus et al., arXiv 2506.22712): between two linear layers any invertible map
 fits (W2 T^-1, T W1, T b1); ReLU keeps positive scales, GELU only permutations; a residual
 stream read by RMSNorm without a gain keeps orthogonal maps, one read by LayerNorm or by a norm
-with a gain only permutations; per head the query-key dims keep orthogonal maps (invertible ones
-would need M on q and M^-T on k), the value-output dims invertible ones; heads permute as units.
+with a gain only permutations; per head the query-key dims keep invertible maps, M on q and M^-T
+on k (the keys sit on the dual side of the contraction), the value-output dims invertible ones;
+heads permute as units. A contraction of one activation against itself (a Gram matrix) keeps only
+orthogonal maps.
 """
 
 from __future__ import annotations
@@ -123,7 +125,10 @@ def test_transformer_kinds_match_the_derivation():
         assert kinds["embed"] == STREAM_KIND[norm], (norm, kinds)
         for index in range(2):
             assert kinds[f"blocks.{index}.qkv.heads"] == "permutation"
-            assert kinds[f"blocks.{index}.qkv.head_dims.0"] == "orthogonal"  # query-key
+            assert kinds[f"blocks.{index}.qkv.head_dims.0"] == "invertible"  # query-key: M on q, M^-T on k
+            query_key = spec.group_by_name[f"blocks.{index}.qkv.head_dims.0"]
+            roles = {(m.param, m.offset): m.role for m in query_key.members}
+            assert roles[(f"blocks.{index}.qkv.weight", 0)] != roles[(f"blocks.{index}.qkv.weight", 8)]  # q rows, k rows
             assert kinds[f"blocks.{index}.qkv.head_dims.1"] == "invertible"  # value-output
             assert kinds[f"blocks.{index}.up"] == HIDDEN_KIND[act]
     stream = infer_spec(Transformer(norm="rms"), ids).group_by_name["embed"]
@@ -191,6 +196,47 @@ def test_random_transformers_have_the_derived_kinds_and_are_sound(norm, act, rop
     for seed_offset in range(3):
         report = verify_spec(model, spec, ids, seed=seed + seed_offset)
         assert report.passed, (report, kinds)
+
+
+class GramAttention(nn.Module):
+    """Scores of the projected tokens against themselves, ``q q^T``: only orthogonal maps keep them."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.q, self.v, self.out = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        scores = torch.softmax(q @ q.transpose(-1, -2), dim=-1)
+        return self.out(scores @ self.v(x))
+
+
+class CrossScores(nn.Module):
+    """``q k^T`` written as a matmul (eager attention), with a bias on each side."""
+
+    def __init__(self, width: int = 6):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), dim=-1)
+        return self.out(scores @ self.v(x))
+
+
+def test_a_contraction_against_itself_keeps_orthogonal_maps_and_one_against_another_invertible():
+    x = torch.randn(2, 4, 6)
+    gram = infer_spec(perturb_(GramAttention().eval()), x)
+    assert gram.group_by_name["q"].kind == "orthogonal"
+    assert verify_spec(perturb_(GramAttention().eval()), gram, x).passed
+    model = perturb_(CrossScores().eval())
+    cross = infer_spec(model, x)
+    query_key = cross.group_by_name["q"]
+    assert query_key.kind == "invertible"
+    assert {(m.param, m.role) for m in query_key.members} == {
+        ("q.weight", "out"), ("q.bias", "out"), ("k.weight", "in"), ("k.bias", "in")} or {
+        ("q.weight", "in"), ("q.bias", "in"), ("k.weight", "out"), ("k.bias", "out")} == {(m.param, m.role) for m in query_key.members}
+    for seed in range(3):
+        assert verify_spec(model, cross, x, seed=seed).passed
 
 
 def _claim(spec: PermutationSpec, name: str, kind: str) -> PermutationSpec:
