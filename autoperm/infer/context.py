@@ -149,8 +149,8 @@ class RuleContext:
 
         Only for axes the rule couples: the op must be equivariant along them under every
         transform of those kinds (a linear layer's input and output features, both operands of
-        a residual add). ``kinds`` narrows the op's kinds for these axes (attention's query-key
-        contraction: orthogonal). ``role`` is the part a state tensor's axis plays: ``"out"``
+        a residual add). ``kinds`` narrows the op's kinds for these axes (a contraction of two
+        state tensors: orthogonal). ``role`` is the part a state tensor's axis plays: ``"out"``
         when its values become the activation (a bias, a weight's output rows, an embedding
         table), ``"in"`` when it is contracted against the activation. Constant tensors never
         carry (``x + ones`` is affine, not linear).
