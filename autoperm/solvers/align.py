@@ -161,7 +161,7 @@ def align(
                                     seed=seed, device=device).perms
     else:
         perms = identity_permutation(spec)
-    permuted = apply_permutation(spec, perms, state_dict_b)
+    permuted = apply_permutation(spec, perms, state_dict_b) if method == "wm" or symmetries == "permutation" else dict(state_dict_b)
     if symmetries == "permutation":
         return Alignment(permuted, symmetries, spec, dict(perms), dict(perms), seconds=time.perf_counter() - started,
                          method=method)

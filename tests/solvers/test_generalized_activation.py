@@ -86,6 +86,17 @@ def test_independent_models_keep_b_function_in_a_gauge():
         assert any(t.is_floating_point() for t in result.transforms.values())
 
 
+def test_maps_found_from_activations_can_then_be_learned():
+    model, spec, inputs = _model(12, heads=2, norm="layer")
+    a, b = _state(model), _state(_model(13, heads=2, norm="layer")[0])
+    expected = _output(model, b, inputs)
+    data = (token_data(torch.float64)[0], torch.randn(64, 5, 4, dtype=torch.float64))
+    result = autoperm.align(spec, a, b, symmetries="full", method="act", runner=GraphRunner.for_spec(spec, model), data=data,
+                            model=model, steps=3, batch_size=32, loss_fn=torch.nn.functional.mse_loss)
+    assert result.refined and len(result.losses) == 3
+    assert torch.allclose(_output(model, result.state_dict, inputs), expected, atol=1e-9)
+
+
 def test_the_stream_map_is_procrustes_on_the_cross_moment_of_its_writers():
     """An independent reference: the writers' outputs recorded by forward hooks, not through the spec."""
     model, spec, inputs = _model(4, heads=2, norm="rms")
