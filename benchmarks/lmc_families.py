@@ -67,6 +67,7 @@ from autoperm.io import write_text_atomic
 from autoperm.models import MLP
 from autoperm.models.resnet import BasicBlock
 from autoperm.solvers import mean_state_dict
+from autoperm.trace import GraphRunner
 
 StateDict = dict[str, torch.Tensor]
 Split = tuple[torch.Tensor, torch.Tensor]
@@ -264,17 +265,21 @@ def evaluator(splits: Mapping[str, Split], batch_size: int = 512) -> Callable[[n
 
 
 # ---------------------------------------------------------------------------- families
-GENERALISED: tuple[tuple[str, str, bool], ...] = (
-    ("gwm-orth", "orthogonal", False),
-    ("gwm-full", "full", False),
-    ("gwm-full+learn", "full", True),
+GENERALISED: tuple[tuple[str, str, bool, str], ...] = (
+    ("gwm-orth", "orthogonal", False, "wm"),
+    ("gwm-full", "full", False, "wm"),
+    ("gwm-full+learn", "full", True, "wm"),
+    ("gam-orth", "orthogonal", False, "act"),
+    ("gam-full", "full", False, "act"),
 )
 """The generalised rows: (method, symmetries, whether the continuous maps are learned, for the
 family's ``refine_steps`` Adam steps of the midpoint loss: 300, as the issue's prototype ran
-them). The learning rate and batch below were fixed before any run."""
+them, and how the maps are found: ``wm`` generalised weight matching, ``act`` generalised
+activation matching on the train split, batches of 512 as ``am``). The learning rate and batch
+below were fixed before any run."""
 REFINE_LR = 1e-2
 REFINE_BATCH = 128
-METHODS = ("naive", "wm", "am", "ste", *(name for name, _, _ in GENERALISED))
+METHODS = ("naive", "wm", "am", "ste", *(name for name, *_ in GENERALISED))
 
 @dataclass(frozen=True)
 class Family:
@@ -461,10 +466,12 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
         timings[method] = time.perf_counter() - tick
         aligned[method] = autoperm.apply_permutation(spec, result.perms, sd_b)
     # generalised symmetries (Theus et al., arXiv 2506.22712): B in A's gauge, paired with A as it is
-    for method, symmetries, learn in GENERALISED:
+    for method, symmetries, learn, found_by in GENERALISED:
         tick = time.perf_counter()
+        activations = {"method": "act", "runner": GraphRunner.for_spec(spec, model)} if found_by == "act" else {}
         alignment = autoperm.align(spec, sd_a, sd_b, symmetries=symmetries, seed=seed, model=model, data=train_data,
-                                   steps=family.refine_steps if learn else 0, lr=REFINE_LR, batch_size=REFINE_BATCH, loss_fn=loss_fn)
+                                   steps=family.refine_steps if learn else 0, lr=REFINE_LR, loss_fn=loss_fn,
+                                   batch_size=512 if found_by == "act" else REFINE_BATCH, **activations)
         timings[method] = time.perf_counter() - tick
         timings[f"{method} sweeps"] = alignment.sweeps
         aligned[method] = alignment.state_dict

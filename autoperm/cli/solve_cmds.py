@@ -39,6 +39,7 @@ from autoperm.solvers import (
 )
 from autoperm.spec import apply_permutation
 from autoperm.spec.apply import permute_tensor
+from autoperm.trace import GraphRunner
 
 __all__ = ["register", "match", "merge"]
 
@@ -91,18 +92,18 @@ def match(
 ) -> None:
     """Permute checkpoint B so that it aligns with checkpoint A; write the permuted B.
 
-    With --symmetries orthogonal or full, B is aligned by generalised weight matching (and with
-    --method ste its continuous maps are then learned on --data) and written in A's gauge: pair
-    the output with A as it is.
+    With --symmetries orthogonal or full, B is aligned by generalised weight matching (with
+    --method ste its continuous maps are then learned on --data; with --method act every map is
+    found from activations on --data instead) and written in A's gauge: pair the output with A
+    as it is.
 
     Give MODEL A B, MODEL --a A --b B, or A B where A is a model directory (save_pretrained):
     then MODEL is A's config.json, and when B is a directory the output is a directory in B's
     layout (config and other files copied, same shards, the tensor names as stored). B's
     config.json must name A's class with the same fields (--allow-config-mismatch accepts others).
     """
-    if symmetries != "permutation" and (method == "act" or perms_out):
-        raise click.UsageError(f"--symmetries {symmetries} works with --method wm or ste and writes no --perms-out "
-                               "(its maps are not permutations)")
+    if symmetries != "permutation" and perms_out:
+        raise click.UsageError(f"--symmetries {symmetries} writes no --perms-out (its maps are not permutations)")
     if not (path_a or path_b) and len(paths) == 2 and is_stable_diffusion_input(paths[0]):
         if symmetries != "permutation":
             raise SolverError(f"--symmetries {symmetries}: Stable Diffusion checkpoints are aligned with permutations only")
@@ -160,8 +161,9 @@ def _match_generalised(
 ) -> None:
     """`match --symmetries orthogonal|full`: :func:`autoperm.align`, B written in A's gauge."""
     learn = steps if method == "ste" else 0
+    activations = {"method": "act", "runner": GraphRunner.for_spec(spec, module)} if method == "act" else {}
     result = align(spec, sd_a, sd_b, symmetries=symmetries, seed=seed, max_iter=max_iter, model=module, data=data,
-                   steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol)
+                   steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol, **activations)
     aligned = result.state_dict
     del sd_a
     if as_directory:
@@ -171,7 +173,9 @@ def _match_generalised(
         save_state_dict({name: aligned[name].to(tensor.dtype) for name, tensor in sd_b.items()}, output, inputs=inputs)
     if not quiet:
         learned = f", maps learned for {learn} steps (batch loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g})" if learn else ""
-        click.echo(f"{symmetries} symmetries: objective {result.start_objective:.6g} (permutations) -> {result.objective:.6g} "
+        start = "B as it is" if method == "act" else "permutations"
+        how = " (activation matching)" if method == "act" else ""
+        click.echo(f"{symmetries} symmetries{how}: objective {result.start_objective:.6g} ({start}) -> {result.objective:.6g} "
                    f"after {result.sweeps} sweep(s){learned}; B is in A's gauge, pair it with A as it is; wrote {output}")
 
 

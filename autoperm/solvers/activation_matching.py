@@ -23,7 +23,7 @@ from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationSpec, identity_permutation, member_matrix
 from autoperm.spec.runner import ActivationRunner, record_activations
 
-__all__ = ["activation_matching", "correlation_matrix"]
+__all__ = ["CrossMoments", "activation_matching", "correlation_matrix"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +106,43 @@ def correlation_matrix(a: list[torch.Tensor], b: list[torch.Tensor], eps: float 
     Returns:
         ``(units, units)`` float64 array; a constant unit correlates 0 with everything.
     """
-    count = 0
-    sum_a = sum_b = sum_aa = sum_bb = cross = None
+    moments = CrossMoments()
     for chunk_a, chunk_b in zip(a, b):
-        x, y = chunk_a.double(), chunk_b.double()
-        count += x.shape[1]
-        parts = (x.sum(1), y.sum(1), (x * x).sum(1), (y * y).sum(1), x @ y.T)
-        if sum_a is None:
-            sum_a, sum_b, sum_aa, sum_bb, cross = parts
-        else:
-            sum_a, sum_b, sum_aa, sum_bb, cross = (s + p for s, p in zip((sum_a, sum_b, sum_aa, sum_bb, cross), parts))
-    assert sum_a is not None and count > 0
-    mean_a, mean_b = sum_a / count, sum_b / count
-    covariance = cross / count - mean_a[:, None] * mean_b[None, :]
-    std_a = (sum_aa / count - mean_a**2).clamp_min(0).sqrt()
-    std_b = (sum_bb / count - mean_b**2).clamp_min(0).sqrt()
-    return (covariance / (std_a[:, None] * std_b[None, :] + eps)).cpu().numpy()
+        moments.add(chunk_a, chunk_b)
+    return moments.correlation(eps).numpy()
+
+
+class CrossMoments:
+    """Running float64 sums of two paired ``(units, samples)`` streams, for their cross moments.
+
+    :meth:`add` takes one chunk of each stream (the same samples); :meth:`correlation` gives the
+    Pearson correlation of every unit of the first stream with every unit of the second, and
+    :meth:`cross` their mean product ``E[x y^T]`` (not centred). Memory: ``units_a x units_b``.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: list[torch.Tensor] | None = None  # sum x, sum y, sum x^2, sum y^2, sum x y^T
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add paired chunks ``x`` ``(units_a, samples)`` and ``y`` ``(units_b, samples)``."""
+        x, y = x.double(), y.double()
+        parts = [x.sum(1), y.sum(1), (x * x).sum(1), (y * y).sum(1), x @ y.T]
+        self._sums = parts if self._sums is None else [total + part for total, part in zip(self._sums, parts)]
+        self.count += x.shape[1]
+
+    def _totals(self) -> list[torch.Tensor]:
+        assert self._sums is not None and self.count > 0, "no samples were added"
+        return [total.cpu() / self.count for total in self._sums]
+
+    def cross(self) -> torch.Tensor:
+        """``E[x y^T]``: ``(units_a, units_b)`` float64, on the CPU."""
+        return self._totals()[4]
+
+    def correlation(self, eps: float = 1e-8) -> torch.Tensor:
+        """Pearson correlations, ``(units_a, units_b)`` float64 on the CPU; a constant unit correlates 0."""
+        mean_a, mean_b, square_a, square_b, cross = self._totals()
+        covariance = cross - mean_a[:, None] * mean_b[None, :]
+        std_a = (square_a - mean_a**2).clamp_min(0).sqrt()
+        std_b = (square_b - mean_b**2).clamp_min(0).sqrt()
+        return covariance / (std_a[:, None] * std_b[None, :] + eps)
