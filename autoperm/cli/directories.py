@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from autoperm.cli.common import ModelArgs
-from autoperm.io import find_layout, load_state_dict, save_directory
+from autoperm.io import load_state_dict
 from autoperm.io.directories import Transform
 from autoperm.pretrained import (
     StoredNames,
@@ -20,6 +20,7 @@ from autoperm.pretrained import (
     check_names,
     check_same_model,
     load_directory_weights,
+    save_directory_weights,
 )
 
 __all__ = ["config_mismatch_option", "check_checkpoint_configs", "load_checkpoint", "save_in_stored_names"]
@@ -91,6 +92,9 @@ def save_in_stored_names(
 ) -> None:
     """Write ``state_dict`` (model names) as a directory in the layout of ``names.directory``, under its stored names.
 
+    Converted tensors (mixture-of-experts weights) are written back one model tensor at a time
+    (:func:`autoperm.pretrained.save_directory_weights`).
+
     Args:
         state_dict: tensors keyed by the model's names.
         names: the stored names of the directory whose layout the output follows.
@@ -99,12 +103,6 @@ def save_in_stored_names(
         transform: ``transform(model name, tensor)`` applied to each tensor as its shard is written.
 
     Raises:
-        CheckpointError: see :func:`autoperm.io.save_directory`.
+        CheckpointError: see :func:`autoperm.pretrained.save_directory_weights`.
     """
-    to_model = names.to_model
-
-    def by_model_name(stored: str, tensor: torch.Tensor) -> torch.Tensor:
-        return transform(to_model.get(stored, stored), tensor)
-
-    save_directory(names.stored_state_dict(state_dict), find_layout(names.directory), output, inputs=inputs,
-                   transform=by_model_name if transform is not None else None)
+    save_directory_weights(state_dict, names, output, inputs=inputs, transform=transform)

@@ -4,10 +4,10 @@
 for diffusers); the model is built from it on the meta device (no weights allocated) with
 example inputs that fit its type. Weights are read and written only through :mod:`autoperm.io`
 (single files or shards, read lazily, written back in the same layout).
-Stored tensor names that
-transformers renames when loading are read under the class's names and written back under the
-stored ones (:mod:`~autoperm.pretrained.stored_names`); the configs of two checkpoints are
-compared before they are aligned (:mod:`~autoperm.pretrained.configs`).
+Stored tensors that transformers renames, or stacks (mixture-of-experts weights), when loading
+are read under the class's names and written back under the stored ones
+(:mod:`~autoperm.pretrained.stored_names`); the configs of two checkpoints are compared before
+they are aligned (:mod:`~autoperm.pretrained.configs`).
 :mod:`~autoperm.pretrained.stable_diffusion` builds the UNet of an LDM single-file Stable
 Diffusion checkpoint through diffusers' own single-file conversion.
 """
@@ -29,12 +29,15 @@ from autoperm.pretrained.directory import (
 )
 from autoperm.pretrained.stable_diffusion import StableDiffusionUNet, read_ldm_unet
 from autoperm.pretrained.stored_names import (
+    Conversion,
     StoredNames,
     load_directory_weights,
+    save_directory_weights,
     stored_names,
 )
 
 __all__ = [
+    "Conversion",
     "ModelDirectory",
     "StableDiffusionUNet",
     "StoredNames",
@@ -49,6 +52,7 @@ __all__ = [
     "load_pretrained",
     "read_ldm_unet",
     "read_model_directory",
+    "save_directory_weights",
     "stored_names",
     "tied_names",
 ]

@@ -153,9 +153,10 @@ def tied_names(model: nn.Module) -> list[list[str]]:
 def load_pretrained(directory: ModelDirectory, checkpoint: str | os.PathLike[str] | None = None) -> nn.Module:
     """Build the model on the CPU in float32 and load weights (``checkpoint``, default the directory's).
 
-    Stored names that transformers renames when loading (GPT-NeoX's ``embed_out``, ViT) are
-    renamed the same way; a directory whose tensors transformers merges or splits (fused
-    mixture-of-experts weights) is loaded with the class's own ``from_pretrained``.
+    Stored tensors that transformers renames or stacks when loading (GPT-NeoX's ``embed_out``,
+    ViT, mixture-of-experts weights stored one tensor per expert) are converted the same way
+    (:mod:`autoperm.pretrained.stored_names`); a directory whose tensors transformers converts
+    otherwise (a fused ``qkv`` it splits) is loaded with the class's own ``from_pretrained``.
 
     Raises:
         ModelLoadError: see :func:`build_from_directory`.
@@ -184,7 +185,7 @@ def load_pretrained(directory: ModelDirectory, checkpoint: str | os.PathLike[str
 
 
 def _from_pretrained(directory: ModelDirectory, cause: CheckpointError) -> nn.Module:
-    """The class's own ``from_pretrained``, for tensors transformers converts when loading."""
+    """The class's own ``from_pretrained``, for tensors transformers converts in ways autoperm does not run."""
     try:
         return _model_class(directory).from_pretrained(str(directory.path)).float().eval()
     except Exception as error:  # transformers can raise anything; the first error explains more
