@@ -5,6 +5,8 @@
 - :func:`activation_matching`: correlation of recorded activations (Git Re-Basin, Section 3.1).
 - :func:`merge_many`: MergeMany and the anchor scheme of Ito et al. (arXiv 2402.04051).
 - :func:`generalized_matching`: weight matching with orthogonal maps where groups admit them.
+- :func:`generalized_activation_matching`: the same on recorded activations (Procrustes on their
+  cross moments).
 - :func:`align`: canonical forms, balanced gauges, generalised matching and learned maps
   (Theus et al., arXiv 2506.22712), B written back in A's gauge.
 """
@@ -13,6 +15,7 @@ from autoperm.solvers.activation_matching import activation_matching
 from autoperm.solvers.align import Alignment, align, refine
 from autoperm.solvers.gauge import balancing_transforms
 from autoperm.solvers.generalized import SYMMETRIES, GeneralizedResult, generalized_matching
+from autoperm.solvers.generalized_activation import GeneralizedActivationResult, generalized_activation_matching
 from autoperm.solvers.merge import mean_state_dict, merge_many
 from autoperm.solvers.result import MatchingResult, MergeResult, check_state_dicts
 from autoperm.solvers.ste import SteResult, midpoint_loss, ste_matching
@@ -21,6 +24,7 @@ from autoperm.solvers.weight_matching import weight_matching
 __all__ = [
     "SYMMETRIES",
     "Alignment",
+    "GeneralizedActivationResult",
     "GeneralizedResult",
     "MatchingResult",
     "MergeResult",
@@ -29,6 +33,7 @@ __all__ = [
     "align",
     "balancing_transforms",
     "check_state_dicts",
+    "generalized_activation_matching",
     "generalized_matching",
     "mean_state_dict",
     "merge_many",
