@@ -130,7 +130,8 @@ def split_fused_axes(traced: TracedGraph) -> TracedGraph:
 
 
 def _rewrite_chain(traced: TracedGraph, node: str, source: TensorRef, axis: int, parts: list[_Part],
-                   producer: dict[str, int], consumers: dict[str, list[int]], outputs: set[str]):
+                   producer: dict[str, int], consumers: dict[str, list[int]],
+                   outputs: set[str]) -> tuple[list[OpCall], list[int]] | None:
     """The rewritten calls for a split of ``source`` along ``axis`` and the chain calls they replace, or None.
 
     The longest run of reshapes that reaches back to a tensor the split axis is a factor of is
@@ -145,7 +146,8 @@ def _rewrite_chain(traced: TracedGraph, node: str, source: TensorRef, axis: int,
 
 
 def _rewrite_through_reshape(traced: TracedGraph, node: str, source: TensorRef, axis: int, parts: list[_Part],
-                             producer: dict[str, int], consumers: dict[str, list[int]], outputs: set[str]):
+                             producer: dict[str, int], consumers: dict[str, list[int]],
+                             outputs: set[str]) -> tuple[list[OpCall], list[int]] | None:
     """Like :func:`_rewrite_chain` when ``source`` is a reshape of the chain's end that keeps ``axis`` whole.
 
     ``qkv.permute(2, 0, 3, 1, 4).reshape(3, B * heads, N, D).unbind(0)``: each part is rewritten
@@ -243,7 +245,7 @@ def _indexed(source: TensorRef, index: object, out: TensorRef) -> tuple[TensorRe
     """``source[index]`` where ``index`` takes one integer or one contiguous slice of one axis and
     every other axis whole (``qkv[1]``, ``grouped[..., :-2, :]``), else None."""
     items = list(index) if isinstance(index, tuple) else [index]
-    if items.count(Ellipsis) > 1 or not all(i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+    if items.count(Ellipsis) > 1 or not all(i is Ellipsis or isinstance(i, (int, slice)) and not isinstance(i, bool) for i in items):
         return None
     if Ellipsis in items:
         at = items.index(Ellipsis)
