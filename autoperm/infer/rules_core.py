@@ -256,9 +256,9 @@ def _cat(ctx: RuleContext, call: BoundCall) -> None:
     out = call.out
     given = tensors_in(call.get("tensors", []))
     parts = [t for t in given if 0 not in t.shape]
-    for empty in given:  # no entries to move: Phi-3's partial rotary passes an empty slice on
+    for empty in given:  # no entries to read: Phi-3's partial rotary passes an empty slice on
         if 0 in empty.shape:
-            ctx.free(empty)
+            ctx.unread(empty)
     if out is None or not parts:
         return
     ctx.split(out, parts, int(call.get("dim", 0)))
@@ -451,7 +451,7 @@ define_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_c
 def _sliced(ctx: RuleContext, x: TensorRef, out: TensorRef, dim: int, start: Any, end: Any, step: Any) -> None:
     """``out`` is ``x`` with entries ``start:end:step`` kept along ``dim``; an empty ``out`` reads nothing."""
     if 0 in out.shape and 0 not in x.shape:
-        ctx.free(x)
+        ctx.unread(x)
         ctx.free(out)
         return
     block = _block(slice(start, end, step), x.shape[dim]) if all(isinstance(v, (int, type(None))) for v in (start, end, step)) else None
