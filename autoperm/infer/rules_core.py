@@ -254,7 +254,11 @@ def _movedim(ctx: RuleContext, call: BoundCall) -> None:
              kinds={"invertible"})
 def _cat(ctx: RuleContext, call: BoundCall) -> None:
     out = call.out
-    parts = [t for t in tensors_in(call.get("tensors", [])) if 0 not in t.shape]
+    given = tensors_in(call.get("tensors", []))
+    parts = [t for t in given if 0 not in t.shape]
+    for empty in given:  # no entries to read: Phi-3's partial rotary passes an empty slice on
+        if 0 in empty.shape:
+            ctx.unread(empty)
     if out is None or not parts:
         return
     ctx.split(out, parts, int(call.get("dim", 0)))
@@ -445,7 +449,11 @@ define_rule("select", aliases=[torch.select, torch.Tensor.select, "aten.select_c
 
 
 def _sliced(ctx: RuleContext, x: TensorRef, out: TensorRef, dim: int, start: Any, end: Any, step: Any) -> None:
-    """``out`` is ``x`` with entries ``start:end:step`` kept along ``dim``."""
+    """``out`` is ``x`` with entries ``start:end:step`` kept along ``dim``; an empty ``out`` reads nothing."""
+    if 0 in out.shape and 0 not in x.shape:
+        ctx.unread(x)
+        ctx.free(out)
+        return
     block = _block(slice(start, end, step), x.shape[dim]) if all(isinstance(v, (int, type(None))) for v in (start, end, step)) else None
     for d in range(x.ndim):
         if d != dim:
