@@ -67,9 +67,9 @@ def build(name: str) -> torch.nn.Module:
 
 def report(name: str, workdir: Path) -> str:
     import autoperm
-    from autoperm.io import find_layout, save_directory
     from autoperm.pretrained import (
-        build_from_directory, default_inputs, load_pretrained, read_model_directory, tied_names,
+        build_from_directory, default_inputs, load_directory_weights, load_pretrained, read_model_directory,
+        save_directory_weights, tied_names,
     )
 
     torch.manual_seed(0)
@@ -99,19 +99,20 @@ def report(name: str, workdir: Path) -> str:
         verified = autoperm.verify_spec(real, spec, default_inputs(real, directory), seed=0)
     kinds = kinds_check(real, spec, inputs if precision == "float64" else default_inputs(real, directory))
     tied = tied_names(meta)
-    sd_a = autoperm.load_state_dict(path_a, tied=tied)
-    recovered, matched = "n/a: stored names differ from the model's (converted when loading)", 0.0
-    if sd_a.keys() == meta.state_dict().keys():
-        path_b = workdir / name / "b"
-        planted = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=2), sd_a)
-        save_directory(planted, find_layout(path_a), path_b)
-        del planted
-        sd_b = autoperm.load_state_dict(path_b, tied=tied)
-        started = time.perf_counter()
-        result = autoperm.weight_matching(spec, sd_a, sd_b)
-        matched = time.perf_counter() - started
-        aligned = autoperm.apply_permutation(spec, result.perms, sd_b)
-        recovered = "yes" if all(torch.equal(aligned[k], sd_a[k]) for k in sd_a) else "NO"
+    # under the model's names whatever the directory stores (renamed or stacked expert tensors)
+    sd_a, names = load_directory_weights(path_a, meta, tied=tied)
+    path_b = workdir / name / "b"
+    planted = autoperm.apply_permutation(spec, autoperm.random_permutation(spec, seed=2), sd_a)
+    save_directory_weights(planted, names, path_b)
+    del planted
+    sd_b, _ = load_directory_weights(path_b, meta, tied=tied)
+    started = time.perf_counter()
+    result = autoperm.weight_matching(spec, sd_a, sd_b)
+    matched = time.perf_counter() - started
+    aligned = autoperm.apply_permutation(spec, result.perms, sd_b)
+    recovered = "yes" if all(torch.equal(aligned[k], sd_a[k]) for k in sd_a) else "NO"
+    if names.conversions or names.renamed:
+        recovered += " (stored names differ from the model's)"
     heads = sum(1 for g in spec.active_groups if any(h.per == g.name for h in spec.active_groups))
     return (f"| {directory.name} | {spec.tracer} | {len(spec.active_groups)} ({heads} head groups) | "
             f"{verified.max_rel_diff:.1e} {'ok' if verified.passed else 'FAIL'} ({precision}) | {kinds} | {recovered} | "
