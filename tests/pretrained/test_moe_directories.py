@@ -21,19 +21,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.core_model_loading")  # transformers 5: the conversion mapping
 
-from autoperm import apply_permutation, load_state_dict, random_permutation  # noqa: E402
-from autoperm.cli import cli  # noqa: E402
+from autoperm import load_state_dict  # noqa: E402
 from autoperm.errors import CheckpointError  # noqa: E402
 from autoperm.io import find_layout  # noqa: E402
 from autoperm.io.formats import safetensors_dtypes  # noqa: E402
 from autoperm.pretrained import build_from_directory, read_model_directory, stored_names  # noqa: E402
 from autoperm.spec import PermutationSpec  # noqa: E402
+from tests.pretrained._directories import invoke, planted_pair  # noqa: E402
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 96}
 
@@ -67,10 +66,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], torch.dtype, str, str, int]] = 
 }
 
 
-def _invoke(args: list[str]):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CliRunner().invoke(cli, args, standalone_mode=False, catch_exceptions=True)
 
 
 def _random_weights_(model: nn.Module, seed: int) -> nn.Module:
@@ -93,15 +88,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]
     for name, (build, dtype, *_) in MODELS.items():
         torch.manual_seed(0)
         model = _random_weights_(build(), seed=1).to(dtype).eval()
-        base = tmp_path_factory.mktemp(name)
-        paths = {"a": base / "a", "b": base / "b", "spec": base / "spec.yaml"}
-        model.save_pretrained(paths["a"], max_shard_size="40KB")
-        result = _invoke(["spec", str(paths["a"]), "-o", str(paths["spec"])])
-        assert result.exception is None, result.output
-        spec = PermutationSpec.from_yaml(paths["spec"])
-        model.load_state_dict(apply_permutation(spec, random_permutation(spec, seed=5), model.state_dict()))
-        model.save_pretrained(paths["b"], max_shard_size="40KB")
-        made[name] = paths
+        made[name] = planted_pair(model, tmp_path_factory.mktemp(name))
     return made
 
 
@@ -147,7 +134,7 @@ def test_stored_experts_are_converted_by_transformers_operations_and_back(pairs,
 def test_match_moe_directories_recovers_and_writes_stored_experts(pairs, name: str, tmp_path: Path) -> None:
     paths = pairs[name]
     out = tmp_path / "b-aligned"
-    result = _invoke(["match", str(paths["a"]), str(paths["b"]), "-o", str(out), "--quiet"])
+    result = invoke(["match", str(paths["a"]), str(paths["b"]), "-o", str(out), "--quiet"])
     assert result.exception is None, result.output
     layout = find_layout(out)
     assert layout.index is not None and layout.shards == find_layout(paths["b"]).shards  # stored names, shard by shard
@@ -174,7 +161,7 @@ def test_match_leaves_tensors_it_does_not_permute_unchanged(pairs, tmp_path: Pat
     spec_path = tmp_path / "experts.yaml"
     spec.to_yaml(spec_path)
     out = tmp_path / "b-aligned"
-    result = _invoke(["match", str(paths["a"]), str(paths["b"]), "-o", str(out), "--spec", str(spec_path), "--quiet"])
+    result = invoke(["match", str(paths["a"]), str(paths["b"]), "-o", str(out), "--spec", str(spec_path), "--quiet"])
     assert result.exception is None, result.output
     aligned, sd_b = load_state_dict(out), load_state_dict(paths["b"])
     moved = [key for key in sd_b if ".layers.0.mlp." in key and "shared_expert" not in key]
@@ -188,7 +175,7 @@ def test_match_leaves_tensors_it_does_not_permute_unchanged(pairs, tmp_path: Pat
 def test_merge_moe_directories_writes_stored_experts(pairs, tmp_path: Path) -> None:
     paths = pairs["mixtral"]
     out = tmp_path / "merged"
-    result = _invoke(["merge", str(paths["a"]), str(paths["b"]), "-o", str(out), "--spec", str(paths["spec"]), "--quiet"])
+    result = invoke(["merge", str(paths["a"]), str(paths["b"]), "-o", str(out), "--spec", str(paths["spec"]), "--quiet"])
     assert result.exception is None, result.output
     sd_a, merged = load_state_dict(paths["a"]), load_state_dict(out)
     assert merged.keys() == sd_a.keys() and find_layout(out).shards == find_layout(paths["a"]).shards
@@ -198,7 +185,7 @@ def test_merge_moe_directories_writes_stored_experts(pairs, tmp_path: Path) -> N
 
 
 def test_verify_loads_a_moe_directory_through_the_conversion(pairs) -> None:
-    result = _invoke(["verify", str(pairs["mixtral"]["b"]), "--spec", str(pairs["mixtral"]["spec"])])
+    result = invoke(["verify", str(pairs["mixtral"]["b"]), "--spec", str(pairs["mixtral"]["spec"])])
     assert result.exception is None, result.output
     assert "OK: outputs unchanged" in result.output
 
@@ -227,7 +214,7 @@ def test_conversions_autoperm_does_not_run_are_refused(tmp_path: Path) -> None:
         stored_names(tmp_path / "a", model)
     message = str(caught.value)
     assert "encoder.layer.0.attention.qkv_proj.weight" in message and "Chunk" in message and str(tmp_path / "a") in message
-    result = _invoke(["match", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "out"), "--quiet"])
+    result = invoke(["match", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "out"), "--quiet"])
     assert isinstance(result.exception, CheckpointError)
     assert "qkv_proj" in str(result.exception) and "not supported" in str(result.exception)
     assert not (tmp_path / "out").exists()

@@ -10,22 +10,19 @@ are tested in ``test_moe_directories.py``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from autoperm import apply_permutation, load_state_dict, random_permutation  # noqa: E402
-from autoperm.cli import cli  # noqa: E402
+from autoperm import load_state_dict  # noqa: E402
 from autoperm.io import find_layout  # noqa: E402
 from autoperm.pretrained import build_from_directory, read_model_directory, stored_names  # noqa: E402
-from autoperm.spec import PermutationSpec  # noqa: E402
+from tests.pretrained._directories import invoke, planted_pair  # noqa: E402
 from tests.conftest import perturb_  # noqa: E402
 
 
@@ -56,10 +53,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, torch.Te
 }
 
 
-def _invoke(args: list[str]):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CliRunner().invoke(cli, args, standalone_mode=False, catch_exceptions=True)
 
 
 
@@ -72,15 +65,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]
     for name, (build, _, _) in MODELS.items():
         torch.manual_seed(0)
         model = perturb_(build(), 1, scale=0.05).eval()
-        base = tmp_path_factory.mktemp(name)
-        paths = {"a": base / "a", "b": base / "b", "spec": base / "spec.yaml"}
-        model.save_pretrained(paths["a"], max_shard_size="40KB")
-        result = _invoke(["spec", str(paths["a"]), "-o", str(paths["spec"])])
-        assert result.exception is None, result.output
-        spec = PermutationSpec.from_yaml(paths["spec"])
-        model.load_state_dict(apply_permutation(spec, random_permutation(spec, seed=5), model.state_dict()))
-        model.save_pretrained(paths["b"], max_shard_size="40KB")
-        made[name] = paths
+        made[name] = planted_pair(model, tmp_path_factory.mktemp(name))
     return made
 
 
@@ -107,7 +92,7 @@ def test_stored_names_follow_transformers_conversion_mapping(pairs, name: str) -
 def test_match_renamed_directories_recovers_and_writes_stored_names(pairs, name: str, tmp_path: Path) -> None:
     paths = pairs[name]
     out = tmp_path / "b-aligned"
-    result = _invoke(["match", str(paths["a"]), str(paths["b"]), "-o", str(out), "--quiet"])
+    result = invoke(["match", str(paths["a"]), str(paths["b"]), "-o", str(out), "--quiet"])
     assert result.exception is None, result.output
     assert find_layout(out).shards == find_layout(paths["b"]).shards  # the stored names, shard by shard
     sd_a, aligned, sd_b = load_state_dict(paths["a"]), load_state_dict(out), load_state_dict(paths["b"])
@@ -124,7 +109,7 @@ def test_match_renamed_directories_recovers_and_writes_stored_names(pairs, name:
 def test_merge_renamed_directories_writes_stored_names(pairs, tmp_path: Path) -> None:
     paths = pairs["gpt_neox"]
     out = tmp_path / "merged"
-    result = _invoke(["merge", str(paths["a"]), str(paths["b"]), "-o", str(out), "--spec", str(paths["spec"]), "--quiet"])
+    result = invoke(["merge", str(paths["a"]), str(paths["b"]), "-o", str(out), "--spec", str(paths["spec"]), "--quiet"])
     assert result.exception is None, result.output
     sd_a, merged = load_state_dict(paths["a"]), load_state_dict(out)
     assert merged.keys() == sd_a.keys()
@@ -133,6 +118,6 @@ def test_merge_renamed_directories_writes_stored_names(pairs, tmp_path: Path) ->
 
 
 def test_verify_runs_a_renamed_directory_with_its_own_weights(pairs) -> None:
-    result = _invoke(["verify", str(pairs["gpt_neox"]["a"]), "--spec", str(pairs["gpt_neox"]["spec"])])
+    result = invoke(["verify", str(pairs["gpt_neox"]["a"]), "--spec", str(pairs["gpt_neox"]["spec"])])
     assert result.exception is None, result.output
     assert "OK: outputs unchanged" in result.output
