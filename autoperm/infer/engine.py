@@ -260,6 +260,10 @@ def infer_spec(
     moved = {(member.param, member.axis) for group_members in members.values() for member in group_members}
     fibres = _fibres(ctx, resolved, sizes, members, traced)
     names = _group_names(ctx.producers, members, fibres)
+    along = _fibres_along_labels(ctx, resolved, sizes, members, traced, exclude=set(fibres) | set(fibres.values()))
+    for component, (parent, per_axis) in along.items():
+        fibres[component] = parent
+        members[component] = [m.model_copy(update={"per_axis": per_axis[m.param]}) for m in members[component]]
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     kinds = _group_kinds(ctx, resolved, members, state_ids, polarities)
     folded = _group_kinds(ctx, resolved, members, state_ids, polarities, folded=True) if ctx.norm_folds else {}
@@ -511,6 +515,82 @@ def _fibres(ctx: RuleContext, resolved: Resolved, sizes: dict[Hashable, int], me
                 candidates.get(component, set()).discard(mixed)
     chosen = {d: next(iter(h)) for d, h in candidates.items() if len(h) == 1}
     return {d: h for d, h in chosen.items() if h not in chosen}
+
+
+def _fibres_along_labels(ctx: RuleContext, resolved: Resolved, sizes: dict[Hashable, int], members: dict[int, list[Member]],
+                         traced: TracedGraph, exclude: set[int]) -> dict[int, tuple[int, dict[str, int]]]:
+    """Groups that may hold one permutation per index of a group on another axis (each expert's hidden units).
+
+    Stacked experts ``w (experts, hidden, d)`` are read at the router's ``topk`` positions
+    (``w[labels]``), so row ``r`` of what is read, and of everything computed from it row by row,
+    belongs to expert ``labels[r]`` (:func:`rules_moe.label_rows`). Group ``d`` (the hidden units)
+    is fibred over group ``h`` (the experts) along another axis when:
+
+    * in every state tensor that carries ``d``, ``h`` moves a whole other axis (plain), and
+      ``d`` sits on no axis ``h`` moves;
+    * every other tensor that carries ``d`` has an axis in one component of such rows, read at
+      one labels tensor of the ``topk`` over ``h``'s axis; and no op mixes entries along that
+      axis in a tensor that carries ``d`` (a sum over tokens' copies).
+
+    Returns:
+        ``{d: (h, {state name: the axis of h in it})}``.
+    """
+    rows = rules_moe.label_rows(ctx)
+    if not rows:
+        return {}
+    row_sources: dict[int, set[tuple[int | None, str]]] = {}
+    for (tensor_id, dim), (ranked, labels) in rows.items():
+        row = resolved.component.get((tensor_id, dim))
+        if row is not None:
+            row_sources.setdefault(row, set()).add((resolved.component.get(ranked), labels))
+    expert_rows = {row: next(iter(sources))[0] for row, sources in row_sources.items() if len(sources) == 1}
+    state_ids = {name: ref.id for name, ref in traced.state.items()}
+    for alias, target in traced.aliases.items():
+        if target in state_ids:
+            state_ids[alias] = state_ids[target]
+    shapes = {ref.id: ref.shape for ref in traced.state.values()}
+    plain_at: dict[tuple[str, int], int] = {}
+    for component, group_members in members.items():
+        for m in group_members:
+            if m.is_plain and m.param in state_ids and shapes[state_ids[m.param]][m.axis] == resolved.size[component]:
+                plain_at[(m.param, m.axis)] = component
+    candidates: dict[int, tuple[int, dict[str, int]]] = {}
+    for component, group_members in members.items():
+        if component in exclude:
+            continue
+        parents: set[int] = set()
+        axes: dict[str, int] = {}
+        for m in group_members:
+            found = [(axis, plain_at[(m.param, axis)]) for axis in range(len(shapes.get(state_ids.get(m.param, ""), ())))
+                     if axis != m.axis and plain_at.get((m.param, axis)) in expert_rows.values()]
+            if len(found) != 1 or m.outer or plain_at.get((m.param, m.axis)) == found[0][1]:
+                break
+            axes[m.param] = found[0][0]
+            parents.add(found[0][1])
+        else:
+            if len(parents) == 1 and (parent := parents.pop()) != component:
+                candidates[component] = (parent, axes)
+    if not candidates:
+        return {}
+    by_tensor: dict[str, dict[int, int]] = {}  # tensor id -> {component: axis}
+    for node, component in resolved.component.items():
+        if node[0] != "atom":
+            by_tensor.setdefault(node[0], {})[component] = node[1]
+    carried: dict[str, set[int]] = {}
+    for node in sizes:
+        if node[0] != "atom":
+            carried.setdefault(node[0], set()).update(p.component for p in _placements(resolved, sizes, node))
+    own_state = set(shapes)
+    for tensor_id, components in carried.items():
+        if tensor_id in own_state:
+            continue
+        for component in components & candidates.keys():
+            parent = candidates[component][0]
+            row_axes = [c for c in by_tensor.get(tensor_id, {}) if expert_rows.get(c) == parent]
+            if len(row_axes) != 1 or any(node[0] == tensor_id and resolved.component.get(node) == row_axes[0]
+                                         for node in ctx.mixed):
+                del candidates[component]
+    return candidates
 
 
 def _group_names(producers: list[tuple[str, int]], members: dict[int, list[Member]], fibres: dict[int, int]) -> dict[int, str]:

@@ -44,7 +44,7 @@ from autoperm.infer.context import RuleContext
 from autoperm.infer.registry import BoundCall, bind, define_rule, library_aliases
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 
-__all__ = ["TRACEABLE_EXPERTS_IMPLEMENTATION", "label_axis", "ranked_axis", "traceable_experts"]
+__all__ = ["TRACEABLE_EXPERTS_IMPLEMENTATION", "label_axis", "label_rows", "ranked_axis", "traceable_experts"]
 
 TRACEABLE_EXPERTS_IMPLEMENTATION = "batched_mm"
 """The transformers experts implementation traced in place of the configured one."""
@@ -97,6 +97,7 @@ class _LabelFlow:
     def __init__(self, traced: TracedGraph) -> None:
         self.source: dict[str, tuple[TensorRef, int]] = {}  # label tensor id -> (ranked tensor, ranked axis)
         self.sound: dict[tuple[str, int], bool] = {}
+        self.rows: dict[tuple[str, int], tuple[tuple[str, int], str]] = {}  # see label_rows
         consumers: dict[str, list[OpCall]] = {}
         for call in traced.calls:
             for tensor in {t.id: t for t in call.tensors()}.values():
@@ -125,7 +126,34 @@ class _LabelFlow:
                         sound = False
                     else:
                         pending.extend(use)
+                        self._record_rows(consumer, tensor, key)
             self.sound[key] = self.sound.get(key, True) and sound
+
+
+    def _record_rows(self, call: OpCall, labels: TensorRef, ranked: tuple[str, int]) -> None:
+        """Record the output axis of ``x[labels]`` (one-dimensional labels, indexing one axis) as rows
+        labelled by the ``topk`` positions along ``ranked``."""
+        bound, rule = bind(call)
+        if rule is None or rule.name not in ("getitem", "index_tensor") or labels.ndim != 1 or not call.outputs:
+            return
+        read, out = _reader(bound, rule.name), call.outputs[0]
+        if read is None or read[1].id != labels.id or out is None or out.ndim != read[0].ndim:
+            return
+        self.rows[(out.id, read[2])] = (ranked, labels.id)
+
+
+def label_rows(ctx: RuleContext) -> dict[tuple[str, int], tuple[Hashable, str]]:
+    """Axes whose positions each belong to one label: row ``r`` of ``x[labels]`` along the read axis
+    is entry ``labels[r]`` of ``x`` (the expert a token's copy is sent to).
+
+    Only the reads of understood ``topk`` positions (:func:`ranked_axis`) with one-dimensional
+    labels are listed.
+
+    Returns:
+        ``{(tensor id, axis): (axis-graph node of the ranked axis, id of the labels tensor)}``.
+    """
+    flow = _label_flow(ctx.traced)
+    return {row: (ranked, labels) for row, (ranked, labels) in flow.rows.items() if flow.sound.get(ranked, False)}
 
 
 _LAST_FLOW: list[tuple[weakref.ref[TracedGraph], _LabelFlow]] = []

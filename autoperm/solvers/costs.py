@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from autoperm.spec import Member, PermutationGroup, PermutationSpec, layout_positions, member_matrix
+from autoperm.spec import Member, PermutationGroup, PermutationSpec, layout_positions, member_matrix, permute_tensor
 from autoperm.spec.apply import axis_index
 
 __all__ = [
@@ -120,6 +120,11 @@ class CostCache:
         self.constants: dict[str, torch.Tensor | None] = {}
         self.inner_products: dict[str, tuple[tuple[int, ...], float]] = {}
         self.params_of: dict[str, tuple[str, ...]] = {}
+        # tensors a group permutes separately per unit of another axis (per_axis): no gather index
+        # per axis describes them, so B is permuted whole (they are small: stacked experts)
+        self.along_units = {
+            name for name in self.cost_params if any(m.per_axis is not None for _, m in spec.members_by_param[name])
+        }
         for name in self.cost_params:
             for group, _ in spec.members_by_param[name]:
                 if name not in self.params_of.setdefault(group.name, ()):
@@ -142,7 +147,10 @@ class CostCache:
         """``<A, pi(B)>`` of one cost tensor, cached by the versions of the groups touching it."""
         key = tuple(self.state.versions.get(g.name, 0) for g, _ in self.spec.members_by_param[name])
         cached = self.inner_products.get(name)
-        if cached is None or cached[0] != key:
+        if (cached is None or cached[0] != key) and name in self.along_units:
+            moved = permute_tensor(self.spec, self.perms, name, self.b[name])
+            cached = (key, float(torch.sum(self.a[name].double() * moved.double())))
+        elif cached is None or cached[0] != key:
             cached = (key, _inner_product(self.a[name], self.b[name], self._indices(name)))
             self.inner_products[name] = cached
         return cached[1]
@@ -203,6 +211,7 @@ class CostCache:
         if (
             len(changed) > 1
             or group.per is not None
+            or name in self.along_units
             or indices is None
             or len(moved_members) != 1
             or len(own_members) != 1
@@ -236,7 +245,7 @@ class CostCache:
         """
         member, size = term.member, term.group.size
         rows = self.a[member.param].shape[member.axis] if member.is_plain else 0
-        if fibred or rows != size or size * size <= _CHUNK_ELEMENTS:
+        if fibred or rows != size or size * size <= _CHUNK_ELEMENTS or member.param in self.along_units:
             product = self._product(term, fibred, total is None)
             return product if total is None else total.add_(product)
         if total is None:
@@ -259,6 +268,9 @@ class CostCache:
         """
         name, member, size = term.member.param, term.member, term.group.size
         a, b = self.a[name], self.b[name]
+        if name in self.along_units:
+            product = matrix_product(member_matrix(a, member, size, fibred), self._moved(term))
+            return product.double() if double else product
         indices = self._indices(name, term.group, member)
         split = _chunks(a, member.axis)
         views = not indices and not fibred and member.is_plain and a.shape[member.axis] == size
@@ -271,6 +283,19 @@ class CostCache:
             a_matrix = member_matrix(a_rows, member, rows, fibred)
             product = matrix_product(a_matrix, _gathered_matrix(b, indices, member, size, fibred))
         return product.double() if double else product
+
+    def _moved(self, term: _Term) -> torch.Tensor:
+        """The member matrix of B's entry, permuted by every group but the term's own (whose other
+        members in the tensor still move, as in :meth:`_indices`), for a tensor in ``along_units``."""
+        name, group, member = term.member.param, term.group, term.member
+        moved = permute_tensor(self.spec, self.perms, name, self.b[name], skip={group.name})
+        if group.per is None:
+            for g, other in self.spec.members_by_param[name]:
+                if g.name == group.name and other is not member:
+                    index = axis_index(self.spec, [(g, other)], self.perms, moved.shape[other.axis])
+                    assert index is not None
+                    moved = moved.index_select(other.axis, index.to(moved.device))
+        return member_matrix(moved, member, group.size, group.per is not None)
 
     def _indices(
         self,

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 
 from autoperm.spec import Member, PermutationSpec
-from autoperm.spec.apply import layout_positions
+from autoperm.spec.apply import layout_positions, member_matrix
 
 __all__ = ["balancing_transforms", "invert"]
 
@@ -81,6 +81,9 @@ def invert(spec: PermutationSpec, transforms: Mapping[str, torch.Tensor]) -> dic
 
 def _gram(tensor: torch.Tensor, member: Member, size: int, heads: int | None) -> torch.Tensor:
     """``X X^T`` of the member's entries, ``(size, size)``, or ``(heads, size, size)`` for a fibred group."""
+    if heads is not None and member.per_axis is not None:  # the heads run along another axis (stacked experts)
+        rows = member_matrix(tensor.to(torch.float64), member, size, fibred=True)
+        return rows @ rows.transpose(-1, -2)
     positions = layout_positions(member, size)
     moved = tensor.movedim(member.axis, 0).to(torch.float64)
     block = moved[positions.flatten()].reshape(*positions.shape, -1)  # (*outer, size, inner, rest)

@@ -250,13 +250,20 @@ class _Descent:
         for group in self.spec.active_groups:
             if group.per is not None:
                 fibres.setdefault(group.per, []).append(group)
+        along_units = {f.name for own in fibres.values() for f in own if any(m.per_axis is not None for m in f.members)}
+        for name in sorted(along_units):
+            logger.info("group %r: permuted per unit of another axis (per_axis), which this solver does not move; "
+                        "kept at the start (weight matching's permutations), with the group it is fibred over", name)
         units = [_Unit(self.spec[name], tuple(own), heads_fixed=True)
-                 for name, own in fibres.items() if not self.spec[name].active]  # within-head maps of fixed heads
+                 for name, own in fibres.items()
+                 if not self.spec[name].active and along_units.isdisjoint(f.name for f in own)]  # within-head maps of fixed heads
         for group in self.spec.active_groups:
             if group.per is not None:
                 continue
             own = tuple(fibres.get(group.name, ()))
             carried = {(m.param, m.axis) for m in group.members}
+            if not along_units.isdisjoint(f.name for f in own):
+                continue
             if any((m.param, m.axis) not in carried for f in own for m in f.members):
                 logger.info("group %r: a within-head member lies outside the heads' own tensors; kept at the start", group.name)
                 continue

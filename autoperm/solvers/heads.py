@@ -24,7 +24,7 @@ import torch
 
 from autoperm.solvers.costs import product_dtype, sliced_matrix_product
 from autoperm.solvers.lap import LapMethod, linear_assignment
-from autoperm.spec import Member, PermutationGroup, PermutationSpec, member_matrix, permute_tensor
+from autoperm.spec import Member, PermutationGroup, PermutationSpec, layout_positions, member_matrix, permute_tensor
 
 __all__ = ["attach_fibres", "carry_fibres", "fibre_parts", "fibred_over", "shared_within", "solve_heads", "solve_shared"]
 
@@ -93,9 +93,19 @@ def carry_fibres(
     return {fibre.name: perms[fibre.name][inverse[heads]] for fibre in fibres}
 
 
-def _covered(head_member: Member, fibres: list[tuple[PermutationGroup, Member]]) -> bool:
-    """Whether a fibre member refines all of a head member's positions (same blocks)."""
+def _covered(head_member: Member, fibres: list[tuple[PermutationGroup, Member]], shape: Sequence[int] | None = None) -> bool:
+    """Whether a fibre member refines all of a head member's positions (same blocks), or, for
+    fibres along another axis than the heads' (``per_axis``, stacked experts), whether their
+    members on that tensor together cover the whole axis they permute (``shape``: the tensor's)."""
+    along = [(fibre, m) for fibre, m in fibres if m.param == head_member.param and m.per_axis == head_member.axis]
+    if along and shape is not None and head_member.is_plain:
+        axes = {m.axis for _, m in along}
+        positions = torch.cat([layout_positions(m, fibre.size).flatten() for fibre, m in along])
+        if len(axes) == 1 and positions.unique().numel() == shape[axes.pop()]:
+            return True
     for fibre, m in fibres:
+        if m.per_axis is not None:
+            continue
         if not (m.param == head_member.param and m.axis == head_member.axis and m.offset == head_member.offset
                 and m.outer and m.outer[0][1] == head_member.inner):
             continue
@@ -214,7 +224,7 @@ def _head_scores(
     heads = group.size
     scores = np.zeros((heads, heads))
     for member in group.members:
-        if member.param not in a or member.param in leave_out or _covered(member, refined):
+        if member.param not in a or member.param in leave_out or _covered(member, refined, a[member.param].shape):
             continue
         b_other = permute_tensor(spec, perms, member.param, b[member.param], skip=skip)
         a_matrix, b_matrix = member_matrix(a[member.param], member, heads), member_matrix(b_other, member, heads)

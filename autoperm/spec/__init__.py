@@ -9,6 +9,8 @@ from autoperm.spec.apply import (
     invert_permutation,
     layout_positions,
     member_matrix,
+    per_axis_of,
+    permute_along_units,
     permute_tensor,
     random_permutation,
 )
@@ -57,6 +59,8 @@ __all__ = [
     "invert_permutation",
     "layout_positions",
     "member_matrix",
+    "per_axis_of",
+    "permute_along_units",
     "permute_tensor",
     "random_permutation",
 ]

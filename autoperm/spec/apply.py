@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from autoperm.errors import SpecError
-from autoperm.spec.schema import Layout, PermutationGroup, PermutationSpec
+from autoperm.spec.schema import Layout, Member, PermutationGroup, PermutationSpec
 
 __all__ = [
     "Permutations",
@@ -25,6 +25,8 @@ __all__ = [
     "axis_index",
     "layout_positions",
     "member_matrix",
+    "per_axis_of",
+    "permute_along_units",
 ]
 
 Permutations = dict[str, torch.Tensor]
@@ -142,6 +144,10 @@ def axis_index(
     """
     index: torch.Tensor | None = None
     for group, layout in pairs:
+        if per_axis_of(layout) is not None:
+            raise SpecError(f"group {group.name!r} permutes {getattr(layout, 'param', 'a tensor')!r} along axis "
+                            f"{layout.axis} separately for each unit on another axis (per_axis); "
+                            "one gather index per axis cannot describe it (use permute_tensor)")
         p = perms.get(group.name)
         if p is None:
             continue
@@ -181,15 +187,54 @@ def permute_tensor(
     """
     skipped = set(skip)
     by_axis: dict[int, list[tuple[PermutationGroup, Layout]]] = {}
+    along_units: list[tuple[PermutationGroup, Member]] = []
     for group, member in spec.members_by_param.get(name, ()):
-        if group.name not in skipped and group.name in perms:
+        if group.name in skipped or group.name not in perms:
+            continue
+        if member.per_axis is not None:
+            along_units.append((group, member))
+        else:
             by_axis.setdefault(member.axis, []).append((group, member))
     result = tensor
     for axis, pairs in by_axis.items():
         index = axis_index(spec, pairs, perms, tensor.shape[axis])
         if index is not None:
             result = result.index_select(axis, index.to(result.device))
+    for group, member in along_units:  # after the groups they are fibred over (members_by_param's order)
+        result = permute_along_units(result, member, group.size, perms[group.name])
     return result
+
+
+def per_axis_of(layout: Layout) -> int | None:
+    """The ``per_axis`` of a member (the axis its fibred group's parent units run along), else ``None``."""
+    return layout.per_axis if isinstance(layout, Member) else None
+
+
+def permute_along_units(tensor: torch.Tensor, member: Member, size: int, rows: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the slice at position ``e`` of ``member.per_axis`` permuted along ``member.axis``
+    by ``rows[e]`` (a member whose fibred group's parent units run along another axis).
+
+    Args:
+        tensor: the tensor; it is not modified.
+        member: a member with ``per_axis`` set.
+        size: the size of the member's group.
+        rows: LongTensor ``(units, size)``, one permutation per position of ``per_axis``.
+
+    Returns:
+        A new tensor of the same shape.
+    """
+    assert member.per_axis is not None
+    units, length = tensor.shape[member.per_axis], tensor.shape[member.axis]
+    positions = layout_positions(member, size)  # (*outer, size, inner)
+    rows = rows.to(torch.long).cpu()
+    view = [units] + [1] * (positions.dim() - 2) + [size, 1]
+    expanded = positions.unsqueeze(0).expand(units, *positions.shape)
+    source = torch.gather(expanded, -2, rows.view(view).expand_as(expanded))
+    index = torch.arange(length).repeat(units, 1)  # (units, length): row e gathers slice e
+    index.scatter_(1, expanded.reshape(units, -1), source.reshape(units, -1))
+    moved = tensor.movedim((member.per_axis, member.axis), (0, 1))
+    gather = index.to(moved.device).view(units, length, *([1] * (moved.dim() - 2))).expand_as(moved)
+    return torch.gather(moved, 1, gather).movedim((0, 1), (member.per_axis, member.axis))
 
 
 def apply_permutation(
@@ -231,8 +276,17 @@ def member_matrix(tensor: torch.Tensor, layout: Layout, size: int, fibred: bool 
 
     Returns:
         ``(size, -1)``; with ``fibred=True`` (a member of a fibred group) ``(per_size, size, -1)``,
-        the first outer loop of the layout giving the leading dimension.
+        the first outer loop of the layout giving the leading dimension, or for a member with a
+        ``per_axis`` that axis.
     """
+    per_axis = per_axis_of(layout)
+    if fibred and per_axis is not None:
+        moved = tensor.movedim((per_axis, layout.axis), (0, 1))
+        positions = layout_positions(layout, size)
+        gathered = moved[:, positions.flatten().to(moved.device)]
+        counts = [count for count, _ in layout.outer]
+        gathered = gathered.reshape(moved.shape[0], *counts, size, layout.inner, -1).movedim(-3, 1)
+        return gathered.reshape(moved.shape[0], size, -1)
     moved = tensor.movedim(layout.axis, 0)
     if layout.is_plain and moved.shape[0] == size and not fibred:
         return moved.reshape(size, -1)

@@ -12,8 +12,11 @@ over S positions has ``inner = S``; one part of a concatenation has an ``offset`
 
 A group with ``per`` set is *fibred* over another group (within-head dims over heads): it holds
 one permutation for each index of group ``per``, and the first outer loop of each member runs
-over that group's index. Convention everywhere: applying ``p`` along an axis means
-``new[i] = old[p[i]]``.
+over that group's index. A member may instead say along which *other* axis of its tensor the
+``per`` group's units run (``per_axis``: stacked experts ``(experts, hidden, d)`` whose hidden
+units each expert permutes on its own): the slice at position ``e`` of that axis moves along
+``axis`` by row ``e``. Either way, row ``e`` belongs to unit ``e`` *after* group ``per`` has
+moved. Convention everywhere: applying ``p`` along an axis means ``new[i] = old[p[i]]``.
 
 A group's ``kind`` (see :mod:`autoperm.spec.kinds`) says which transforms beyond permutations
 it admits; groups of kind ``scale`` and ``invertible`` give each member a ``role`` (``"out"``:
@@ -98,10 +101,24 @@ class Member(Layout):
     ``role`` is ``"out"`` for an axis that writes the group's activation (moves by ``T``) and
     ``"in"`` for one that reads it (moves by ``T^-T``); only groups of kind ``scale`` and
     ``invertible`` need it.
+
+    ``per_axis`` (members of fibred groups only): the axis of ``param`` along which the units of
+    the group's ``per`` group run, when that is not ``axis`` (stacked experts: their hidden units
+    on ``axis``, the experts on ``per_axis``); its length is the ``per`` group's size, and the
+    layout then describes the positions inside one unit's slice. ``None``: the ``per`` group's
+    units are the first outer loop of the layout along ``axis``.
     """
 
     param: str
     role: Role | None = None
+    per_axis: int | None = None
+
+    @field_validator("per_axis")
+    @classmethod
+    def _per_axis_non_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError("must be >= 0")
+        return value
 
 
 class ActivationSite(Layout):
@@ -353,14 +370,45 @@ class PermutationSpec(BaseModel):
                 continue
             if group.per not in names or group.per == group.name:
                 raise ValueError(f"groups[{index}] ({group.name!r}).per: unknown group {group.per!r}")
-            per_size = next(g.size for g in self.groups if g.name == group.per)
+            parent = next(g for g in self.groups if g.name == group.per)
             for member in group.members:
-                if not member.outer or member.outer[0][0] != per_size:
+                if member.per_axis is not None:
+                    self._check_per_axis(index, group, parent, member)
+                elif not member.outer or member.outer[0][0] != parent.size:
                     raise ValueError(
                         f"groups[{index}] ({group.name!r}): member {member.param!r} must have a first"
-                        f" outer loop of count {per_size} (the size of group {group.per!r})"
+                        f" outer loop of count {parent.size} (the size of group {group.per!r})"
                     )
+        for index, group in enumerate(self.groups):
+            stray = next((m for m in group.members if m.per_axis is not None), None)
+            if group.per is None and stray is not None:
+                raise ValueError(f"groups[{index}] ({group.name!r}): member {stray.param!r} has a per_axis, "
+                                 "which only members of a fibred group (one with 'per') may have")
         return self
+
+    def _check_per_axis(self, index: int, group: PermutationGroup, parent: PermutationGroup, member: Member) -> None:
+        """A member whose ``per`` units run along another axis: that axis exists, differs from
+        ``axis``, is as long as the ``per`` group, and the ``per`` group's members on the same
+        tensor move it as whole units."""
+        where = f"groups[{index}] ({group.name!r}): member {member.param!r}"
+        assert member.per_axis is not None
+        if member.per_axis == member.axis:
+            raise ValueError(f"{where}: per_axis {member.per_axis} is its own axis; leave per_axis out and give "
+                             f"the layout a first outer loop over group {parent.name!r} instead")
+        shape = self.shapes.get(member.param)
+        if shape is not None:
+            if member.per_axis >= len(shape):
+                raise ValueError(f"{where}: per_axis {member.per_axis} out of range for shape {list(shape)}")
+            if shape[member.per_axis] != parent.size:
+                raise ValueError(f"{where}: per_axis {member.per_axis} has length {shape[member.per_axis]}, but group "
+                                 f"{parent.name!r} (its 'per') has size {parent.size}")
+        for other in parent.members:
+            if other.param == member.param and other.axis == member.per_axis and not other.is_plain:
+                raise ValueError(f"{where}: group {parent.name!r} moves part of per_axis {member.per_axis} "
+                                 "(a layout with offset, inner or outer loops); per_axis needs whole units")
+            if other.param == member.param and other.axis == member.axis:
+                raise ValueError(f"{where}: group {parent.name!r} also moves axis {member.axis}; "
+                                 "per_axis needs the units on another axis")
 
     def _check_fold(self, index: int, fold: NormFold) -> None:
         """Every parameter of a fold is listed in ``shapes`` and each reader's axis matches the gain."""

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from autoperm.errors import SpecError
-from autoperm.spec.apply import axis_index, check_permutations, layout_positions
+from autoperm.spec.apply import axis_index, check_permutations, layout_positions, permute_along_units
 from autoperm.spec.kinds import KINDS, admitted, largest
 from autoperm.spec.schema import Member, PermutationGroup, PermutationSpec
 
@@ -148,6 +148,9 @@ def apply_transform(
             transform = transforms.get(group.name)
             if transform is None:
                 continue
+            if kinds[group.name] == "permutation" and member.per_axis is not None:
+                moved = permute_along_units(moved, member, group.size, transform)
+                continue
             if kinds[group.name] == "permutation":
                 index = axis_index(spec, [(group, member)], {group.name: transform}, moved.shape[member.axis])
                 moved = moved.index_select(member.axis, index.to(moved.device))
@@ -174,6 +177,14 @@ def _member_matrix(transform: torch.Tensor, size: int, role: str | None, kind: s
 
 def _transform_member(tensor: torch.Tensor, member: Member, size: int, matrix: torch.Tensor, fibred: bool) -> torch.Tensor:
     """``tensor`` with ``new[i] = sum_j matrix[i, j] old[j]`` along the member's positions (per head when ``fibred``)."""
+    if fibred and member.per_axis is not None:  # stacked units on another axis: one matrix per slice
+        stacked = tensor.movedim((member.per_axis, member.axis), (0, 1)).to(torch.float64)
+        positions = layout_positions(member, size).flatten().to(stacked.device)
+        block = stacked[:, positions].reshape(stacked.shape[0], -1, size, member.inner, *stacked.shape[2:])
+        updated = torch.einsum("eij,emjs...->emis...", matrix.to(stacked.device), block)
+        result = stacked.clone()
+        result[:, positions] = updated.reshape(stacked.shape[0], positions.numel(), *stacked.shape[2:])
+        return result.movedim((0, 1), (member.per_axis, member.axis))
     moved = tensor.movedim(member.axis, 0).to(torch.float64)
     positions = layout_positions(member, size)  # (*outer counts, size, inner)
     flat = positions.flatten().to(moved.device)

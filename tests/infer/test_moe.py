@@ -9,9 +9,10 @@ downloads. The symmetries, reasoned out by hand:
   there the experts axis is the product of the groups and the experts within each group (one
   permutation per group, fibred over the groups), and ``e_score_correction_bias`` moves too;
 * the experts' hidden units: gate and up halves of ``gate_up_proj`` and the inputs of
-  ``down_proj``, one permutation shared by the experts of a layer (the spec format addresses
-  one axis per member, so a permutation per expert, along another axis than the experts',
-  cannot be written);
+  ``down_proj``, one permutation per expert (a group fibred over the experts whose members
+  run along the hidden axis, the experts on axis 0: ``Member.per_axis``); DeepSeek-V3's experts
+  are two groups (expert groups, and the experts within each), so there the hidden units
+  stay one permutation shared by the experts of a layer;
 * the residual stream through the router's columns and the experts' inputs and outputs, and
   the shared experts (Qwen2-MoE, DeepSeek) as plain gated MLPs.
 
@@ -23,11 +24,13 @@ without their experts) and must change the output.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -35,7 +38,8 @@ transformers = pytest.importorskip("transformers")
 from autoperm.infer import infer_spec
 from autoperm.infer.rules_moe import traceable_experts
 from autoperm.solvers import weight_matching
-from autoperm.spec import PermutationSpec, apply_permutation, random_permutation
+from autoperm.errors import SpecError
+from autoperm.spec import PermutationSpec, apply_permutation, invert_permutation, random_permutation
 from tests.conftest import group_of, only_group
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 96}
@@ -120,6 +124,12 @@ def test_expert_hidden_units_and_residual_stream(name: str) -> None:
     block = "model.layers.0.mlp"
     hidden = only_group(spec, f"{block}.experts.down_proj", 2)
     assert hidden.size == HIDDEN[name]
+    if name == "deepseek_v3":  # experts in two levels (groups, experts within them): one shared permutation
+        assert hidden.per is None and all(m.per_axis is None for m in hidden.members)
+    else:  # each expert's own permutation, the experts on axis 0
+        assert hidden.per == only_group(spec, f"{block}.gate.weight", 0).name
+        assert {(m.param.rsplit(".", 1)[-1], m.axis, m.per_axis) for m in hidden.members} == {
+            ("gate_up_proj", 1, 0), ("down_proj", 2, 0)}
     halves = sorted((m.offset, m.inner) for m in hidden.members if m.param == f"{block}.experts.gate_up_proj" and m.axis == 1)
     assert halves == [(0, 1), (HIDDEN[name], 1)], "gate and up halves move together"
     stream = only_group(spec, "model.embed_tokens.weight", 1)
@@ -157,6 +167,33 @@ def test_weight_matching_recovers_a_planted_permutation(name: str) -> None:
     aligned = apply_permutation(spec, result.perms, planted)
     for key, tensor in state.items():
         assert torch.equal(aligned[key], tensor), key
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_each_experts_own_hidden_permutation_is_recovered(name: str) -> None:
+    """Planted: the experts permuted, and every expert's hidden units by a permutation of its own."""
+    spec = _spec(name)
+    hidden = only_group(spec, "model.layers.1.mlp.experts.down_proj", 2)
+    state = _model(name, seed=5).state_dict()
+    planted = random_permutation(spec, seed=6)
+    rows = planted[hidden.name]
+    assert rows.shape == (EXPERTS[name], HIDDEN[name]) and len({tuple(row.tolist()) for row in rows}) == EXPERTS[name]
+    result = weight_matching(spec, state, apply_permutation(spec, planted, state))
+    for group in spec.active_groups:
+        assert torch.equal(result.perms[group.name], invert_permutation(spec, planted)[group.name]), group.name
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_per_expert_groups_round_trip_through_yaml_and_a_wrong_axis_is_refused(name: str) -> None:
+    spec = _spec(name)
+    text = spec.to_yaml()
+    assert PermutationSpec.from_yaml(text) == spec
+    hidden = only_group(spec, "model.layers.0.mlp.experts.down_proj", 2)
+    data = yaml.safe_load(text)
+    entry = next(g for g in data["groups"] if g["name"] == hidden.name)
+    entry["members"][-1]["per_axis"] = 1  # down_proj (experts, d, hidden): axis 1 is the stream
+    with pytest.raises(SpecError, match=re.escape(hidden.name)):
+        PermutationSpec.from_dict(data)
 
 
 def test_traceable_experts_restores_the_configured_implementation() -> None:
