@@ -38,7 +38,8 @@ from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, check_permutations, identity_permutation
 from autoperm.spec.apply import apply_permutation, layout_positions
 
-__all__ = ["SYMMETRIES", "Symmetries", "GeneralizedResult", "generalized_matching", "solved_kind", "procrustes"]
+__all__ = ["SYMMETRIES", "Symmetries", "GeneralizedResult", "assignment_value", "best_assignment", "generalized_matching",
+           "procrustes", "solved_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class _Descent:
                 return False
             moves = [(m, _Move(matrix=delta)) for m in members]
         else:
-            order = _assign(cost)
+            order = best_assignment(cost)
             if torch.equal(order, torch.arange(group.size)):
                 return False
             moves = [(m, _Move(index=order)) for m in members]
@@ -330,15 +331,15 @@ class _Descent:
             if self.kinds[fibre.name] == "orthogonal":
                 score += torch.linalg.matrix_norm(cost, ord="nuc")
             else:
-                score += torch.tensor([[_assignment_value(cost[a, c]) for c in range(count)] for a in range(count)])
-        order = torch.arange(count) if unit.heads_fixed else _assign(score)
+                score += torch.tensor([[assignment_value(cost[a, c]) for c in range(count)] for a in range(count)])
+        order = torch.arange(count) if unit.heads_fixed else best_assignment(score)
         within: dict[str, torch.Tensor] = {}
         for name, cost in costs.items():
             chosen = cost[torch.arange(count), order]  # (a, d, d): A's head a against B's head order[a]
             if self.kinds[name] == "orthogonal":
                 within[name] = procrustes(chosen)
             else:
-                within[name] = torch.stack([_assign(c.clone()) for c in chosen])
+                within[name] = torch.stack([best_assignment(c.clone()) for c in chosen])
         moves: list[tuple[Member, _Move]] = []
         if not torch.equal(order, torch.arange(count)):
             moves += [(m, _Move(index=order)) for m in heads.members if m.param in self.a]
@@ -456,11 +457,12 @@ def _as_matrix(transform: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(transform, size).to(torch.float64)
 
 
-def _assign(score: torch.Tensor) -> torch.Tensor:
+def best_assignment(score: torch.Tensor) -> torch.Tensor:
     """The permutation ``p`` maximising ``sum_i score[i, p[i]]``."""
     result = linear_assignment(score.to(torch.float64).numpy(), maximize=True)
     return torch.as_tensor(np.asarray(result.columns), dtype=torch.long)
 
 
-def _assignment_value(score: torch.Tensor) -> float:
+def assignment_value(score: torch.Tensor) -> float:
+    """The largest ``sum_i score[i, p[i]]`` over permutations ``p``."""
     return float(linear_assignment(score.to(torch.float64).numpy(), maximize=True).value)

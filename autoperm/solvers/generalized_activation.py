@@ -49,8 +49,8 @@ from autoperm.solvers.activation_matching import CrossMoments
 from autoperm.solvers.generalized import (
     GeneralizedResult,
     Symmetries,
-    _assign,
-    _assignment_value,
+    assignment_value,
+    best_assignment,
     generalized_matching,
     procrustes,
     solved_kind,
@@ -218,7 +218,7 @@ def _solve_unit(spec: PermutationSpec, group: PermutationGroup, fibres: tuple[Pe
     if kinds[group.name] == "orthogonal":
         cost = sum(m.cross() for m in moments[group.name])
         return {group.name: procrustes(cost, group.fixes_ones)}
-    return {group.name: _assign(sum(m.correlation() for m in moments[group.name]))}
+    return {group.name: best_assignment(sum(m.correlation() for m in moments[group.name]))}
 
 
 def _solve_heads(heads: PermutationGroup, fibres: list[PermutationGroup], moments: Mapping[str, list[CrossMoments]],
@@ -235,15 +235,15 @@ def _solve_heads(heads: PermutationGroup, fibres: list[PermutationGroup], moment
         if orthogonal:
             score += torch.linalg.matrix_norm(block, ord="nuc")
         else:
-            score += torch.tensor([[_assignment_value(block[a, c]) for c in range(count)] for a in range(count)])
-    order = _assign(score) if heads.active else torch.arange(count)
+            score += torch.tensor([[assignment_value(block[a, c]) for c in range(count)] for a in range(count)])
+    order = best_assignment(score) if heads.active else torch.arange(count)
     transforms = {heads.name: order} if heads.active else {}
     for fibre in fibres:
         chosen = blocks[fibre.name][torch.arange(count), order]  # (a, i, j): A's head a against B's head order[a]
         if kinds[fibre.name] == "orthogonal":
             transforms[fibre.name] = torch.stack([procrustes(block, fibre.fixes_ones) for block in chosen])
         else:
-            transforms[fibre.name] = torch.stack([_assign(block.clone()) for block in chosen])
+            transforms[fibre.name] = torch.stack([best_assignment(block.clone()) for block in chosen])
     return transforms
 
 
