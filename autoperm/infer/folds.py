@@ -1,4 +1,4 @@
-"""Foldable norm gains: norms over the last axis whose output only linear layers read.
+"""Foldable gains: norms over the last axis whose output only linear layers read, and LayerScales.
 
 A LayerNorm or RMSNorm computes ``gain * n(x) + bias``. When every reader of its output is a
 linear layer over that axis, ``W (gain * n + bias) + b = (W diag(gain)) n + (b + W bias)``:
@@ -16,6 +16,10 @@ no other call: a tied LM head (``F.linear(x, embed.weight)``) shares its table w
 embedding, and folding a gain into it would change the embedding too, so such a norm is not
 foldable.
 
+A LayerScale, ``gain * h`` with ``h`` the output of one linear layer that nothing else reads
+(through identity and dropout modules and casts), folds into that layer's rows and bias
+(:func:`_layer_scale`); the product is then the identity and keeps every kind.
+
 For the kind record of the folded model (:attr:`RuleContext.fold_overrides`) each foldable norm
 says, per call of its graph and axis: the normalised axes of input and output admit the rule's
 ``folded_kinds`` (fixing the all-ones vector where ``folded_fixes_ones``), the gain's and bias's
@@ -32,6 +36,7 @@ from typing import Any
 from torch import nn
 
 from autoperm.infer.registry import OpRule, bind, op_rule
+from autoperm.spec.kinds import ALL_KINDS
 from autoperm.spec.schema import NormFold, Reader
 from autoperm.trace.graph import OpCall, TensorRef, TracedGraph
 
@@ -121,7 +126,7 @@ def find_norm_folds(traced: TracedGraph) -> FoldPlan:
     folds: list[NormFold] = []
     for call in traced.calls:
         try:
-            found = _norm_call(graph, call) or _decomposed_rms_norm(graph, call)
+            found = _norm_call(graph, call) or _decomposed_rms_norm(graph, call) or _layer_scale(graph, call)
         except Exception as error:  # an unexpected call signature: leave the norm unfolded (its kinds stay as inferred)
             logger.warning("could not check %s for a foldable norm (%s: %s); leaving it unfolded", call.describe(), type(error).__name__, error)
             continue
@@ -223,6 +228,67 @@ def _decomposed_rms_norm(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[st
     overrides[call.node] = {(gain.id, 0): None, last(scaled): stream, last(out): stream}
     fold = NormFold(node=call.node, op="rms_norm", gain=gain.state_name, readers=tuple(readers))
     return fold, overrides
+
+
+def _layer_scale(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[str, Override]] | None:
+    """``gain * h`` where ``h`` is the output of one linear layer that nothing else reads (LayerScale),
+    reached through identity and dropout modules and casts."""
+    if graph.op(call) != "mul":
+        return None
+    tensors, outputs = call.tensors(), call.output_tensors()
+    out = outputs[0] if len(outputs) == 1 else None
+    if len(tensors) != 2 or out is None:
+        return None
+    gains = [t for t in tensors if t.state_name is not None and t.ndim == 1]
+    if len(gains) != 1 or not graph.only_user(gains[0].state_name):
+        return None
+    gain = gains[0]
+    scaled = tensors[1] if tensors[0] is gain else tensors[0]
+    features = gain.shape[0]
+    if scaled.state_name is not None or scaled.shape != out.shape or not scaled.ndim or scaled.shape[-1] != features:
+        return None
+    written = scaled
+    while True:  # back from the product to the layer that writes its input, through calls that pass it on
+        producer = graph.producer.get(written.id)
+        if producer is None or written.id in graph.outputs or len(graph.consumers.get(written.id, [])) != 1:
+            return None
+        writer = _writer(graph, producer, written, features)
+        if writer is not None:
+            break
+        inputs = producer.tensors()
+        passes = (isinstance(producer.module, _PASS_THROUGH_MODULES) or graph.op(producer) in _CASTS)
+        if not passes or len(inputs) != 1 or inputs[0].shape != written.shape:
+            return None
+        written = inputs[0]
+    last = lambda t: (t.id, t.ndim - 1)  # noqa: E731
+    override: Override = {(gain.id, 0): None, last(scaled): (ALL_KINDS, False), last(out): (ALL_KINDS, False)}
+    return NormFold(node=call.node, op="layer_scale", gain=gain.state_name, writers=(writer,)), {call.node: override}
+
+
+def _writer(graph: _Graph, call: OpCall, output: TensorRef, features: int) -> Reader | None:
+    """The linear layer ``call`` (``nn.Linear`` or ``F.linear`` with state weight and bias used by no
+    other call) that writes ``output``'s last axis of ``features`` entries, as a :class:`Reader` of its rows."""
+    bound, rule = graph.bound[call.node]
+    if [t.id for t in call.output_tensors()] != [output.id]:
+        return None
+    if isinstance(call.module, nn.Linear):
+        weight = graph.module_state(call, "weight")
+        bias = graph.module_state(call, "bias") if call.module.bias is not None else None
+        names = [weight[0] if weight else None, bias[0] if bias else None]
+        shape = weight[1].shape if weight else None
+    elif call.module is None and rule is not None and rule.name == "linear":
+        weight_ref, bias_ref = bound.tensor("weight"), bound.tensor("bias")
+        if weight_ref is None or weight_ref.state_name is None or (bias_ref is not None and bias_ref.state_name is None):
+            return None
+        names = [weight_ref.state_name, bias_ref.state_name if bias_ref is not None else None]
+        shape = weight_ref.shape
+    else:
+        return None
+    if names[0] is None or shape is None or len(shape) != 2 or shape[0] != features:
+        return None
+    if not all(graph.only_user(name) for name in names if name is not None):
+        return None
+    return Reader(weight=names[0], axis=0, bias=names[1])
 
 
 def _statistics_chain(graph: _Graph, rstd: TensorRef, x: TensorRef) -> list[OpCall] | None:

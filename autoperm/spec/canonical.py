@@ -134,7 +134,9 @@ def _regauge(fold: NormFold, source: Mapping[str, torch.Tensor], result: dict[st
 
     With ``n`` the normalised features, a reader computes ``W (g * n + beta) + b``. It becomes
     ``W' (g' * n + beta') + b'`` with ``W' = W diag(g / g')``; where every reader has a bias,
-    ``beta' = new_bias`` and ``b' = b + W beta - W' beta'``, else ``beta' = beta * g' / g``.
+    ``beta' = new_bias`` and ``b' = b + W beta - W' beta'``, else ``beta' = beta * g' / g``. A
+    LayerScale's writer ``g * (W x + b)`` becomes ``g' * (W' x + b')`` with ``W' = diag(g / g') W``
+    and ``b' = b * g / g'``.
     """
     gain = _tensor(source, fold.gain, fold).to(torch.float64)
     target = new_gain.to(torch.float64)
@@ -161,6 +163,14 @@ def _regauge(fold: NormFold, source: Mapping[str, torch.Tensor], result: dict[st
             reader_bias = _tensor(source, reader.bias, fold)
             shift = torch.tensordot(old, bias, dims=([reader.axis], [0])) - torch.tensordot(new, target_bias, dims=([reader.axis], [0]))
             result[reader.bias] = (reader_bias.to(torch.float64) + shift).to(reader_bias.dtype)
+    for writer in fold.writers:  # a LayerScale: gain * (W x + b) = (g' * ((g / g') * (W x + b))
+        weight = _tensor(source, writer.weight, fold)
+        shape = [1, 1]
+        shape[writer.axis] = -1
+        result[writer.weight] = (weight.to(torch.float64) * ratio.reshape(shape)).to(weight.dtype)
+        if writer.bias is not None:
+            writer_bias = _tensor(source, writer.bias, fold)
+            result[writer.bias] = (writer_bias.to(torch.float64) * ratio).to(writer_bias.dtype)
     original_gain = source[fold.gain]
     result[fold.gain] = target.to(original_gain.dtype)
     if bias is not None and target_bias is not None:

@@ -23,8 +23,9 @@ it admits; groups of kind ``scale`` and ``invertible`` give each member a ``role
 the axis writes the group's activation; ``"in"``: it reads it). ``fixes_ones`` limits a group's
 transforms to those that map the all-ones vector onto itself (a LayerNorm without gain).
 
-``norm_folds`` lists the norm gains (LayerNorm, RMSNorm) that only linear layers read, and a
-group's ``folded`` the kind it admits once they are folded into those layers (see
+``norm_folds`` lists the norm gains (LayerNorm, RMSNorm) that only linear layers read and the
+LayerScale gains on one linear layer's output, and a group's ``folded`` the kind it admits once
+they are folded into those layers (see
 :func:`autoperm.spec.canonicalize`).
 """
 
@@ -194,33 +195,39 @@ class Reader(BaseModel):
 
 
 class NormFold(BaseModel):
-    """A norm whose gain (and bias) can be folded into the linear layers that alone read its output.
+    """A gain that can be folded into the linear layers next to it, so that it becomes 1.
 
     A LayerNorm or RMSNorm over the last axis computes ``gain * n(x) + bias``; when only linear
     layers read it, ``W (gain * n + bias) + b = (W diag(gain)) n + (b + W bias)``, so the gain
     becomes 1 and the bias 0 without changing the function (see :func:`autoperm.spec.canonicalize`).
+    A LayerScale (``op: layer_scale``) computes ``gain * (W x + b)`` with the output of one linear
+    layer that nothing else reads: ``(diag(gain) W) x + gain * b``, so its gain moves into the rows
+    of that layer (``writers``) instead.
 
     Attributes:
-        node: the traced-graph node of the norm (for messages).
-        op: ``"layer_norm"`` or ``"rms_norm"``.
+        node: the traced-graph node of the norm or product (for messages).
+        op: ``"layer_norm"``, ``"rms_norm"`` or ``"layer_scale"``.
         gain: state-dict name of the gain (1-D, used by no other call).
-        bias: state-dict name of the norm's bias, ``None`` when it has none.
+        bias: state-dict name of the norm's bias, ``None`` when it has none (always for a LayerScale).
         readers: the linear layers that read the norm's output (directly, or through reshapes,
-            token selection and means over tokens).
+            token selection and means over tokens); none for a LayerScale.
+        writers: the linear layer whose output a LayerScale multiplies (``axis`` 0: its rows); none
+            for a norm.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     node: str
-    op: Literal["layer_norm", "rms_norm"]
+    op: Literal["layer_norm", "rms_norm", "layer_scale"]
     gain: str
     bias: str | None = None
-    readers: tuple[Reader, ...]
+    readers: tuple[Reader, ...] = ()
+    writers: tuple[Reader, ...] = ()
 
     @property
     def folds_bias(self) -> bool:
         """Whether the norm's bias folds into the readers' biases (it has one, and so does every reader)."""
-        return self.bias is not None and all(reader.bias is not None for reader in self.readers)
+        return self.bias is not None and bool(self.readers) and all(reader.bias is not None for reader in self.readers)
 
 
 class PermutationGroup(BaseModel):
@@ -413,23 +420,27 @@ class PermutationSpec(BaseModel):
     def _check_fold(self, index: int, fold: NormFold) -> None:
         """Every parameter of a fold is listed in ``shapes`` and each reader's axis matches the gain."""
         where = f"norm_folds[{index}] ({fold.node!r})"
-        if not fold.readers:
-            raise ValueError(f"{where}: a fold needs at least one reader")
+        if fold.op == "layer_scale" and (len(fold.writers) != 1 or fold.readers or fold.bias is not None):
+            raise ValueError(f"{where}: a layer_scale fold needs exactly one writer, and no readers or bias")
+        if fold.op != "layer_scale" and (not fold.readers or fold.writers):
+            raise ValueError(f"{where}: a norm fold needs at least one reader, and no writers")
         if not self.shapes:
             return
         names = [("gain", fold.gain), ("bias", fold.bias)]
-        names += [(f"readers[{i}].{field}", name) for i, r in enumerate(fold.readers) for field, name in (("weight", r.weight), ("bias", r.bias))]
+        names += [(f"{kind}[{i}].{field}", name) for kind, layers in (("readers", fold.readers), ("writers", fold.writers))
+                  for i, r in enumerate(layers) for field, name in (("weight", r.weight), ("bias", r.bias))]
         for field, name in names:
             if name is not None and name not in self.shapes:
                 raise ValueError(f"{where}.{field}: parameter {name!r} not listed in 'shapes'")
         gain = self.shapes[fold.gain]
         if len(gain) != 1:
             raise ValueError(f"{where}.gain: {fold.gain!r} has shape {list(gain)}; a foldable gain is a vector")
-        for i, reader in enumerate(fold.readers):
-            shape = self.shapes[reader.weight]
-            if len(shape) != 2 or not 0 <= reader.axis < 2 or shape[reader.axis] != gain[0]:
-                raise ValueError(f"{where}.readers[{i}]: axis {reader.axis} of {reader.weight!r} (shape {list(shape)}) "
-                                 f"does not run over the {gain[0]} features of {fold.gain!r}")
+        for kind, layers in (("readers", fold.readers), ("writers", fold.writers)):
+            for i, reader in enumerate(layers):
+                shape = self.shapes[reader.weight]
+                if len(shape) != 2 or not 0 <= reader.axis < 2 or shape[reader.axis] != gain[0]:
+                    raise ValueError(f"{where}.{kind}[{i}]: axis {reader.axis} of {reader.weight!r} (shape {list(shape)}) "
+                                     f"does not run over the {gain[0]} features of {fold.gain!r}")
 
     def completeness(self) -> Completeness:
         """Permutable share of the hidden units, and every fixed hidden axis with its reason.
@@ -532,7 +543,9 @@ class PermutationSpec(BaseModel):
             if "activations" in group:
                 group["activations"] = [_name_first(a, "node") for a in group["activations"]]
         for fold in data.get("norm_folds", ()):
-            fold["readers"] = [_name_first(reader, "weight") for reader in fold["readers"]]
+            for layers in ("readers", "writers"):
+                if layers in fold:
+                    fold[layers] = [_name_first(reader, "weight") for reader in fold[layers]]
         if data.get("affine_sites") is not None:
             data["affine_sites"] = [_name_first(site, "node") for site in data["affine_sites"]]
         text = yaml.dump(data, Dumper=_SpecDumper, sort_keys=False, width=100)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoperm import apply_transform, canonicalize, infer_spec, random_transform
+from autoperm import PermutationSpec, apply_transform, canonicalize, infer_spec, random_transform, to_gauge
 
 
 def _same_function(model: nn.Module, inputs: tuple, seed: int = 0) -> None:
@@ -86,6 +86,79 @@ def test_identity_and_dropout_modules_pass_the_gain_on():
     assert {fold.gain: [r.weight for r in fold.readers] for fold in spec.norm_folds}["final.weight"] == ["head.weight"]
     assert spec["inp"].folded.kind == "orthogonal"
     _same_function(IdentityBeforeHead(), (torch.randn(2, 5, 3, dtype=torch.float64),))
+
+
+class LayerScaled(nn.Module):
+    """Pre-LayerNorm residual blocks whose outputs are scaled per channel before the add (LayerScale,
+    as timm's ``x + drop_path(ls(proj_drop(proj(...))))``); ``share`` reads the MLP output twice."""
+
+    def __init__(self, width: int = 8, share: bool = False):
+        super().__init__()
+        self.inp, self.share = nn.Linear(3, width), share
+        self.norm1, self.norm2, self.final = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.up, self.down, self.drop = nn.Linear(width, 2 * width), nn.Linear(2 * width, width), nn.Dropout(0.1)
+        self.gamma1, self.gamma2 = nn.Parameter(torch.ones(width)), nn.Parameter(torch.ones(width))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        h = self.norm1(x)
+        x = x + self.gamma1 * self.attention(h, h, h, need_weights=False)[0]
+        h = self.drop(self.down(F.gelu(self.up(self.norm2(x)))))
+        x = x + self.gamma2 * h + (h if self.share else 0)
+        return self.head(self.final(x)[:, 0])
+
+
+def test_layer_scale_folds_into_the_layer_that_writes_it():
+    spec = infer_spec(LayerScaled().eval(), torch.randn(2, 5, 3))
+    scales = [(fold.gain, [(w.weight, w.axis, w.bias) for w in fold.writers]) for fold in spec.norm_folds if fold.op == "layer_scale"]
+    # the attention's output projection is inside nn.MultiheadAttention: its product is no foldable LayerScale
+    assert scales == [("gamma2", [("down.weight", 0, "down.bias")])]
+    assert spec["inp"].folded is None  # gamma1 still limits the stream
+    _same_function(LayerScaled(), (torch.randn(2, 5, 3, dtype=torch.float64),))
+    shared = infer_spec(LayerScaled(share=True).eval(), torch.randn(2, 5, 3))
+    assert not [fold for fold in shared.norm_folds if fold.op == "layer_scale"]  # down's output is read twice
+
+
+class LayerScaledLinear(nn.Module):
+    """One pre-LayerNorm MLP block with LayerScale after a dropout, read by a final norm and head."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.inp, self.norm, self.final = nn.Linear(3, width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.up, self.down, self.drop = nn.Linear(width, 2 * width), nn.Linear(2 * width, width), nn.Dropout(0.1)
+        self.gamma = nn.Parameter(torch.ones(width))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        x = x + self.gamma * self.drop(self.down(F.gelu(self.up(self.norm(x)))))
+        return self.head(self.final(x))
+
+
+def test_folding_layer_scale_gives_the_stream_its_orthogonal_maps(tmp_path):
+    spec = infer_spec(LayerScaledLinear().eval(), torch.randn(2, 3))
+    stream = spec["inp"]
+    assert stream.kind == "permutation" and (stream.folded.kind, stream.folded.fixes_ones) == ("orthogonal", True)
+    _same_function(LayerScaledLinear(), (torch.randn(4, 3, dtype=torch.float64),))
+    for seed in (1, 2):
+        _same_function(LayerScaledLinear(), (torch.randn(4, 3, dtype=torch.float64),), seed=seed)
+    path = tmp_path / "spec.yaml"
+    spec.to_yaml(path)
+    assert PermutationSpec.from_yaml(path).norm_folds == spec.norm_folds
+
+
+def test_to_gauge_gives_back_the_reference_layer_scale():
+    model = LayerScaledLinear().double().eval()
+    with torch.no_grad():
+        model.gamma.copy_(torch.linspace(0.5, 2.0, 8, dtype=torch.float64))
+    spec = infer_spec(model, torch.randn(2, 3, dtype=torch.float64))
+    _, canonical = canonicalize(spec, model.state_dict())
+    assert torch.equal(canonical["gamma"], torch.ones(8, dtype=torch.float64))
+    back = to_gauge(spec, canonical, model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(back[name], tensor, atol=1e-12), name
 
 
 class Functional(nn.Module):
