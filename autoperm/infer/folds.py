@@ -184,20 +184,11 @@ def _norm_call(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[str, Overrid
 
 def _decomposed_rms_norm(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[str, Override]] | None:
     """``weight * (x * rsqrt(mean(x ** 2, -1, keepdim=True) + eps))`` with casts in between (Hugging Face's RMSNorm)."""
-    if graph.op(call) != "mul":
+    found = _gain_product(graph, call)
+    if found is None:
         return None
-    tensors, outputs = call.tensors(), call.output_tensors()
-    out = outputs[0] if len(outputs) == 1 else None
-    if len(tensors) != 2 or out is None:
-        return None
-    gains = [t for t in tensors if t.state_name is not None and t.ndim == 1]
-    if len(gains) != 1:
-        return None
-    gain = gains[0]
-    scaled = tensors[1] if tensors[0] is gain else tensors[0]
+    gain, scaled, out = found
     features = gain.shape[0]
-    if scaled.state_name is not None or scaled.shape != out.shape or not scaled.ndim or scaled.shape[-1] != features:
-        return None
     normalised = scaled
     while graph.op(graph.producer.get(normalised.id)) in _CASTS:
         source = graph.producer[normalised.id].tensors()
@@ -230,9 +221,9 @@ def _decomposed_rms_norm(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[st
     return fold, overrides
 
 
-def _layer_scale(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[str, Override]] | None:
-    """``gain * h`` where ``h`` is the output of one linear layer that nothing else reads (LayerScale),
-    reached through identity and dropout modules and casts."""
+def _gain_product(graph: _Graph, call: OpCall) -> tuple[TensorRef, TensorRef, TensorRef] | None:
+    """``(gain, scaled, out)`` when ``call`` is ``gain * scaled`` with ``gain`` a state vector over the
+    last axis of an activation ``scaled`` of ``out``'s shape, else ``None``."""
     if graph.op(call) != "mul":
         return None
     tensors, outputs = call.tensors(), call.output_tensors()
@@ -240,13 +231,23 @@ def _layer_scale(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[str, Overr
     if len(tensors) != 2 or out is None:
         return None
     gains = [t for t in tensors if t.state_name is not None and t.ndim == 1]
-    if len(gains) != 1 or not graph.only_user(gains[0].state_name):
+    if len(gains) != 1:
         return None
     gain = gains[0]
     scaled = tensors[1] if tensors[0] is gain else tensors[0]
-    features = gain.shape[0]
-    if scaled.state_name is not None or scaled.shape != out.shape or not scaled.ndim or scaled.shape[-1] != features:
+    if scaled.state_name is not None or scaled.shape != out.shape or not scaled.ndim or scaled.shape[-1] != gain.shape[0]:
         return None
+    return gain, scaled, out
+
+
+def _layer_scale(graph: _Graph, call: OpCall) -> tuple[NormFold, dict[str, Override]] | None:
+    """``gain * h`` where ``h`` is the output of one linear layer that nothing else reads (LayerScale),
+    reached through identity and dropout modules and casts."""
+    found = _gain_product(graph, call)
+    if found is None or not graph.only_user(found[0].state_name):
+        return None
+    gain, scaled, out = found
+    features = gain.shape[0]
     written = scaled
     while True:  # back from the product to the layer that writes its input, through calls that pass it on
         producer = graph.producer.get(written.id)
