@@ -174,15 +174,21 @@ def test_align_permutation_equals_weight_matching():
     assert all(torch.equal(result.state_dict[k], expected[k]) for k in expected)
 
 
-def test_generalised_alignment_keeps_b_in_a_gauge_and_improves_the_objective():
+def independent_pair() -> tuple[nn.Module, nn.Module, autoperm.PermutationSpec, torch.Tensor, dict, dict]:
+    """Two LayerNorm models of different seeds, B's gains moved away from 1 so that folding them
+    matters: ``(model A, model B, spec, inputs, A's state, B's state)`` (model B holds B's state)."""
     model, spec, inputs = _model(7, heads=2, norm="layer")
-    a = _state(model)
     other, _, _ = _model(8, heads=2, norm="layer")
     b = _state(other)
-    for name, tensor in b.items():  # gains away from 1, so that folding them matters
-        if name.endswith("ln1.weight") or name.endswith("ln2.weight"):
+    for name, tensor in b.items():
+        if name.endswith(("ln1.weight", "ln2.weight")):
             b[name] = tensor + 0.3 * torch.rand_like(tensor)
     other.load_state_dict(b)
+    return model, other, spec, inputs, _state(model), b
+
+
+def test_generalised_alignment_keeps_b_in_a_gauge_and_improves_the_objective():
+    model, other, spec, inputs, a, b = independent_pair()
     expected = other(inputs)
     for symmetries in ("orthogonal", "full"):
         result = autoperm.align(spec, a, b, symmetries=symmetries)

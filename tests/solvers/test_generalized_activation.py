@@ -15,7 +15,7 @@ from autoperm.solvers.generalized import procrustes
 from autoperm.solvers.generalized_activation import generalized_activation_matching, observation_sites
 from autoperm.spec import apply_transform, random_transform
 from autoperm.trace import GraphRunner
-from tests.solvers.test_generalized import TinyTransformer, _model, _relative_error, _state
+from tests.solvers.test_generalized import TinyTransformer, _model, _relative_error, _state, independent_pair
 
 MODEL = ["tests.solvers.test_generalized:TinyTransformer", "--kwargs", "heads=2", "--kwargs", "norm='layer'",
          "--input-shape", "2,5,3"]
@@ -70,13 +70,7 @@ def test_full_symmetries_recover_planted_invertible_and_scale_maps(norm, activat
 
 
 def test_independent_models_keep_b_function_in_a_gauge():
-    model, spec, inputs = _model(7, heads=2, norm="layer")
-    a = _state(model)
-    other, _, _ = _model(8, heads=2, norm="layer")
-    b = _state(other)
-    for name, tensor in b.items():  # gains away from 1, so that folding them matters
-        if name.endswith(("ln1.weight", "ln2.weight")):
-            b[name] = tensor + 0.3 * torch.rand_like(tensor)
+    model, other, spec, inputs, a, b = independent_pair()
     expected = _output(other, b, inputs)
     for symmetries in ("orthogonal", "full"):
         result = autoperm.align(spec, a, b, symmetries=symmetries, method="act", runner=GraphRunner.for_spec(spec, model),
