@@ -62,8 +62,10 @@ def _solver_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="With --symmetries and --method ste: Adam steps learning the continuous maps on --data."),
         click.option("--sweep-tol", default=0.0, show_default=True,
                      help="With --symmetries: stop generalised matching after a sweep gaining less than this, "
-                     "relatively (1e-3 cuts sweeps 6-10x on small transformers; a sweep costs about one whole "
-                     "weight matching on LLaMA shapes)."),
+                     "relatively (1e-3 cuts sweeps 6-10x on small transformers)."),
+        click.option("--max-sweeps", type=click.IntRange(min=1),
+                     help="With --symmetries: the most generalised-matching sweeps (default: --max-iter). A sweep "
+                     "costs about one weight-matching sweep; the first gains the most."),
         click.option("--quiet", is_flag=True, help="No progress bar or summary."),
         click.option("-o", "--output", required=True, type=click.Path(),
                      help="Output checkpoint: a file, or a directory when the inputs are model directories."),
@@ -88,7 +90,7 @@ def match(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str, path_a: str | None,
     path_b: str | None, method: str, spec_path: str | None, device: str, perms_out: str | None, seed: int,
     max_iter: int, data_source: str | None, epochs: int, lr: float | None, symmetries: str, steps: int,
-    sweep_tol: float, quiet: bool, output: str, allow_config_mismatch: bool,
+    sweep_tol: float, max_sweeps: int | None, quiet: bool, output: str, allow_config_mismatch: bool,
 ) -> None:
     """Permute checkpoint B so that it aligns with checkpoint A; write the permuted B.
 
@@ -123,7 +125,7 @@ def match(
     data = _load_data(data_source, method)
     if symmetries != "permutation":
         _match_generalised(spec, module, sd_a, sd_b, names_b, symmetries, method, data, steps, lr, seed, max_iter, device,
-                           quiet, output, inputs, as_directory, sweep_tol)
+                           quiet, output, inputs, as_directory, sweep_tol, max_sweeps)
         return
     lr = 1e-3 if lr is None else lr
     with _progress(quiet, "epochs" if method == "ste" else "sweeps", epochs if method == "ste" else max_iter) as step:
@@ -158,12 +160,14 @@ def _match_generalised(
     spec: Any, module: torch.nn.Module, sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], names_b: Any,
     symmetries: str, method: str, data: Any, steps: int, lr: float | None, seed: int, max_iter: int, device: str,
     quiet: bool, output: str, inputs: Sequence[str], as_directory: bool, sweep_tol: float = 0.0,
+    max_sweeps: int | None = None,
 ) -> None:
     """`match --symmetries orthogonal|full`: :func:`autoperm.align`, B written in A's gauge."""
     learn = steps if method == "ste" else 0
     activations = {"method": "act", "runner": GraphRunner.for_spec(spec, module)} if method == "act" else {}
     result = align(spec, sd_a, sd_b, symmetries=symmetries, seed=seed, max_iter=max_iter, model=module, data=data,
-                   steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol, **activations)
+                   steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol, max_sweeps=max_sweeps,
+                   **activations)
     aligned = result.state_dict
     del sd_a
     if as_directory:
@@ -190,7 +194,7 @@ def merge(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str,
     method: str, scheme: str | None, spec_path: str | None, device: str, perms_out: str | None, seed: int,
     max_iter: int, data_source: str | None, epochs: int, lr: float | None, symmetries: str, steps: int,
-    sweep_tol: float, quiet: bool, output: str, allow_config_mismatch: bool,
+    sweep_tol: float, max_sweeps: int | None, quiet: bool, output: str, allow_config_mismatch: bool,
 ) -> None:
     """Align CHECKPOINTS (two or more) and write their mean, in the first one's frame.
 
@@ -226,7 +230,8 @@ def merge(
             aligned = []
             for index, other in enumerate(state_dicts[1:], start=1):
                 found = align(spec, state_dicts[0], other, symmetries=symmetries, seed=seed, max_iter=max_iter, model=module,
-                              data=data, steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol)
+                              data=data, steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol,
+                              max_sweeps=max_sweeps)
                 aligned.append(found.state_dict)
                 step(index, found.objective)
         merged = mean_state_dict([state_dicts[0], *aligned])

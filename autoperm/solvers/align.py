@@ -105,6 +105,7 @@ def align(
     sweep_tol: float = 0.0,
     method: Method = "wm",
     runner: ActivationRunner | None = None,
+    max_sweeps: int | None = None,
 ) -> Alignment:
     """Align B to A with the symmetries asked for (see the module docstring).
 
@@ -125,6 +126,8 @@ def align(
         device: where products and the refinement run.
         sweep_tol: generalised matching stops after a sweep that gains less than this,
             relatively (:func:`autoperm.solvers.generalized.generalized_matching`).
+        max_sweeps: the most generalised-matching sweeps (default: ``max_iter``); a sweep costs about
+            a weight-matching sweep of the same model, and the first gains most (see the README).
         method: ``"wm"`` (weight matching) or ``"act"`` (activation matching on ``data``: the
             Pearson correlation for permutations, orthogonal Procrustes on the activations' cross
             moment for orthogonal maps; invertible and scale groups balanced first with ``"full"``).
@@ -165,6 +168,7 @@ def align(
     if symmetries == "permutation":
         return Alignment(permuted, symmetries, spec, dict(perms), dict(perms), seconds=time.perf_counter() - started,
                          method=method)
+    sweeps = max_iter if max_sweeps is None else max_sweeps
     canonical_spec, canonical_a = canonicalize(spec, state_dict_a)
     _, canonical_b = canonicalize(spec, permuted)
     gauge_a: dict[str, torch.Tensor] = {}
@@ -174,10 +178,10 @@ def align(
         canonical_b = apply_transform(canonical_spec, balancing_transforms(canonical_spec, canonical_b), canonical_b)
     if method == "act":
         matched = generalized_activation_matching(canonical_spec, runner, canonical_a, canonical_b, data, symmetries,
-                                                  batch_size=batch_size, max_iter=max_iter, seed=seed, device=device,
+                                                  batch_size=batch_size, max_iter=sweeps, seed=seed, device=device,
                                                   sweep_tol=sweep_tol)
     else:
-        matched = generalized_matching(canonical_spec, canonical_a, canonical_b, symmetries, max_iter=max_iter, seed=seed,
+        matched = generalized_matching(canonical_spec, canonical_a, canonical_b, symmetries, max_iter=sweeps, seed=seed,
                                        init_perms=identity_permutation(canonical_spec), device=device, sweep_tol=sweep_tol)
     transforms, losses = matched.transforms, []
     if steps > 0:

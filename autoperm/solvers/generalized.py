@@ -18,6 +18,12 @@ works in the current coordinates: each visit computes ``D = A . B'^T`` along the
 for the current transformed ``B'`` and moves by the best group element ``Delta``; the transform of
 the group becomes ``Delta T``. Every move is measured on the tensors it touches and kept only if
 the objective improves, so ``objective`` is exact.
+
+Two things keep a sweep near the cost of its products. A tensor that only one group moves (an
+embedding table or an output layer, whose vocabulary axis is fixed; a bias) is never moved during
+the run: its contribution is ``<K, M>`` for the float64 product ``K = A . B'^T`` taken once and
+the group's map ``M`` since the start, and its share of the group's cost is ``K M^T``. And each
+tensor's inner product ``<A, B'>`` is kept, so a move measures only the tensors it changes, once.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from autoperm.solvers.lap import linear_assignment
 from autoperm.solvers.result import check_state_dicts, is_cost_tensor, is_improvement
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, check_permutations, identity_permutation
-from autoperm.spec.apply import apply_permutation, layout_positions
+from autoperm.spec.apply import apply_permutation, layout_positions, member_matrix
 
 __all__ = ["SYMMETRIES", "Symmetries", "GeneralizedResult", "assignment_value", "best_assignment", "generalized_matching",
            "procrustes", "solved_kind"]
@@ -228,14 +234,25 @@ class _Descent:
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in state_dict_a.values()) else torch.float32
         aligned = apply_permutation(spec, perms, state_dict_b)
         names = [p for p in spec.members_by_param if is_cost_tensor(p, state_dict_a[p])]
-        self.a = {p: state_dict_a[p].to(device=device, dtype=dtype) for p in names}
-        self.b = {p: aligned[p].to(device=device, dtype=dtype) for p in names}
         identity = identity_permutation(spec)
         self.transforms: dict[str, torch.Tensor] = {
             g.name: perms.get(g.name, identity[g.name]).to(torch.long).cpu() for g in spec.active_groups
         }
         self.units = self._units()
-        self.value = sum(self._inner(p) for p in names)
+        static = self._static_params(names)
+        # K_g = sum A . B'^T over the tensors only group g moves, and M_g, g's map since the start
+        self.static: dict[str, torch.Tensor] = {}
+        self.since_start: dict[str, torch.Tensor] = {}
+        for param, (group, member) in static.items():
+            product = _rows(state_dict_a[param].to(device=device, dtype=torch.float64), member, group.size) @ \
+                _rows(aligned[param].to(device=device, dtype=torch.float64), member, group.size).T
+            self.static[group.name] = self.static.get(group.name, 0) + product.cpu()
+            self.since_start[group.name] = torch.eye(group.size, dtype=torch.float64)
+        dynamic = [p for p in names if p not in static]
+        self.a = {p: state_dict_a[p].to(device=device, dtype=dtype) for p in dynamic}
+        self.b = {p: aligned[p].to(device=device, dtype=dtype) for p in dynamic}
+        self.inners = {p: self._inner(p) for p in dynamic}
+        self.value = sum(self.inners.values()) + sum(float(torch.trace(k)) for k in self.static.values())
         self.version = {g.name: 0 for g in spec.groups}
         self.solved_at: dict[str, tuple[int, ...]] = {}
         self.neighbours = {unit.group.name: self._neighbours(unit) for unit in self.units}
@@ -244,6 +261,19 @@ class _Descent:
         """The groups whose transforms a unit's cost depends on: every group on a tensor it touches."""
         params = {m.param for g in (unit.group, *unit.fibres) for m in g.members}
         return tuple(sorted({g.name for p in params for g, _ in self.spec.members_by_param.get(p, ()) if g.name in self.version}))
+
+    def _static_params(self, names: Sequence[str]) -> dict[str, tuple[PermutationGroup, Member]]:
+        """The cost tensors that one member of one plain unit's group alone moves: ``{param: (group, member)}``.
+
+        Every other group on such a tensor is fixed, so ``A . B'^T`` along that member changes
+        only by the group's own map (see the module docstring)."""
+        plain = {unit.group.name for unit in self.units if not unit.fibres}
+        static: dict[str, tuple[PermutationGroup, Member]] = {}
+        for param in names:
+            moving = [(g, m) for g, m in self.spec.members_by_param[param] if g.active]
+            if len(moving) == 1 and moving[0][0].name in plain and moving[0][1].per_axis is None:
+                static[param] = moving[0]
+        return static
 
     def _units(self) -> list[_Unit]:
         """Every active group not fibred, with its fibres when it has some that its members carry."""
@@ -286,7 +316,7 @@ class _Descent:
         cost, hence its answer, is the same)."""
         group = unit.group
         members = [m for m in group.members if m.param in self.a]
-        if not members:
+        if not members and group.name not in self.static:
             return False
         stamp = tuple(self.version[name] for name in self.neighbours[group.name])
         if self.solved_at.get(group.name) == stamp:
@@ -300,17 +330,31 @@ class _Descent:
 
     def _solve_group(self, group: PermutationGroup, members: list[Member]) -> bool:
         cost = sum(_product(self.a[m.param], self.b[m.param], m, group.size) for m in members)
+        static = self.static.get(group.name)
+        if static is not None:
+            cost = cost + static @ self.since_start[group.name].T
         if self.kinds[group.name] == "orthogonal":
             delta = procrustes(cost, group.fixes_ones)
             if torch.allclose(delta, torch.eye(group.size, dtype=delta.dtype), atol=1e-12):
                 return False
-            moves = [(m, _Move(matrix=delta)) for m in members]
+            move = _Move(matrix=delta)
         else:
             order = best_assignment(cost)
             if torch.equal(order, torch.arange(group.size)):
                 return False
-            moves = [(m, _Move(index=order)) for m in members]
-        return self._commit(moves, lambda: self._update(group, moves[0][1]))
+            move = _Move(index=order)
+        moves = [(m, move) for m in members]
+        if static is None:
+            return self._commit(moves, lambda: self._update(group, move))
+        since_start = self.since_start[group.name]
+        moved = since_start[move.index] if move.index is not None else move.matrix @ since_start
+        static_gain = float(torch.sum(static * (moved - since_start)))
+
+        def update() -> None:
+            self._update(group, move)
+            self.since_start[group.name] = moved
+
+        return self._commit(moves, update, static_gain)
 
     def _solve_heads(self, unit: _Unit) -> bool:
         """Heads and their within-head maps at once (see the module docstring)."""
@@ -366,18 +410,21 @@ class _Descent:
         else:
             self.transforms[group.name] = _compose(move.matrix, current, group.size)
 
-    def _commit(self, moves: Sequence[tuple[Member, _Move]], update: Callable[[], None]) -> bool:
-        """Apply ``moves`` to B's tensors; keep them (and run ``update``) only if the objective improves."""
+    def _commit(self, moves: Sequence[tuple[Member, _Move]], update: Callable[[], None], static_gain: float = 0.0) -> bool:
+        """Apply ``moves`` to B's tensors; keep them (and run ``update``) only if the objective improves.
+
+        ``static_gain`` is the change of the static terms (module docstring) under the same move."""
         touched = sorted({m.param for m, _ in moves})
         saved = {p: self.b[p] for p in touched}
-        before = sum(self._inner(p) for p in touched)
         for member, move in moves:  # heads first, then fibres: the order of ``moves``
             self.b[member.param] = move.apply(self.b[member.param], member)
-        gain = sum(self._inner(p) for p in touched) - before
+        after = {p: self._inner(p) for p in touched}
+        gain = sum(after[p] - self.inners[p] for p in touched) + static_gain
         if not is_improvement(gain, self.value, self.tol):
             self.b.update(saved)
             return False
         self.value += gain
+        self.inners.update(after)
         update()
         return True
 
@@ -392,6 +439,12 @@ class _Move:
 
     def apply(self, tensor: torch.Tensor, member: Member) -> torch.Tensor:
         size = (self.index if self.index is not None else self.matrix).shape[-1]
+        if member.is_plain and not self.fibred and tensor.shape[member.axis] == size:  # the whole axis: no gather
+            if self.index is not None:
+                return tensor.index_select(member.axis, self.index.to(tensor.device))
+            moved = tensor.movedim(member.axis, 0)
+            product = self.matrix.to(moved) @ moved.reshape(size, -1)
+            return product.reshape(moved.shape).movedim(0, member.axis)
         moved, flat, shape = _block(tensor, member, size)
         block = moved[flat].reshape(*shape, -1)  # (*outer, size, inner, rest)
         if self.index is not None and not self.fibred:
@@ -419,10 +472,8 @@ def _block(tensor: torch.Tensor, member: Member, size: int) -> tuple[torch.Tenso
 
 
 def _rows(tensor: torch.Tensor, member: Member, size: int) -> torch.Tensor:
-    """The member's entries as ``(size, everything else)``."""
-    moved, flat, shape = _block(tensor, member, size)
-    block = moved[flat].reshape(*shape, -1)
-    return block.movedim(-3, 0).reshape(size, -1)
+    """The member's entries as ``(size, everything else)`` (a view when the member is the whole axis)."""
+    return member_matrix(tensor, member, size)
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, member: Member, size: int) -> torch.Tensor:

@@ -64,6 +64,28 @@ def test_full_symmetries_keep_b_function_in_a_gauge(name: str, tmp_path: Path) -
     assert gains and all(torch.equal(aligned[k], a[k]) for k in gains)
 
 
+def test_max_sweeps_bounds_generalised_matching(tmp_path: Path) -> None:
+    transformers.logging.set_verbosity_error()
+    build, loader = BUILDERS["llama"]
+    for label, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        perturb_(build(), seed + 1, scale=0.05).save_pretrained(tmp_path / label)
+    outputs = {}
+    for sweeps in (1, 2):
+        out = tmp_path / f"out{sweeps}"
+        result = _invoke(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--symmetries", "orthogonal",
+                          "--max-sweeps", str(sweeps), "-o", str(out)])
+        assert result.exception is None, result.output
+        assert f"after {sweeps} sweep(s)" in result.output
+        outputs[sweeps] = float(result.output.split(" -> ")[1].split()[0])
+        assert torch.allclose(_logits(loader, out), _logits(loader, tmp_path / "b"), atol=1e-4)
+    assert outputs[2] >= outputs[1]
+    refused = _invoke(["match", str(tmp_path / "a"), str(tmp_path / "b"), "--symmetries", "orthogonal",
+                       "--max-sweeps", "0", "-o", str(tmp_path / "never")])
+    assert refused.exception is not None and "--max-sweeps" in refused.exception.format_message()
+    assert not (tmp_path / "never").exists()
+
+
 def test_planted_permutation_comes_back_exactly_with_orthogonal_symmetries(tmp_path: Path) -> None:
     transformers.logging.set_verbosity_error()
     build, loader = BUILDERS["gpt2"]

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import autoperm
+from autoperm.models import MLP
 from autoperm.solvers.gauge import balancing_transforms, invert
 from autoperm.solvers.generalized import generalized_matching, procrustes
 from autoperm.spec import apply_transform, random_transform
@@ -240,3 +241,30 @@ def test_within_head_maps_are_found_when_the_heads_themselves_are_fixed():
     result = generalized_matching(fixed, a, b)
     assert heads.name not in result.transforms  # fixed heads never move
     assert _relative_error(apply_transform(fixed, result.transforms, b), a) < 1e-6
+
+
+@pytest.mark.parametrize("symmetries", ["orthogonal", "full"])
+def test_objective_stays_exact_with_tensors_only_one_group_moves(symmetries):
+    """An input layer, an output layer and biases are moved by one group alone: the descent keeps
+    their products instead of the tensors. The objective it reports is still the exact one, and a
+    model whose hidden groups are permutations only (the ReLU MLP: kind scale, solved as
+    permutations) gets weight matching's answer or better."""
+    torch.manual_seed(0)
+    mlp_a, mlp_b = MLP(in_features=6, hidden=10, depth=2, num_classes=3).double(), \
+        MLP(in_features=6, hidden=10, depth=2, num_classes=3).double()
+    mlp_spec = autoperm.infer_spec(mlp_a, torch.randn(2, 6, dtype=torch.float64))
+    model, spec, _ = _model(13, heads=2, norm="layer")
+    b_model, _, _ = _model(14, heads=2, norm="layer")
+    for case_spec, a, b in ((mlp_spec, _state(mlp_a), _state(mlp_b)), (spec, _state(model), _state(b_model))):
+        canonical, a_canonical = autoperm.canonicalize(case_spec, a)
+        _, b_canonical = autoperm.canonicalize(case_spec, b)
+        result = generalized_matching(canonical, a_canonical, b_canonical, symmetries)
+        moved = apply_transform(canonical, result.transforms, b_canonical)
+        exact = sum(float((a_canonical[k] * moved[k]).sum()) for k in canonical.members_by_param)
+        assert math.isclose(result.objective, exact, rel_tol=1e-12)
+        assert result.objective >= result.start_objective
+    perms = autoperm.weight_matching(mlp_spec, _state(mlp_a), _state(mlp_b)).perms
+    permuted = autoperm.apply_permutation(mlp_spec, perms, _state(mlp_b))
+    wm_value = sum(float((_state(mlp_a)[k] * permuted[k]).sum()) for k in mlp_spec.members_by_param)
+    mlp_result = generalized_matching(mlp_spec, _state(mlp_a), _state(mlp_b), symmetries)
+    assert mlp_result.objective >= wm_value - 1e-9
