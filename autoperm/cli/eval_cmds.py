@@ -280,9 +280,15 @@ def analyze_command(
               help="adam (STE-MM, default, lr 1e-3) or sgd (Git Re-Basin, momentum 0.9, lr 1e-2).")
 @click.option("--runs", type=click.IntRange(min=2), default=3, show_default=True,
               help="paper: independent runs (triples of models) behind each mean and std.")
+@click.option("--pixels", type=click.Choice(["normalised", "raw"]),
+              help="paper and r-study: MNIST pixels normalised with MNIST's mean and std (default) or raw in "
+                   "[0, 1] (Ito et al.'s follow-up code).")
+@click.option("--precision", type=click.Choice(["float32", "bf16-mixed"]), default="float32", show_default=True,
+              help="Training precision; bf16-mixed runs forward and loss under bfloat16 autocast with float32 "
+                   "weights (Ito et al.'s follow-up code). Evaluation is in float32.")
 def demo_command(
     out_dir: str, setting: str, data_name: str | None, quick: bool, hidden: int | None, ste_steps: int | None,
-    ste_optimizer: str | None, runs: int,
+    ste_optimizer: str | None, runs: int, pixels: str | None, precision: str,
 ) -> None:
     """Train MLPs and run the analysis of Ito et al. (arXiv 2402.04051); say which setting ran.
 
@@ -297,11 +303,18 @@ def demo_command(
 
     if data_name is not None and setting != "fast":
         raise click.UsageError(f"--data chooses the fast setting's data; --setting {setting} uses MNIST digits")
+    if pixels is not None and setting == "fast":
+        raise click.UsageError("--pixels chooses how the MNIST pixels of --setting paper and r-study are scaled; "
+                               "the fast setting keeps its data's standardisation")
+    normalise = pixels != "raw"
     if setting == "r-study":
-        from autoperm.demo_study import format_study, run_alignment_study
+        from autoperm.demo_study import StudyConfig, format_study, run_alignment_study
 
+        study = StudyConfig.quick if quick else StudyConfig
         click.echo("setting r-study: R against the training budget and training-set size on MNIST digits")
-        click.echo(format_study(run_alignment_study(out_dir, quick=quick, progress=click.echo)))
+        click.echo(format_study(run_alignment_study(
+            out_dir, quick=quick, config=study(normalise=normalise, precision=precision), progress=click.echo
+        )))
         return
     if setting == "paper":
         from autoperm.demo_paper import (
@@ -313,16 +326,19 @@ def demo_command(
         config = paper_config(quick)
     else:
         config = DemoConfig.quick() if quick else DemoConfig()
-    changes: dict[str, Any] = {"hidden": hidden, "ste_steps": ste_steps}
+    changes: dict[str, Any] = {"hidden": hidden, "ste_steps": ste_steps, "precision": precision}
     if ste_optimizer is not None:
         changes.update(ste_optimizer=ste_optimizer, ste_lr=1e-3 if ste_optimizer == "adam" else 1e-2)
     config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
     if setting == "paper":
         click.echo(
             f"setting paper: {config.depth} x {config.hidden} MLPs on MNIST digits, Adam {config.lr:g}, "
-            f"{config.epochs} epochs, batch {config.batch_size}; {runs} runs"
+            f"{config.epochs} epochs, batch {config.batch_size}, {precision} training, {pixels or 'normalised'} "
+            f"pixels; {runs} runs"
         )
-        summary = run_paper_setting(out_dir, quick=quick, runs=runs, progress=click.echo, config=config)
+        summary = run_paper_setting(
+            out_dir, quick=quick, runs=runs, progress=click.echo, config=config, normalise=normalise
+        )
         click.echo(format_paper_report(summary))
         return
     data_name = data_name or "digits"
