@@ -1,11 +1,13 @@
-"""Barrier and time of generalised matching against its sweep tolerance, on the ViT families.
+"""Barrier and time of generalised matching against its sweep tolerance and sweep budget, on the ViT families.
 
 Trains the ``vit`` and ``hf-vit`` pairs of ``lmc_families.py`` (seeds 0 and 1, the families'
 recipes: the same models as its report), aligns B to A with ``symmetries="orthogonal"`` at each
-``sweep_tol`` and prints sweeps, time and the 13-point test-loss barrier.
+``sweep_tol`` (and, with ``--budgets``, at each ``max_sweeps`` with ``sweep_tol`` 0) and prints
+sweeps, time and the 13-point test-loss barrier.
 
     python benchmarks/generalised_sweeps.py                  # about 10 minutes on 2 cores
     python benchmarks/generalised_sweeps.py --families vit --tolerances 0 1e-3
+    python benchmarks/generalised_sweeps.py --tolerances 0 --budgets 1 2 5 10
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["vit", "hf-vit"], choices=list(families.FAMILIES))
     parser.add_argument("--tolerances", nargs="+", type=float, default=[0.0, 1e-4, 1e-3])
+    parser.add_argument("--budgets", nargs="*", type=int, default=[], help="sweep budgets (max_sweeps) to run as well")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,11 +50,13 @@ def main() -> None:
             return autoperm.barrier_summary(curve)["test_loss"]["mean"]
 
         print(f"{name}: naive barrier {barrier(sd_b):.3f}", flush=True)
-        for tolerance in args.tolerances:
+        settings = [(f"sweep_tol {tolerance:g}", {"sweep_tol": tolerance}) for tolerance in args.tolerances]
+        settings += [(f"max_sweeps {budget}", {"max_sweeps": budget}) for budget in args.budgets]
+        for label, setting in settings:
             started = time.perf_counter()
-            result = autoperm.align(spec, sd_a, sd_b, symmetries="orthogonal", sweep_tol=tolerance)
+            result = autoperm.align(spec, sd_a, sd_b, symmetries="orthogonal", **setting)
             seconds = time.perf_counter() - started
-            print(f"{name}: sweep_tol {tolerance:g}: {result.sweeps} sweeps, {seconds:.2f} s, "
+            print(f"{name}: {label}: {result.sweeps} sweeps, {seconds:.2f} s, "
                   f"barrier {barrier(result.state_dict):.3f}, objective {result.objective:.2f}", flush=True)
 
 
