@@ -244,9 +244,9 @@ class _Descent:
         self.static: dict[str, torch.Tensor] = {}
         self.since_start: dict[str, torch.Tensor] = {}
         for param, (group, member) in static.items():
-            product = _rows(state_dict_a[param].to(device=device, dtype=torch.float64), member, group.size) @ \
-                _rows(aligned[param].to(device=device, dtype=torch.float64), member, group.size).T
-            self.static[group.name] = self.static.get(group.name, 0) + product.cpu()
+            product = _product(state_dict_a[param].to(device=device, dtype=torch.float64),
+                               aligned[param].to(device=device, dtype=torch.float64), member, group.size)
+            self.static[group.name] = self.static.get(group.name, 0) + product
             self.since_start[group.name] = torch.eye(group.size, dtype=torch.float64)
         dynamic = [p for p in names if p not in static]
         self.a = {p: state_dict_a[p].to(device=device, dtype=dtype) for p in dynamic}
@@ -471,14 +471,9 @@ def _block(tensor: torch.Tensor, member: Member, size: int) -> tuple[torch.Tenso
     return tensor.movedim(member.axis, 0), positions.flatten().to(tensor.device), tuple(positions.shape)
 
 
-def _rows(tensor: torch.Tensor, member: Member, size: int) -> torch.Tensor:
-    """The member's entries as ``(size, everything else)`` (a view when the member is the whole axis)."""
-    return member_matrix(tensor, member, size)
-
-
 def _product(a: torch.Tensor, b: torch.Tensor, member: Member, size: int) -> torch.Tensor:
     """``D[i, j] = <A's index i, B's index j>`` along one member, in float64."""
-    return (_rows(a, member, size) @ _rows(b, member, size).T).to(torch.float64).cpu()
+    return (member_matrix(a, member, size) @ member_matrix(b, member, size).T).to(torch.float64).cpu()
 
 
 def _fibred_product(a: torch.Tensor, b: torch.Tensor, member: Member, size: int, heads: int) -> torch.Tensor:
