@@ -265,18 +265,20 @@ def evaluator(splits: Mapping[str, Split], batch_size: int = 512) -> Callable[[n
 
 
 # ---------------------------------------------------------------------------- families
-GENERALISED: tuple[tuple[str, str, bool, str], ...] = (
-    ("gwm-orth", "orthogonal", False, "wm"),
-    ("gwm-full", "full", False, "wm"),
-    ("gwm-full+learn", "full", True, "wm"),
-    ("gam-orth", "orthogonal", False, "act"),
-    ("gam-full", "full", False, "act"),
+GENERALISED: tuple[tuple[str, str, str, str], ...] = (
+    ("gwm-orth", "orthogonal", "", "wm"),
+    ("gwm-full", "full", "", "wm"),
+    ("gwm-full+learn", "full", "maps", "wm"),
+    ("gwm-full+learn-all", "full", "every", "wm"),
+    ("gam-orth", "orthogonal", "", "act"),
+    ("gam-full", "full", "", "act"),
 )
-"""The generalised rows: (method, symmetries, whether the continuous maps are learned, for the
-family's ``refine_steps`` Adam steps of the midpoint loss: 300, as the issue's prototype ran
-them, and how the maps are found: ``wm`` generalised weight matching, ``act`` generalised
-activation matching on the train split, batches of 512 as ``am``). The learning rate and batch
-below were fixed before any run."""
+"""The generalised rows: (method, symmetries, what is learned on the midpoint loss for the
+family's ``refine_steps`` Adam steps: nothing, the continuous maps (``maps``; 300 steps, as the
+issue's prototype ran them), or every map (``every``: the permutations straight-through too, their
+copy at STE-MM's lr 1e-3), and how the maps are found: ``wm`` generalised weight matching, ``act``
+generalised activation matching on the train split, batches of 512 as ``am``). The learning
+rates and batch below were fixed before any run."""
 REFINE_LR = 1e-2
 REFINE_BATCH = 128
 METHODS = ("naive", "wm", "am", "ste", *(name for name, *_ in GENERALISED))
@@ -443,8 +445,10 @@ def _trained_triple(family: Family, seed: int, points: int, label: str) -> tuple
     return model, [_snapshot(m) for m in models], spec, context, eval_splits, example
 
 
-def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: int = 0) -> dict[str, Any]:
-    """Everything for one family; returns its part of the report (curves included)."""
+def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: int = 0,
+               rows_asked: Sequence[str] | None = None) -> dict[str, Any]:
+    """Everything for one family (or only the methods ``rows_asked``, with naive); returns its part
+    of the report (curves included). The anchor scheme needs ``wm`` and ``ste``."""
     started = time.perf_counter()
     model, (sd_a, sd_b, sd_c), spec, context, eval_splits, example = _trained_triple(family, seed, points, "training 3 models")
     splits = context.splits
@@ -455,6 +459,8 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
     timings: dict[str, float] = {}
     aligned: dict[str, StateDict] = {"naive": sd_b}
     for method in ("wm", "am", "ste"):
+        if rows_asked is not None and method not in rows_asked:
+            continue
         tick = time.perf_counter()
         if method == "wm":
             result = autoperm.weight_matching(spec, sd_a, sd_b, seed=seed)
@@ -467,10 +473,13 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
         aligned[method] = autoperm.apply_permutation(spec, result.perms, sd_b)
     # generalised symmetries (Theus et al., arXiv 2506.22712): B in A's gauge, paired with A as it is
     for method, symmetries, learn, found_by in GENERALISED:
+        if rows_asked is not None and method not in rows_asked:
+            continue
         tick = time.perf_counter()
         activations = {"method": "act", "runner": GraphRunner.for_spec(spec, model)} if found_by == "act" else {}
         alignment = autoperm.align(spec, sd_a, sd_b, symmetries=symmetries, seed=seed, model=model, data=train_data,
                                    steps=family.refine_steps if learn else 0, lr=REFINE_LR, loss_fn=loss_fn,
+                                   learn_permutations=learn == "every",
                                    batch_size=512 if found_by == "act" else REFINE_BATCH, **activations)
         timings[method] = time.perf_counter() - tick
         timings[f"{method} sweeps"] = alignment.sweeps
@@ -487,7 +496,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
                 rows[key] = {"barrier": _barriers(curves[key]), "seconds": time.perf_counter() - tick}
     # variance collapse at the midpoint (plain interpolation), per REPAIR site; BatchNorm
     # networks are left out (their interpolated running statistics are reset before evaluating)
-    for method in ("wm", "ste") if not context.bn else ():
+    for method in [m for m in ("wm", "ste") if m in aligned] if not context.bn else ():
         repairer = Repairer(spec, model, sd_a, aligned[method], train_data, batch_size=512)
         rows[method]["variance_ratio"] = repairer.variance_ratio(0.5)
     for method, sd in aligned.items():
@@ -502,7 +511,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
     # anchor scheme: B and C each aligned to A, barrier between the aligned B and C
     anchor: dict[str, Any] = {}
     with tqdm(total=4 * points, desc=f"{family.name}: anchor scheme", file=sys.stderr, leave=False) as bar:
-        for method in ("wm", "ste"):
+        for method in ("wm", "ste") if "wm" in aligned and "ste" in aligned else ():
             if method == "wm":
                 perms_c = autoperm.weight_matching(spec, sd_a, sd_c, seed=seed).perms
             else:
@@ -515,7 +524,7 @@ def run_family(family: Family, points: int, widths: Sequence[int] = (), seed: in
 
     trend: dict[str, Any] = {}
     for width in widths:
-        if width == family.width:  # the same seeds train the same pair: reuse it
+        if width == family.width and "wm" in rows:  # the same seeds train the same pair: reuse it
             trend[str(width)] = {key: rows[key]["barrier"]["test_loss"] for key in ("naive", "wm", "wm+repair")}
         else:
             trend[str(width)] = width_point(family, width, splits, eval_splits, example, points, seed)
@@ -645,6 +654,8 @@ def format_tables(report: Mapping[str, Any]) -> str:
               "| family | WM | WM + REPAIR | STE | STE + REPAIR |", "|---|---:|---:|---:|---:|"]
     for name, part in report["families"].items():
         a = part["anchor"]
+        if not a:
+            continue
         lines.append(f"| {name} | {a['wm']['test_loss']:.3f} | {a['wm+repair']['test_loss']:.3f} | {a['ste']['test_loss']:.3f} | {a['ste+repair']['test_loss']:.3f} |")
     trends = [(name, part["width_trend"]) for name, part in report["families"].items() if part["width_trend"]]
     for name, trend in trends:
@@ -682,7 +693,7 @@ def write_plots(report: Mapping[str, Any], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
 
         figure, axis = plt.subplots(figsize=(8, 3.5))
-        for method in ("naive", "wm", "am", "ste"):
+        for method in [m for m in ("naive", "wm", "am", "ste") if m in part["methods"]]:
             layers = part["methods"][method]["R_layers_gamma0.3"]
             axis.plot(range(len(layers)), list(layers.values()), marker="o", label=method)
         axis.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=6)
@@ -699,9 +710,12 @@ def write_plots(report: Mapping[str, Any], out: Path) -> list[Path]:
 
 def run(families: Sequence[str], out: str | Path, quick_run: bool = False, points: int = 13,
         widths: Sequence[int] = (), trend_family: str = "mlp", seed: int = 0, recipe: str = "own",
-        triples: int = 0, ste_steps: int = 2300, epochs: int | None = None) -> dict[str, Any]:
+        triples: int = 0, ste_steps: int = 2300, epochs: int | None = None,
+        rows: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the report (also written to ``out/report.json``).
 
+    ``rows`` limits the methods computed (naive always; the anchor scheme needs ``wm`` and ``ste``,
+    the width trend ``wm``).
     ``recipe`` is ``"own"`` or ``"authors"`` (:func:`authors_recipe`); ``triples`` > 0 adds the
     three-model comparison over that many triples (seeds ``seed + 3k`` .. ``seed + 3k + 2``) with
     STE at ``ste_steps``; ``epochs`` overrides every classifier family's epochs (a shorter run of
@@ -720,7 +734,7 @@ def run(families: Sequence[str], out: str | Path, quick_run: bool = False, point
         if quick_run:
             family = quick(family)
         trend = widths if name == trend_family else ()
-        report["families"][name] = run_family(family, points, trend, seed)
+        report["families"][name] = run_family(family, points, trend, seed, rows)
         logger.info("%s done in %.0f s", name, report["families"][name]["seconds"])
         if triples:
             rows = [three_models(family, seed + 3 * k, ste_steps, points) for k in range(triples)]
@@ -749,11 +763,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--three-models", action="store_true", help="add Ito et al.'s three-model comparison")
     parser.add_argument("--triples", type=int, default=3, help="independent triples of models for --three-models")
     parser.add_argument("--ste-steps", type=int, default=2300, help="STE steps of --three-models (STE-MM: 2,300)")
+    parser.add_argument("--rows", nargs="+", choices=METHODS[1:],
+                        help="compute only these methods (naive always; the anchor scheme needs wm and ste)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     report = run(args.families, args.out, args.quick, args.points, args.widths, args.trend_family, args.seed,
-                 args.recipe, args.triples if args.three_models else 0, args.ste_steps, args.epochs)
+                 args.recipe, args.triples if args.three_models else 0, args.ste_steps, args.epochs, args.rows)
     print(format_tables(report))
     print(f"\ntotal {report['seconds']:.0f} s ({report['threads']} threads); wrote {Path(args.out) / 'report.json'}")
 

@@ -118,3 +118,14 @@ def test_three_model_comparison_reports_every_triple_and_their_spread(lmc, tmp_p
         assert part["anchor_barrier wm"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
         assert all(math.isfinite(v) for v in _numbers(part))
     assert "| vgg | authors | 2 | 3 |" in lmc.format_tables(report)
+
+
+def test_rows_limit_the_methods_and_learn_every_map(lmc, tmp_path):
+    """`--rows`: only the methods asked for (and naive), no anchor scheme without STE; the row that
+    learns every map runs the joint refinement (permutations straight-through)."""
+    report = lmc.run(["mlp"], tmp_path, quick_run=True, points=3, rows=["wm", "gwm-full+learn-all"])
+    part = report["families"]["mlp"]
+    assert set(part["methods"]) == {f"{m}{r}" for m in ("naive", "wm", "gwm-full+learn-all") for r in ("", "+repair")}
+    assert part["anchor"] == {}
+    assert all(math.isfinite(v) for v in _numbers(part))
+    assert "| mlp | gwm-full+learn-all |" in lmc.format_tables(report)

@@ -59,7 +59,11 @@ def _solver_options(function: Callable[..., Any]) -> Callable[..., Any]:
                      help="Symmetry kinds to align with: permutations; also orthogonal maps (streams with norm gains "
                      "folded, head dimensions); or every kind (invertible head maps and scales balanced first)."),
         click.option("--steps", default=300, show_default=True,
-                     help="With --symmetries and --method ste: Adam steps learning the continuous maps on --data."),
+                     help="With --symmetries and --method ste: Adam steps learning the maps on --data (continuous maps "
+                     "by a parametrisation, permutations straight-through)."),
+        click.option("--keep-permutations", is_flag=True,
+                     help="With --symmetries and --method ste: learn only the continuous maps; the permutations stay "
+                     "as generalised weight matching found them."),
         click.option("--sweep-tol", default=0.0, show_default=True,
                      help="With --symmetries: stop generalised matching after a sweep gaining less than this, "
                      "relatively (1e-3 cuts sweeps 6-10x on small transformers)."),
@@ -90,14 +94,15 @@ def match(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str, path_a: str | None,
     path_b: str | None, method: str, spec_path: str | None, device: str, perms_out: str | None, seed: int,
     max_iter: int, data_source: str | None, epochs: int, lr: float | None, symmetries: str, steps: int,
-    sweep_tol: float, max_sweeps: int | None, quiet: bool, output: str, allow_config_mismatch: bool,
+    keep_permutations: bool, sweep_tol: float, max_sweeps: int | None, quiet: bool, output: str,
+    allow_config_mismatch: bool,
 ) -> None:
     """Permute checkpoint B so that it aligns with checkpoint A; write the permuted B.
 
     With --symmetries orthogonal or full, B is aligned by generalised weight matching (with
-    --method ste its continuous maps are then learned on --data; with --method act every map is
-    found from activations on --data instead) and written in A's gauge: pair the output with A
-    as it is.
+    --method ste every map is then learned on --data: continuous maps by a parametrisation,
+    permutations straight-through; with --method act every map is found from activations on
+    --data instead) and written in A's gauge: pair the output with A as it is.
 
     Give MODEL A B, MODEL --a A --b B, or A B where A is a model directory (save_pretrained):
     then MODEL is A's config.json, and when B is a directory the output is a directory in B's
@@ -125,7 +130,7 @@ def match(
     data = _load_data(data_source, method)
     if symmetries != "permutation":
         _match_generalised(spec, module, sd_a, sd_b, names_b, symmetries, method, data, steps, lr, seed, max_iter, device,
-                           quiet, output, inputs, as_directory, sweep_tol, max_sweeps)
+                           quiet, output, inputs, as_directory, sweep_tol, max_sweeps, not keep_permutations)
         return
     lr = 1e-3 if lr is None else lr
     with _progress(quiet, "epochs" if method == "ste" else "sweeps", epochs if method == "ste" else max_iter) as step:
@@ -160,14 +165,14 @@ def _match_generalised(
     spec: Any, module: torch.nn.Module, sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor], names_b: Any,
     symmetries: str, method: str, data: Any, steps: int, lr: float | None, seed: int, max_iter: int, device: str,
     quiet: bool, output: str, inputs: Sequence[str], as_directory: bool, sweep_tol: float = 0.0,
-    max_sweeps: int | None = None,
+    max_sweeps: int | None = None, learn_permutations: bool = True,
 ) -> None:
     """`match --symmetries orthogonal|full`: :func:`autoperm.align`, B written in A's gauge."""
     learn = steps if method == "ste" else 0
     activations = {"method": "act", "runner": GraphRunner.for_spec(spec, module)} if method == "act" else {}
     result = align(spec, sd_a, sd_b, symmetries=symmetries, seed=seed, max_iter=max_iter, model=module, data=data,
                    steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol, max_sweeps=max_sweeps,
-                   **activations)
+                   learn_permutations=learn_permutations, **activations)
     aligned = result.state_dict
     del sd_a
     if as_directory:
@@ -176,7 +181,9 @@ def _match_generalised(
     else:
         save_state_dict({name: aligned[name].to(tensor.dtype) for name, tensor in sd_b.items()}, output, inputs=inputs)
     if not quiet:
-        learned = f", maps learned for {learn} steps (batch loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g})" if learn else ""
+        what = "maps" if learn_permutations else "continuous maps"
+        learned = (f", {what} learned for {learn} steps (batch loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g})"
+                   if result.losses else ", nothing to learn (no continuous maps)" if learn else "")
         start = "B as it is" if method == "act" else "permutations"
         how = " (activation matching)" if method == "act" else ""
         click.echo(f"{symmetries} symmetries{how}: objective {result.start_objective:.6g} ({start}) -> {result.objective:.6g} "
@@ -194,12 +201,13 @@ def merge(
     paths: tuple[str, ...], kwargs: tuple[str, ...], input_shape: tuple[str, ...], dtype: str,
     method: str, scheme: str | None, spec_path: str | None, device: str, perms_out: str | None, seed: int,
     max_iter: int, data_source: str | None, epochs: int, lr: float | None, symmetries: str, steps: int,
-    sweep_tol: float, max_sweeps: int | None, quiet: bool, output: str, allow_config_mismatch: bool,
+    keep_permutations: bool, sweep_tol: float, max_sweeps: int | None, quiet: bool, output: str,
+    allow_config_mismatch: bool,
 ) -> None:
     """Align CHECKPOINTS (two or more) and write their mean, in the first one's frame.
 
     With --symmetries orthogonal or full, every checkpoint is aligned to the first by
-    `autoperm.align` (in its gauge; --method ste learns the continuous maps on --data) and the
+    `autoperm.align` (in its gauge; --method ste learns the maps on --data) and the
     mean is taken: the anchor scheme.
 
     MODEL may be left out when the first checkpoint is a model directory with weights
@@ -231,7 +239,7 @@ def merge(
             for index, other in enumerate(state_dicts[1:], start=1):
                 found = align(spec, state_dicts[0], other, symmetries=symmetries, seed=seed, max_iter=max_iter, model=module,
                               data=data, steps=learn, lr=1e-2 if lr is None else lr, device=device, sweep_tol=sweep_tol,
-                              max_sweeps=max_sweeps)
+                              max_sweeps=max_sweeps, learn_permutations=not keep_permutations)
                 aligned.append(found.state_dict)
                 step(index, found.objective)
         merged = mean_state_dict([state_dicts[0], *aligned])

@@ -9,14 +9,17 @@
   cross moments).
 - :func:`align`: canonical forms, balanced gauges, generalised matching and learned maps
   (Theus et al., arXiv 2506.22712), B written back in A's gauge.
+- :func:`refine`: the learned maps of an alignment: continuous maps by a parametrisation,
+  permutations straight-through.
 """
 
 from autoperm.solvers.activation_matching import activation_matching
-from autoperm.solvers.align import Alignment, align, refine
+from autoperm.solvers.align import Alignment, align
 from autoperm.solvers.gauge import balancing_transforms
 from autoperm.solvers.generalized import SYMMETRIES, GeneralizedResult, generalized_matching
 from autoperm.solvers.generalized_activation import GeneralizedActivationResult, generalized_activation_matching
 from autoperm.solvers.merge import mean_state_dict, merge_many
+from autoperm.solvers.refine import refine
 from autoperm.solvers.result import MatchingResult, MergeResult, check_state_dicts
 from autoperm.solvers.ste import SteResult, midpoint_loss, ste_matching
 from autoperm.solvers.weight_matching import weight_matching

@@ -11,9 +11,10 @@ arXiv 2506.22712), for any model whose spec inference understands:
    with ``method="act"`` generalised activation matching on data
    (:func:`autoperm.solvers.generalized_activation.generalized_activation_matching`; step 1 is
    then skipped: activations are solved from B as it is);
-4. optionally, the continuous maps learned on data: Adam on the midpoint loss of
-   ``(theta_A + T(theta_B)) / 2``, each orthogonal map parametrised as ``exp(K - K^T) T_0``
-   (permutations stay as found);
+4. optionally, the maps learned on data (:func:`autoperm.solvers.refine.refine`): Adam on the
+   midpoint loss of ``(theta_A + T(theta_B)) / 2``, each orthogonal map parametrised as
+   ``exp(K - K^T) T_0``, and with ``learn_permutations=True`` the permutations straight-through
+   (else they stay as found);
 5. B mapped back to A's gauge: A's balancing undone and A's norm gains unfolded into B's readers
    (:func:`autoperm.to_gauge`), so the output pairs with the user's A unchanged. Interpolating
    A with it computes exactly what interpolating the two canonical forms computes.
@@ -24,31 +25,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from autoperm.errors import SolverError
 from autoperm.solvers.activation_matching import activation_matching
 from autoperm.solvers.gauge import balancing_transforms, invert
 from autoperm.solvers.generalized import SYMMETRIES, Symmetries, generalized_matching
 from autoperm.solvers.generalized_activation import generalized_activation_matching
+from autoperm.solvers.refine import LossFunction, refine
 from autoperm.solvers.result import check_state_dicts
-from autoperm.solvers.ste import _shuffled
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationSpec, apply_permutation, canonicalize, identity_permutation, to_gauge
 from autoperm.spec.runner import ActivationRunner
-from autoperm.spec.transform import apply_transform, ones_basis
+from autoperm.spec.transform import apply_transform
 
-__all__ = ["METHODS", "Alignment", "align", "refine"]
+__all__ = ["METHODS", "Alignment", "align"]
 
 logger = logging.getLogger(__name__)
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["wm", "act"]
 METHODS: tuple[str, ...] = ("wm", "act")
 """How :func:`align` finds the maps: weight matching, or activation matching on data."""
@@ -106,6 +105,7 @@ def align(
     method: Method = "wm",
     runner: ActivationRunner | None = None,
     max_sweeps: int | None = None,
+    learn_permutations: bool = False,
 ) -> Alignment:
     """Align B to A with the symmetries asked for (see the module docstring).
 
@@ -131,6 +131,8 @@ def align(
         method: ``"wm"`` (weight matching) or ``"act"`` (activation matching on ``data``: the
             Pearson correlation for permutations, orthogonal Procrustes on the activations' cross
             moment for orthogonal maps; invertible and scale groups balanced first with ``"full"``).
+        learn_permutations: with ``steps > 0``, learn the permutation groups straight-through
+            together with the continuous maps (else only the continuous maps are learned).
         runner: with ``method="act"``, runs the model the spec was inferred from on a state
             dict and yields the spec's nodes (``autoperm.trace.GraphRunner.for_spec(spec, model)``).
 
@@ -186,7 +188,8 @@ def align(
     transforms, losses = matched.transforms, []
     if steps > 0:
         transforms, losses = refine(canonical_spec, model, canonical_a, canonical_b, transforms, data, steps=steps, lr=lr,
-                                    batch_size=batch_size, loss_fn=loss_fn, seed=seed, device=device)
+                                    batch_size=batch_size, loss_fn=loss_fn, seed=seed, device=device,
+                                    permutations=learn_permutations)
     aligned = apply_transform(canonical_spec, transforms, canonical_b)
     if gauge_a:
         aligned = apply_transform(canonical_spec, invert(canonical_spec, gauge_a), aligned)
@@ -195,104 +198,3 @@ def align(
                 matched.objective)
     return Alignment(result, symmetries, canonical_spec, transforms, dict(perms), matched.objective, matched.start_objective,
                      matched.n_iter, steps > 0, losses, time.perf_counter() - started, method)
-
-
-def refine(
-    spec: PermutationSpec,
-    model: nn.Module,
-    state_dict_a: Mapping[str, torch.Tensor],
-    state_dict_b: Mapping[str, torch.Tensor],
-    transforms: Mapping[str, torch.Tensor],
-    data: Any,
-    steps: int = 300,
-    lr: float = 1e-2,
-    batch_size: int = 256,
-    loss_fn: LossFunction | None = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Learn the continuous maps of ``transforms`` on the midpoint loss; permutations stay as they are.
-
-    Each orthogonal (or invertible, here kept orthogonal) map ``T_0`` becomes ``exp(K - K^T) T_0``
-    with ``K`` learned from zero by Adam on the loss of ``(theta_A + T(theta_B)) / 2`` (a group
-    that fixes the all-ones vector rotates only its complement). The model runs in train mode.
-
-    Args:
-        spec: the spec ``transforms`` belong to.
-        model: a module of the architecture (its own weights are not used).
-        state_dict_a: the reference model, in the coordinates of ``transforms``.
-        state_dict_b: the model ``transforms`` act on.
-        transforms: the starting transforms (LongTensor permutations, float matrices).
-        data: ``(inputs, targets)``: a tensor pair (shuffled batches of ``batch_size``), or an
-            iterable of batches (cycled).
-        steps: Adam steps.
-        lr: Adam's learning rate.
-        batch_size: for a tensor pair.
-        loss_fn: the task loss (default: cross-entropy over the last axis).
-        seed: seeds the batch order.
-        device: where the model runs.
-
-    Returns:
-        ``(transforms, batch losses)``.
-
-    Raises:
-        SolverError: no batches in ``data``.
-    """
-    device = torch.device(device)
-    loss_fn = loss_fn or _cross_entropy
-    fixed = {name: t for name, t in transforms.items() if not t.is_floating_point()}
-    starts = {name: t.to(torch.float64) for name, t in transforms.items() if t.is_floating_point()}
-    if not starts:
-        return dict(transforms), []
-    skews = {name: torch.zeros(_skew_shape(spec, name, t), dtype=torch.float64, requires_grad=True) for name, t in starts.items()}
-    optimizer = torch.optim.Adam(list(skews.values()), lr=lr)
-    a = {k: v.to(device) for k, v in state_dict_a.items()}
-    b = {k: v.to(device) for k, v in state_dict_b.items()}
-    model = model.to(device).train()
-    losses: list[float] = []
-    batches = _cycle(data, batch_size, seed)
-    for _ in range(steps):
-        inputs, targets = next(batches)
-        current = {**fixed, **{name: _rotated(spec, name, skews[name], starts[name]) for name in starts}}
-        moved = apply_transform(spec, current, b)
-        middle = {k: (a[k] + moved[k]) / 2 if a[k].is_floating_point() else a[k] for k in a}
-        loss = loss_fn(functional_call(model, middle, (inputs.to(device),), tie_weights=False), targets.to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    with torch.no_grad():
-        learned = {**fixed, **{name: _rotated(spec, name, skews[name], starts[name]) for name in starts}}
-    logger.info("refinement: batch loss %.4g -> %.4g in %d steps", losses[0], losses[-1], steps)
-    return learned, losses
-
-
-def _skew_shape(spec: PermutationSpec, name: str, start: torch.Tensor) -> tuple[int, ...]:
-    size = start.shape[-1] - (1 if spec[name].fixes_ones else 0)
-    return (*start.shape[:-2], size, size)
-
-
-def _rotated(spec: PermutationSpec, name: str, skew: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-    """``exp(K - K^T) T_0``, or ``H diag(1, exp(K - K^T)) H^T T_0`` for a group that fixes the ones vector."""
-    rotation = torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))
-    if spec[name].fixes_ones:
-        basis = ones_basis(start.shape[-1])
-        full = torch.block_diag(torch.ones(1, 1, dtype=torch.float64), rotation)
-        rotation = basis @ full @ basis.T
-    return rotation @ start
-
-
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs.flatten(0, -2), targets.flatten())
-
-
-def _cycle(data: Any, batch_size: int, seed: int):
-    """Endless ``(inputs, targets)`` batches: shuffled each pass for a tensor pair (as STE shuffles), cycled otherwise."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        found = False
-        for batch in _shuffled(data, batch_size, generator):
-            found = True
-            yield batch
-        if not found:
-            raise SolverError("no batches in data; give an iterable of (inputs, targets)")

@@ -163,7 +163,7 @@ def generalized_activation_matching(
     if fallback:
         logger.info("activation matching: no activation shows %s; using generalised weight matching for them", list(fallback))
         moved = apply_transform(spec, transforms, state_dict_b)
-        rest = _with_fixed(spec, set(transforms) - set(fallback))
+        rest = spec.with_fixed(set(transforms) - set(fallback))
         found = generalized_matching(rest, state_dict_a, moved, symmetries, max_iter=max_iter, seed=seed,
                                      init_perms=identity_permutation(rest), device=device, sweep_tol=sweep_tol)
         transforms.update({name: found.transforms[name] for name in fallback})
@@ -245,13 +245,6 @@ def _solve_heads(heads: PermutationGroup, fibres: list[PermutationGroup], moment
         else:
             transforms[fibre.name] = torch.stack([best_assignment(block.clone()) for block in chosen])
     return transforms
-
-
-def _with_fixed(spec: PermutationSpec, names: set[str]) -> PermutationSpec:
-    """``spec`` with the groups ``names`` fixed (the fallback moves the others only)."""
-    groups = tuple(group.model_copy(update={"fixed": True}) if group.name in names else group for group in spec.groups)
-    fields = {name: getattr(spec, name) for name in type(spec).model_fields}
-    return type(spec)(**{**fields, "groups": groups})
 
 
 def _weight_objective(spec: PermutationSpec, state_dict_a: Mapping[str, torch.Tensor],

@@ -32,7 +32,7 @@ they are folded into those layers (see
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -487,6 +487,17 @@ class PermutationSpec(BaseModel):
     def active_groups(self) -> tuple[PermutationGroup, ...]:
         """The groups that permute something (not fixed, size > 1)."""
         return tuple(group for group in self.groups if group.active)
+
+    def with_fixed(self, names: Iterable[str]) -> PermutationSpec:
+        """This spec with the groups ``names`` fixed (solvers then move only the others).
+
+        Example:
+            >>> only_heads = spec.with_fixed(g.name for g in spec.groups if g.name != "blocks.0.attn.heads")
+        """
+        fixing = set(names)
+        groups = tuple(group.model_copy(update={"fixed": True}) if group.name in fixing else group for group in self.groups)
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)(**{**fields, "groups": groups})
 
     def __getitem__(self, name: str) -> PermutationGroup:
         try:
