@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from autoperm.solvers.costs import product_dtype, sliced_matrix_product
-from autoperm.solvers.lap import LapMethod, linear_assignment
+from autoperm.solvers.lap import LapMethod, linear_assignment, linear_assignments
 from autoperm.spec import Member, PermutationGroup, PermutationSpec, layout_positions, member_matrix, permute_tensor
 
 __all__ = ["attach_fibres", "carry_fibres", "fibre_parts", "fibred_over", "shared_within", "solve_heads", "solve_shared"]
@@ -165,13 +165,9 @@ def solve_heads(
     scores = head_scores.copy()
     for name, cost in pair_costs.items():
         size = cost.shape[-1]
-        assignment = np.zeros((heads, heads, size), dtype=np.int64)
-        for i in range(heads):
-            for j in range(heads):
-                solution = linear_assignment(cost[i, j], method=method)
-                assignment[i, j] = solution.columns
-                scores[i, j] += solution.value
-        best[name] = assignment
+        solutions = linear_assignments(cost.reshape(heads * heads, size, size), method=method)
+        best[name] = np.stack([solution.columns for solution in solutions]).reshape(heads, heads, size)
+        scores += np.array([solution.value for solution in solutions]).reshape(heads, heads)
     old_value = _value(head_scores, pair_costs, perms, group, part)
     head_assignment = linear_assignment(scores, method=method).columns
     new_perms = {group.name: torch.as_tensor(head_assignment, dtype=torch.long)}
@@ -290,10 +286,8 @@ def solve_shared(
         pair = cost if pair is None else pair.add_(cost)
     assert pair is not None
     costs = pair.cpu().numpy()
-    scores = head_scores.copy()
-    for i in range(heads):
-        for j in range(heads):
-            scores[i, j] += linear_assignment(costs[i, j], method=method).value
+    solutions = linear_assignments(costs.reshape(heads * heads, size, size), method=method)
+    scores = head_scores + np.array([solution.value for solution in solutions]).reshape(heads, heads)
     head_assignment = linear_assignment(scores, method=method).columns
     index = np.arange(heads)
     within_cost = costs[index, head_assignment].sum(axis=0)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,7 +39,7 @@ import torch
 
 from autoperm.errors import SolverError
 
-__all__ = ["LAP_METHODS", "Assignment", "available_methods", "linear_assignment"]
+__all__ = ["LAP_METHODS", "Assignment", "available_methods", "linear_assignment", "linear_assignments"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,56 @@ def linear_assignment(
 
         columns = linear_sum_assignment(array, maximize=maximize)[1].astype(np.int64)
     return Assignment(columns, float(array[np.arange(n), columns].sum()), method)
+
+
+_PARALLEL_MIN_PROBLEMS = 8
+"""Fewest problems :func:`linear_assignments` hands to its threads (below, one thread is as fast)."""
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def linear_assignments(scores: np.ndarray, maximize: bool = True, method: LapMethod = "auto") -> list[Assignment]:
+    """Solve many small assignment problems, ``scores[k]`` each, on ``torch.get_num_threads()`` threads.
+
+    The exact backends release the GIL while they solve, so the problems of one batch (every
+    pair of heads of an attention layer) run side by side; each result is the one
+    :func:`linear_assignment` gives for that score alone.
+
+    Args:
+        scores: an ``(n, d, d)`` array (or any sequence of square matrices).
+        maximize: maximise each total rather than minimise it.
+        method: the backend of every problem (``"auction"`` is solved one at a time).
+
+    Returns:
+        One :class:`Assignment` per problem, in order.
+
+    Example:
+        >>> [a.columns.tolist() for a in linear_assignments(np.array([[[1.0, 5.0], [4.0, 1.0]]] * 2))]
+        [[1, 0], [1, 0]]
+    """
+    workers = torch.get_num_threads()
+    if workers < 2 or len(scores) < _PARALLEL_MIN_PROBLEMS or method == "auction":
+        return [linear_assignment(score, maximize, method) for score in scores]
+    chunks = [range(start, len(scores), workers) for start in range(workers)]
+    solved: list[Assignment | None] = [None] * len(scores)
+
+    def solve(indices: range) -> None:
+        for index in indices:
+            solved[index] = linear_assignment(scores[index], maximize, method)
+
+    for future in [_executor(workers).submit(solve, chunk) for chunk in chunks]:
+        future.result()
+    assert all(assignment is not None for assignment in solved)
+    return solved  # type: ignore[return-value]
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """One pool of ``workers`` threads per size asked for, kept for the process."""
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="autoperm-lap")
+        return _pools[workers]
 
 
 def _row_best_if_permutation(score: np.ndarray | torch.Tensor, maximize: bool = True) -> np.ndarray | None:

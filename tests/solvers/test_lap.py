@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from autoperm.errors import SolverError
-from autoperm.solvers.lap import available_methods, linear_assignment
+from autoperm.solvers.lap import available_methods, linear_assignment, linear_assignments
 
 
 def _costs(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -130,3 +130,23 @@ def test_auto_shortcut_when_row_optima_are_distinct(maximize: bool) -> None:
     assert result.value == pytest.approx(cost[rows, columns].sum())
     tensor = linear_assignment(torch.from_numpy(cost), maximize=maximize)
     assert tensor.method == "argmax" and np.array_equal(tensor.columns, planted)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_assignments_equal_one_at_a_time(threads):
+    """`linear_assignments` on threads gives, problem by problem, what `linear_assignment` gives:
+    random scores (the solvers) and planted-like ones (the argmax shortcut), maximised and minimised."""
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((20, 12, 12))
+    scores[::3] += 50 * np.eye(12)[rng.permutation(12)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for maximize in (True, False):
+            batched = linear_assignments(scores, maximize=maximize)
+            single = [linear_assignment(score, maximize=maximize) for score in scores]
+            assert [b.columns.tolist() for b in batched] == [s.columns.tolist() for s in single]
+            assert [b.value for b in batched] == [s.value for s in single]
+            assert [b.method for b in batched] == [s.method for s in single]
+    finally:
+        torch.set_num_threads(previous)
