@@ -18,6 +18,7 @@ whether OUT holds A's tensors exactly.
     python benchmarks/bench_cli_sizes.py --workdir ./cli-sizes --shapes sd15-unet,tinyllama-1.1b \\
         --dtypes float16,bfloat16,float32 --pairs planted,independent
     python benchmarks/bench_cli_sizes.py --workdir ./cli-sizes --shapes tiny-llama,tiny-unet   # seconds
+    python benchmarks/bench_cli_sizes.py --workdir ./cli-sizes --shapes sd15-unet --dtypes float16 --layout single-file
 
 Disk: each pair takes twice the weights plus the output (SDXL UNet in float16: about 15 GB).
 """
@@ -63,7 +64,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny-unet": dict(class_name="UNet2DConditionModel", sample_size=16, block_out_channels=[32, 64],
                       down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                       up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
-                      attention_head_dim=8, layers_per_block=1, norm_num_groups=8),
+                      attention_head_dim=8, layers_per_block=1),  # SD's 32 norm groups: single files do not store them
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,6 +157,54 @@ def create_pair(shape: str, dtype: str, pair: str, workdir: Path) -> tuple[Path,
     return a, b
 
 
+FILLERS: dict[str, dict[str, int]] = {
+    # parameters of the components an LDM single file carries besides the UNet (VAE, text encoders)
+    "sd15-unet": {"first_stage_model.": 83_653_863, "cond_stage_model.transformer.": 123_060_480},
+    "sdxl-unet": {"first_stage_model.": 83_653_863, "conditioner.embedders.0.transformer.": 123_060_480,
+                  "conditioner.embedders.1.model.": 694_659_841},
+    "tiny-unet": {"first_stage_model.": 5_000, "cond_stage_model.transformer.": 7_000},
+}
+"""Single files (``--layout single-file``) get random tensors of these sizes under these prefixes, so
+that reading and copying them costs what it costs in a real checkpoint."""
+
+
+def create_single_files(shape: str, a: Path, b: Path, workdir: Path) -> tuple[Path, Path]:
+    """The pair's UNets as LDM single files (``model.diffusion_model.*`` plus VAE and text-encoder
+    tensors of the real sizes, the same in both), written once next to the directories.
+
+    The LDM names come from the tests' own rules for the original layout
+    (``tests/pretrained/_stable_diffusion.py``), not from the conversion the CLI uses.
+    """
+    from autoperm.io import mmap_safetensors, write_safetensors
+
+    sys.path.insert(0, str(REPOSITORY))
+    from tests.pretrained._stable_diffusion import ldm_name
+
+    layers = json.loads((a / "config.json").read_text()).get("layers_per_block", 2)
+    files = []
+    for directory in (a, b):
+        path = workdir / f"{directory.name}.safetensors"
+        files.append(path)
+        if path.exists():
+            continue
+        source = mmap_safetensors(directory / "diffusion_pytorch_model.safetensors")
+        names = {ldm_name(name, source, layers): name for name in source}
+        dtype = next(iter(source.values())).dtype
+        layout = {ldm: (list(source[name].shape), dtype) for ldm, name in names.items()}
+        for prefix, count in FILLERS[shape].items():
+            rows, rest = divmod(count, 4096)
+            layout.update({f"{prefix}filler.{i}.weight": ([4096, 4096], dtype) for i in range(rows // 4096)})
+            layout[f"{prefix}filler.last.weight"] = ([rows % 4096 * 4096 + rest], dtype)
+
+        def produce(ldm: str) -> torch.Tensor:
+            if ldm in names:
+                return source[names[ldm]]
+            return initial(ldm, layout[ldm][0], layout[ldm][1], seed=2)
+
+        write_safetensors(path, layout, produce, {"format": "pt"})
+    return files[0], files[1]
+
+
 def _child_env() -> dict[str, str]:
     """The environment of the children: this repository's autoperm first, warnings off."""
     path = os.pathsep.join(p for p in (str(REPOSITORY), os.environ.get("PYTHONPATH", "")) if p)
@@ -191,22 +240,34 @@ def run_measured(command: list[str], log: Path) -> tuple[float, int, int]:
 
 
 def recovered(a: Path, out: Path) -> tuple[int, int]:
-    """(tensors of OUT that differ from A's, tensors compared)."""
+    """(tensors of OUT that differ from A's, tensors compared); directories or single files."""
     from autoperm.io import mmap_safetensors
 
+    if a.is_file():
+        sd_a, sd_out = mmap_safetensors(a), mmap_safetensors(out)
+        wrong = sum(not torch.equal(sd_a[name], sd_out[name]) for name in sd_a)
+        return wrong, len(sd_a)
     (file,) = [p.name for p in a.glob("*.safetensors")]
     sd_a, sd_out = mmap_safetensors(a / file), mmap_safetensors(out / file)
     wrong = sum(not torch.equal(sd_a[name], sd_out[name]) for name in sd_a)
     return wrong, len(sd_a)
 
 
-def measure(shape: str, dtype: str, pair: str, workdir: Path, max_iter: int, keep_output: bool = False) -> dict[str, Any]:
-    """Create (if needed) and match one pair; returns the row of results (OUT is removed unless ``keep_output``)."""
+def measure(shape: str, dtype: str, pair: str, workdir: Path, max_iter: int, keep_output: bool = False,
+            layout: str = "directory") -> dict[str, Any]:
+    """Create (if needed) and match one pair; returns the row of results (OUT is removed unless ``keep_output``).
+
+    ``layout="single-file"`` (UNet shapes): match LDM single files made from the pair's directories.
+    """
     pair_dir = workdir / f"{shape}-{dtype}-{pair}"
     started = time.perf_counter()
     a, b = create_pair(shape, dtype, pair, pair_dir)
-    created = time.perf_counter() - started
     out = pair_dir / "out"
+    if layout == "single-file":
+        a, b = create_single_files(shape, a, b, pair_dir)
+        out = pair_dir / "out.safetensors"
+        out.unlink(missing_ok=True)
+    created = time.perf_counter() - started
     shutil.rmtree(out, ignore_errors=True)
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     command = [sys.executable, "-m", "autoperm", "match", str(a), str(b), "-o", str(out),
@@ -215,12 +276,12 @@ def measure(shape: str, dtype: str, pair: str, workdir: Path, max_iter: int, kee
     if code != 0:
         sys.exit(f"autoperm match failed (exit {code}); see {pair_dir / 'match.log'}:\n{(pair_dir / 'match.log').read_text()[-2000:]}")
     _, base, _ = run_measured([sys.executable, "-c", "import torch, autoperm, autoperm.cli"], pair_dir / "base.log")
-    weights = sum(p.stat().st_size for d in (a, b) for p in d.glob("*.safetensors"))
+    weights = sum(p.stat().st_size for d in (a, b) for p in ([d] if d.is_file() else d.glob("*.safetensors")))
     wrong = recovered(a, out) if pair == "planted" else None
     if not keep_output:
-        shutil.rmtree(out, ignore_errors=True)
+        out.unlink() if out.is_file() else shutil.rmtree(out, ignore_errors=True)
     return {
-        "shape": shape, "dtype": dtype, "pair": pair, "loadavg_before": " ".join(load),
+        "shape": shape, "dtype": dtype, "pair": pair, "layout": layout, "loadavg_before": " ".join(load),
         "create_s": round(created, 1), "match_s": round(seconds, 1),
         "weights_a_plus_b_gib": round(weights / 2**30, 3), "peak_rss_gib": round(peak / 2**30, 3),
         "base_rss_gib": round(base / 2**30, 3), "peak_over_weights": round(peak / weights, 2),
@@ -239,19 +300,24 @@ def main() -> None:
     parser.add_argument("--pairs", default="planted", help="Comma-separated: planted, independent.")
     parser.add_argument("--max-iter", type=int, default=100, help="Most weight-matching sweeps.")
     parser.add_argument("--json", type=Path, help="Append each result as one JSON line.")
+    parser.add_argument("--layout", choices=("directory", "single-file"), default="directory",
+                        help="Match the directories, or (UNet shapes) LDM single files made from them, with the "
+                        "VAE and text encoders' sizes filled in.")
     parser.add_argument("--keep-output", action="store_true",
                         help="Keep each pair's OUT directory (under the pair's folder) to compare runs.")
     options = parser.parse_args()
     for shape in options.shapes.split(","):
         if shape not in SHAPES:
             parser.error(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+        if options.layout == "single-file" and shape not in FILLERS:
+            parser.error(f"--layout single-file: {shape!r} is not a Stable Diffusion UNet; choose from {', '.join(FILLERS)}")
         for dtype in options.dtypes.split(","):
             if dtype not in DTYPES:
                 parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
             for pair in options.pairs.split(","):
                 if pair not in ("planted", "independent"):
                     parser.error(f"unknown pair {pair!r}; choose planted or independent")
-                row = measure(shape, dtype, pair, options.workdir, options.max_iter, options.keep_output)
+                row = measure(shape, dtype, pair, options.workdir, options.max_iter, options.keep_output, options.layout)
                 print(json.dumps(row), flush=True)
                 if options.json:
                     with options.json.open("a") as stream:

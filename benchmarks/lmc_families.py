@@ -650,12 +650,12 @@ def format_tables(report: Mapping[str, Any]) -> str:
                 f"| {row['barrier']['test_accuracy']:.3f} | {fixed['barrier']['test_accuracy']:.3f} "
                 f"| {row['l2']:.1f} | {row['R_gamma0.0']:.3f} | {row['R_gamma0.3']:.3f} |"
             )
-    lines += ["", "anchor scheme (B, C aligned to A; barrier between them, test loss):", "",
-              "| family | WM | WM + REPAIR | STE | STE + REPAIR |", "|---|---:|---:|---:|---:|"]
-    for name, part in report["families"].items():
+    anchored = {name: part for name, part in report["families"].items() if part["anchor"]}
+    if anchored:
+        lines += ["", "anchor scheme (B, C aligned to A; barrier between them, test loss):", "",
+                  "| family | WM | WM + REPAIR | STE | STE + REPAIR |", "|---|---:|---:|---:|---:|"]
+    for name, part in anchored.items():
         a = part["anchor"]
-        if not a:
-            continue
         lines.append(f"| {name} | {a['wm']['test_loss']:.3f} | {a['wm+repair']['test_loss']:.3f} | {a['ste']['test_loss']:.3f} | {a['ste+repair']['test_loss']:.3f} |")
     trends = [(name, part["width_trend"]) for name, part in report["families"].items() if part["width_trend"]]
     for name, trend in trends:

@@ -13,8 +13,8 @@ arXiv 2506.22712), for any model whose spec inference understands:
    then skipped: activations are solved from B as it is);
 4. optionally, the maps learned on data (:func:`autoperm.solvers.refine.refine`): Adam on the
    midpoint loss of ``(theta_A + T(theta_B)) / 2``, each orthogonal map parametrised as
-   ``exp(K - K^T) T_0``, and with ``learn_permutations=True`` the permutations straight-through
-   (else they stay as found);
+   ``exp(K - K^T) T_0``, and the permutations straight-through (with ``learn_permutations=False``
+   they stay as found);
 5. B mapped back to A's gauge: A's balancing undone and A's norm gains unfolded into B's readers
    (:func:`autoperm.to_gauge`), so the output pairs with the user's A unchanged. Interpolating
    A with it computes exactly what interpolating the two canonical forms computes.
@@ -105,7 +105,7 @@ def align(
     method: Method = "wm",
     runner: ActivationRunner | None = None,
     max_sweeps: int | None = None,
-    learn_permutations: bool = False,
+    learn_permutations: bool = True,
 ) -> Alignment:
     """Align B to A with the symmetries asked for (see the module docstring).
 
@@ -132,7 +132,7 @@ def align(
             Pearson correlation for permutations, orthogonal Procrustes on the activations' cross
             moment for orthogonal maps; invertible and scale groups balanced first with ``"full"``).
         learn_permutations: with ``steps > 0``, learn the permutation groups straight-through
-            together with the continuous maps (else only the continuous maps are learned).
+            together with the continuous maps (``False``: only the continuous maps are learned).
         runner: with ``method="act"``, runs the model the spec was inferred from on a state
             dict and yields the spec's nodes (``autoperm.trace.GraphRunner.for_spec(spec, model)``).
 
