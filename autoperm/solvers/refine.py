@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from autoperm.errors import SolverError
 from autoperm.solvers.result import is_cost_tensor
-from autoperm.solvers.ste import _shuffled
+from autoperm.solvers.ste import LossFunction, _shuffled
 from autoperm.solvers.weight_matching import weight_matching
 from autoperm.spec import PermutationSpec, apply_permutation
 from autoperm.spec.transform import apply_transform, ones_basis
@@ -39,9 +39,6 @@ from autoperm.spec.transform import apply_transform, ones_basis
 __all__ = ["LossFunction", "refine"]
 
 logger = logging.getLogger(__name__)
-
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 def refine(
     spec: PermutationSpec,
