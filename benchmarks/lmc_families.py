@@ -11,6 +11,8 @@ matching (AM) and the straight-through estimator (STE), and reports:
 - the anchor scheme of Ito et al. (arXiv 2402.04051): B and C each aligned to A (WM, STE), and
   the barrier between the two aligned models;
 - the L2 distance and the pooled singular-vector alignment R at gamma 0 and 0.3;
+- the generalised rows (:data:`GENERALISED`: orthogonal and invertible maps, learned refinement);
+  ``--rows`` computes only the methods named (naive always);
 - a width trend for one family (the MLP by default);
 - with ``--three-models``, the three-model comparison of Ito et al. over several independent
   triples of models (``--triples``, 3 by default): the anchor scheme with WM against STE at the
@@ -37,6 +39,7 @@ Run from the repository root::
     python benchmarks/lmc_families.py --families mlp vgg --quick
     python benchmarks/lmc_families.py --out lmc-report --widths 64 256 1024   # a wider trend (slower)
     python benchmarks/lmc_families.py --recipe authors --three-models --triples 3   # Ito et al.'s comparison
+    python benchmarks/lmc_families.py --families vgg --rows wm gwm-full+learn gwm-full+learn-all --widths
 
 Writes ``report.json`` and plots (barrier curves per family, R per layer) into ``--out`` and
 prints the tables.
